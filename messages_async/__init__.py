@@ -1,0 +1,69 @@
+"""messages_async: an asyncio client for the Messages API.
+
+Typed models, safe retries, shared rate limiting, prefetching cursor walks and bounded fan-out.
+Start with :class:`Client`; everything public is re-exported here.
+"""
+
+from ._client import Client, Messages, __version__
+from ._errors import (
+    ApiError,
+    AuthError,
+    BadRequestError,
+    ClientClosedError,
+    ConfigurationError,
+    DecodeError,
+    InvalidCursorError,
+    MessagesError,
+    NotFoundError,
+    PaginationError,
+    PermissionDeniedError,
+    RateLimitError,
+    RequestTimeoutError,
+    ScopeError,
+    ServerError,
+    TransportError,
+    UnsafeCursorError,
+)
+from ._limiter import ClientStats
+from ._models import (
+    Attachment,
+    Chat,
+    ChatFailed,
+    ChatType,
+    Message,
+    MessagesPage,
+    NewAttachment,
+    Period,
+)
+
+__all__ = [
+    "ApiError",
+    "Attachment",
+    "AuthError",
+    "BadRequestError",
+    "Chat",
+    "ChatFailed",
+    "ChatType",
+    "Client",
+    "ClientClosedError",
+    "ClientStats",
+    "ConfigurationError",
+    "DecodeError",
+    "InvalidCursorError",
+    "Message",
+    "Messages",
+    "MessagesError",
+    "MessagesPage",
+    "NewAttachment",
+    "NotFoundError",
+    "PaginationError",
+    "Period",
+    "PermissionDeniedError",
+    "RateLimitError",
+    "RequestTimeoutError",
+    "ScopeError",
+    "ServerError",
+    "TransportError",
+    "UnsafeCursorError",
+    "__version__",
+]

@@ -1,0 +1,518 @@
+"""The client and its ``messages`` resource: the public face of the request path.
+
+Each method checks its arguments and builds its request with pure functions from ``_wire.py``
+(so a bad argument raises before anything is sent), hands the request to the transport, and
+decodes the answer with pure functions again. Walks and fan-outs reuse exactly this path.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections.abc import AsyncIterator, Iterable, Sequence
+from types import TracebackType
+from typing import Literal, Self, overload
+
+import aiohttp
+from yarl import URL
+
+from ._errors import ClientClosedError, ConfigurationError
+from ._fanout import OnError, fan_out
+from ._limiter import ClientStats, Limiter
+from ._models import Chat, ChatFailed, Message, MessagesPage, NewAttachment, Period
+from ._pagination import Direction, walk_messages, walk_pages
+from ._secret import Secret
+from ._session import Credentials, SessionManager
+from ._transport import RetryPolicy, Transport
+from ._wire import (
+    READ,
+    WRITE,
+    ApiRequest,
+    ListQuery,
+    build_add,
+    build_chats,
+    build_delete,
+    build_edit,
+    build_get,
+    build_list,
+    check_chat_id,
+    check_secure_url,
+    cursor_request,
+    parse_chats,
+    parse_message,
+    parse_page,
+    resource_root,
+)
+
+__all__ = ["Client", "Messages"]
+
+__version__ = "0.1.0"
+
+DEFAULT_SCOPES = (READ, WRITE)
+
+
+class _NotGiven(enum.Enum):
+    # A sentinel, because None is meaningful for some arguments (no filter, no expiry).
+    NOT_GIVEN = "NOT_GIVEN"
+
+
+NOT_GIVEN = _NotGiven.NOT_GIVEN
+
+
+class _State(enum.Enum):
+    UNOPENED = "unopened"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+def _positive(name: str, value: object, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if value < 0 or (value == 0 and not allow_zero) or value != value:
+        raise ValueError(f"{name} must be a positive number, got {value}")
+    return float(value)
+
+
+def _count(name: str, value: object, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _scopes(value: object) -> frozenset[str]:
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise TypeError(
+            "scopes must be a collection of scope names, e.g. ('messages_read',), not a str"
+        )
+    scopes = frozenset(value)
+    if not scopes or not all(isinstance(s, str) and s and " " not in s for s in scopes):
+        raise ValueError(f"scopes must be non-empty scope names without spaces, got {value!r}")
+    return scopes
+
+
+class Client:
+    """An asyncio client for the Messages API.
+
+    Use it as an async context manager; one client shares its HTTP connections, its token and
+    its rate-limit state among every call made through it, so make one and reuse it::
+
+        async with Client(token_url=..., client_id=..., client_secret=...) as client:
+            chats = await client.messages.chats()
+
+    Args:
+        token_url: The token endpoint (client-credentials exchange).
+        client_id: The client's id at the token endpoint.
+        client_secret: The client's secret. Never logged, never in a repr or an error.
+        scopes: The scopes to ask for (default: read and write). With ``access_token``, the
+            scopes that token is known to carry; leave out when unknown.
+        access_token: A pre-issued bearer token, instead of the three credentials above.
+        resource_uri: The API's base URI, required with ``access_token`` (the exchange
+            provides it otherwise).
+        session: A caller-owned ``aiohttp.ClientSession`` to use; the client never closes it.
+        timeout: Seconds allowed for each attempt of a request, from connecting to the last
+            byte of the answer.
+        max_retries: Retries after the first attempt (0 disables retrying).
+        max_concurrency: Most requests this client has in flight at once (the adaptive bound
+            starts here and never exceeds it).
+        backoff_base: First backoff step in seconds; doubles per retry, with full jitter.
+        backoff_max: Longest backoff step in seconds.
+        max_retry_after: Longest ``Retry-After`` waited out; a longer one raises at once with
+            ``retry_after`` set, so the caller decides.
+        max_response_bytes: Largest answer read (after decompression) before giving up.
+        allow_insecure_http: Allow plain ``http://`` to non-loopback hosts.
+    """
+
+    def __init__(
+        self,
+        *,
+        token_url: str | None = None,
+        client_id: str | None = None,
+        client_secret: str | None = None,
+        scopes: Iterable[str] | _NotGiven = NOT_GIVEN,
+        access_token: str | None = None,
+        resource_uri: str | None = None,
+        session: aiohttp.ClientSession | None = None,
+        timeout: float = 30.0,
+        max_retries: int = 3,
+        max_concurrency: int = 32,
+        backoff_base: float = 0.5,
+        backoff_max: float = 30.0,
+        max_retry_after: float = 60.0,
+        max_response_bytes: int = 32 * 1024 * 1024,
+        allow_insecure_http: bool = False,
+    ) -> None:
+        if session is not None and not isinstance(session, aiohttp.ClientSession):
+            raise TypeError("session must be an aiohttp.ClientSession")
+        exchange = (token_url, client_id, client_secret)
+        credentials: Credentials | None = None
+        root: URL | None = None
+        token: Secret | None = None
+        granted: frozenset[str] | None = None
+        if access_token is not None:
+            if any(v is not None for v in exchange):
+                raise ConfigurationError(
+                    "give either access_token (with resource_uri) or token_url, client_id and "
+                    "client_secret, not both"
+                )
+            if resource_uri is None:
+                raise ConfigurationError("access_token needs resource_uri: where to send it")
+            if not isinstance(access_token, str) or not access_token:
+                raise TypeError("access_token must be a non-empty str")
+            token = Secret(access_token)
+            root = self._checked_url(resource_uri, "resource_uri", allow_insecure_http)
+            root = resource_root(root)
+            if scopes is not NOT_GIVEN:
+                granted = _scopes(scopes)
+        else:
+            if any(v is None for v in exchange):
+                missing = [
+                    n
+                    for n, v in zip(
+                        ("token_url", "client_id", "client_secret"), exchange, strict=True
+                    )
+                    if v is None
+                ]
+                raise ConfigurationError(
+                    f"missing {', '.join(missing)}: give token_url, client_id and client_secret "
+                    "(or access_token and resource_uri)"
+                )
+            if resource_uri is not None:
+                raise ConfigurationError(
+                    "resource_uri comes from the token exchange; give it only with access_token"
+                )
+            if not isinstance(client_id, str) or not client_id:
+                raise TypeError("client_id must be a non-empty str")
+            if not isinstance(client_secret, str) or not client_secret:
+                raise TypeError("client_secret must be a non-empty str")
+            url = self._checked_url(token_url, "token_url", allow_insecure_http)
+            requested = _scopes(DEFAULT_SCOPES if scopes is NOT_GIVEN else scopes)
+            credentials = Credentials(url, client_id, Secret(client_secret), requested)
+        max_concurrency = _count("max_concurrency", max_concurrency, minimum=1)
+        self._policy = RetryPolicy(
+            max_retries=_count("max_retries", max_retries, minimum=0),
+            timeout=_positive("timeout", timeout),
+            backoff_base=_positive("backoff_base", backoff_base, allow_zero=True),
+            backoff_max=_positive("backoff_max", backoff_max, allow_zero=True),
+            max_retry_after=_positive("max_retry_after", max_retry_after, allow_zero=True),
+        )
+        rng = random.Random()
+        self._sessions = SessionManager(
+            credentials=credentials,
+            access_token=token,
+            resource_root=root,
+            granted=granted,
+            session=session,
+            connection_limit=max(100, max_concurrency),
+            timeout=self._policy.timeout,
+            max_retries=self._policy.max_retries,
+            backoff_base=self._policy.backoff_base,
+            backoff_max=self._policy.backoff_max,
+            allow_insecure_http=bool(allow_insecure_http),
+            user_agent=f"messages-async/{__version__}",
+            rng=rng,
+        )
+        self._limiter = Limiter(max_concurrency)
+        self._transport = Transport(
+            self._sessions,
+            self._limiter,
+            max_response_bytes=_count("max_response_bytes", max_response_bytes, minimum=1),
+            rng=rng,
+        )
+        self._state = _State.UNOPENED
+        self._client_id = client_id
+        self.messages = Messages(self)
+
+    @staticmethod
+    def _checked_url(value: object, what: str, allow_insecure_http: bool) -> URL:
+        if not isinstance(value, (str, URL)):
+            raise TypeError(f"{what} must be a str URL, got {type(value).__name__}")
+        try:
+            url = URL(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"{what} is not a valid URL: {exc}") from None
+        check_secure_url(url, what=what, allow_insecure_http=allow_insecure_http)
+        return url
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open the HTTP session and exchange the credentials for a token.
+
+        ``async with Client(...)`` calls this for you.
+        """
+        if self._state is _State.OPEN:
+            return
+        if self._state is _State.CLOSED:
+            raise ClientClosedError("this client was closed; create a new Client")
+        try:
+            await self._sessions.open()
+        except BaseException:
+            await self._sessions.close()
+            self._limiter.close()
+            self._state = _State.CLOSED
+            raise
+        self._state = _State.OPEN
+
+    async def aclose(self) -> None:
+        """Close the client and the HTTP session it opened. Closing twice does nothing."""
+        if self._state is _State.CLOSED:
+            return
+        self._state = _State.CLOSED
+        self._limiter.close()
+        await self._sessions.close()
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def _require_open(self) -> None:
+        if self._state is not _State.OPEN:
+            raise ClientClosedError(
+                "the client was closed; create a new Client"
+                if self._state is _State.CLOSED
+                else "the client is not open; use 'async with Client(...) as client:'"
+            )
+
+    async def _send(self, request: ApiRequest) -> bytes | None:
+        self._require_open()
+        return await self._transport.send(request, self._policy)
+
+    # --- state ----------------------------------------------------------------------------------
+
+    @property
+    def scopes(self) -> frozenset[str] | None:
+        """The scopes the token carries (from the exchange); ``None`` when not known."""
+        return self._sessions.granted
+
+    @property
+    def user_id(self) -> int | None:
+        """The user this client acts as, when the token exchange says."""
+        return self._sessions.user_id
+
+    @property
+    def resource_uri(self) -> str | None:
+        """The API's base URI, once known."""
+        try:
+            return str(self._sessions.resource_root)
+        except ClientClosedError:
+            return None
+
+    @property
+    def stats(self) -> ClientStats:
+        """A snapshot of the request counters and the adaptive concurrency."""
+        return self._limiter.stats()
+
+    @property
+    def token_exchanges(self) -> int:
+        """Requests made to the token endpoint so far."""
+        return self._sessions.exchanges
+
+    def __repr__(self) -> str:
+        who = f"client_id={self._client_id!r}, " if self._client_id else ""
+        return f"<Client {who}resource_uri={self.resource_uri!r} state={self._state.value}>"
+
+
+class Messages:
+    """The Messages API's endpoints: ``client.messages``."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def _root(self) -> URL:
+        self._client._require_open()
+        return self._client._sessions.resource_root
+
+    async def _page(self, request: ApiRequest) -> MessagesPage:
+        body = await self._client._send(request)
+        return parse_page(body or b"")
+
+    async def chats(self) -> list[Chat]:
+        """Every chat the token can see."""
+        body = await self._client._send(build_chats(self._root()))
+        return parse_chats(body or b"")
+
+    async def list(
+        self,
+        chat_id: int,
+        *,
+        limit: int | None = None,
+        cursor: str | None = None,
+        query: str | None = None,
+        period: Period | None = None,
+    ) -> MessagesPage:
+        """One page of a chat's messages, newest first.
+
+        Args:
+            chat_id: The chat (for a private chat, the other user's id).
+            limit: Page size (the server's default is 20, its maximum 100); not a total.
+            cursor: A ``next_cursor`` or ``prev_cursor`` from an earlier page.
+            query: Case-insensitive substring filter on the text.
+            period: A date filter.
+        """
+        listing = ListQuery.checked(chat_id, limit, query, period)
+        root = self._root()
+        if cursor is None or cursor == "":
+            return await self._page(build_list(root, listing))
+        return await self._page(cursor_request(root, cursor, listing))
+
+    async def get(self, message_id: int) -> Message:
+        """One message by id."""
+        body = await self._client._send(build_get(self._root(), message_id))
+        return parse_message(body or b"")
+
+    async def add(
+        self,
+        chat_id: int,
+        message: str = "",
+        *,
+        attachments: Sequence[NewAttachment] | None = None,
+        is_whisper: bool = False,
+    ) -> Message:
+        """Post a message; returns it as stored. Never sent twice (see the README)."""
+        request = build_add(self._root(), chat_id, message, attachments, is_whisper)
+        body = await self._client._send(request)
+        return parse_message(body or b"")
+
+    async def edit(
+        self,
+        message_id: int,
+        *,
+        chat_id: int,
+        message: str | None = None,
+        attachments: Sequence[NewAttachment] | None = None,
+    ) -> Message:
+        """Change one of this user's messages; returns it as edited."""
+        request = build_edit(self._root(), message_id, chat_id, message, attachments)
+        body = await self._client._send(request)
+        return parse_message(body or b"")
+
+    async def delete(self, message_id: int) -> None:
+        """Delete one of this user's messages."""
+        await self._client._send(build_delete(self._root(), message_id))
+
+    # --- walks ----------------------------------------------------------------------------------
+
+    def pages(
+        self,
+        chat_id: int,
+        *,
+        limit: int | None = 100,
+        cursor: str | None = None,
+        query: str | None = None,
+        period: Period | None = None,
+        direction: Direction = "older",
+        prefetch: bool = True,
+    ) -> AsyncIterator[MessagesPage]:
+        """Walk a chat's pages, newest first, following cursors.
+
+        ``limit`` is the page size, not a total. Save ``page.next_cursor`` to resume later with
+        ``pages(chat_id, cursor=saved)``. ``direction="newer"`` follows ``prev_cursor`` instead,
+        towards messages newer than the cursor. With ``prefetch`` (the default) the next page
+        is fetched while you work on the current one.
+        """
+        listing = ListQuery.checked(chat_id, limit, query, period)
+        if direction not in ("older", "newer"):
+            raise ValueError(f"direction must be 'older' or 'newer', got {direction!r}")
+        if cursor is not None and not isinstance(cursor, str):
+            raise TypeError(f"cursor must be a str or None, got {type(cursor).__name__}")
+        root = self._root()
+        first = cursor_request(root, cursor, listing) if cursor else build_list(root, listing)
+        return walk_pages(
+            self._page,
+            first,
+            lambda c: cursor_request(self._root(), c, listing),
+            direction=direction,
+            prefetch=prefetch,
+        )
+
+    def iter(
+        self,
+        chat_id: int,
+        *,
+        limit: int | None = 100,
+        query: str | None = None,
+        period: Period | None = None,
+        max_items: int | None = None,
+        prefetch: bool = True,
+    ) -> AsyncIterator[Message]:
+        """Every message of a chat, newest first.
+
+        ``limit`` is the page size of each request, not a total: use ``max_items`` to stop
+        after that many messages.
+        """
+        if max_items is not None:
+            _count("max_items", max_items, minimum=0)
+        pages = self.pages(chat_id, limit=limit, query=query, period=period, prefetch=prefetch)
+        return walk_messages(pages, max_items)
+
+    @overload
+    def iter_many(
+        self,
+        chat_ids: Iterable[int],
+        *,
+        concurrency: int = ...,
+        limit: int | None = ...,
+        query: str | None = ...,
+        period: Period | None = ...,
+        max_items: int | None = ...,
+        on_error: Literal["raise"] = ...,
+    ) -> AsyncIterator[tuple[int, Message]]: ...
+
+    @overload
+    def iter_many(
+        self,
+        chat_ids: Iterable[int],
+        *,
+        concurrency: int = ...,
+        limit: int | None = ...,
+        query: str | None = ...,
+        period: Period | None = ...,
+        max_items: int | None = ...,
+        on_error: Literal["yield"],
+    ) -> AsyncIterator[tuple[int, Message | ChatFailed]]: ...
+
+    def iter_many(
+        self,
+        chat_ids: Iterable[int],
+        *,
+        concurrency: int = 8,
+        limit: int | None = 100,
+        query: str | None = None,
+        period: Period | None = None,
+        max_items: int | None = None,
+        on_error: OnError = "raise",
+    ) -> AsyncIterator[tuple[int, Message | ChatFailed]] | AsyncIterator[tuple[int, Message]]:
+        """Every message of many chats, as ``(chat_id, message)``, walked concurrently.
+
+        At most ``concurrency`` chats are walked at once; messages arrive as they come, in
+        order within each chat. ``max_items`` bounds each chat. With ``on_error="raise"`` the
+        first failing chat's exception is raised after the others are cancelled; with
+        ``"yield"`` a ``(chat_id, ChatFailed)`` item reports it and the others go on.
+        """
+        if isinstance(chat_ids, (str, bytes)) or not isinstance(chat_ids, Iterable):
+            raise TypeError("chat_ids must be an iterable of int chat ids")
+        ids = [check_chat_id(c) for c in chat_ids]
+        concurrency = _count("concurrency", concurrency, minimum=1)
+        if max_items is not None:
+            _count("max_items", max_items, minimum=0)
+        if on_error not in ("raise", "yield"):
+            raise ValueError(f"on_error must be 'raise' or 'yield', got {on_error!r}")
+        ListQuery.checked(0, limit, query, period)  # fail now, not in a worker
+        self._root()
+
+        def walk(chat_id: int) -> AsyncIterator[MessagesPage]:
+            # No prefetch inside a fan-out: the other chats already overlap the network, and
+            # in-flight requests stay within ``concurrency``.
+            return self.pages(chat_id, limit=limit, query=query, period=period, prefetch=False)
+
+        return fan_out(ids, walk, concurrency=concurrency, on_error=on_error, max_items=max_items)

@@ -1,0 +1,138 @@
+"""Walking a chat's cursors: one page ahead, never looping, never repeating an id.
+
+A walk is an async generator, so ``break`` (or ``aclose()``) ends it and its ``finally`` cancels
+the page being fetched ahead. The checks that keep a misbehaving server from trapping a walk:
+
+- a cursor seen before in this walk raises :class:`PaginationError` (a cycle);
+- a page whose ids are not strictly beyond the previous page's (older walks go down, newer walks
+  go up) raises :class:`PaginationError`; together with strictly ordered ids within a page this
+  guarantees no id is yielded twice, with O(1) memory;
+- an empty page that still carries a cursor is followed (PROTOCOL §3), but a long run of them
+  raises instead of spinning forever;
+- a cursor URL that leaves the API's origin raises :class:`UnsafeCursorError` *before* the next
+  request is built (``_wire.cursor_request``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, Literal
+
+from ._errors import PaginationError
+from ._models import Message, MessagesPage
+from ._wire import ApiRequest
+
+__all__ = ["Direction", "walk_messages", "walk_pages"]
+
+Direction = Literal["older", "newer"]
+
+#: Consecutive empty pages with a cursor tolerated before the walk is declared stuck.
+MAX_EMPTY_PAGES = 100
+
+
+def _check_page(page: MessagesPage, boundary: int | None, direction: Direction) -> int | None:
+    """Check the page's ids against the walk so far; return the new boundary."""
+    items = page.items
+    if not items:
+        return boundary
+    previous = None
+    for message in items:
+        if previous is not None and message.id >= previous:
+            raise PaginationError(
+                f"the server sent a page whose ids are not in descending order "
+                f"({previous} then {message.id}); stopped the walk to avoid repeating messages"
+            )
+        previous = message.id
+    newest, oldest = items[0].id, items[-1].id
+    if direction == "older":
+        if boundary is not None and newest >= boundary:
+            raise PaginationError(
+                f"the server's next page went backwards (id {newest} after {boundary}); "
+                "stopped the walk to avoid repeating messages"
+            )
+        return oldest
+    if boundary is not None and oldest <= boundary:
+        raise PaginationError(
+            f"the server's newer page went backwards (id {oldest} after {boundary}); "
+            "stopped the walk to avoid repeating messages"
+        )
+    return newest
+
+
+async def walk_pages(
+    fetch: Callable[[ApiRequest], Coroutine[Any, Any, MessagesPage]],
+    first: ApiRequest,
+    follow: Callable[[str], ApiRequest],
+    *,
+    direction: Direction = "older",
+    prefetch: bool = True,
+) -> AsyncIterator[MessagesPage]:
+    """Yield pages from ``first`` on, following ``next_cursor`` (older) or ``prev_cursor``.
+
+    With ``prefetch`` the next page is requested before the current one is yielded, so the
+    consumer's work on page *n* overlaps the network time of page *n+1*; at most one page is
+    held ahead, so memory stays bounded.
+    """
+    seen: set[str] = set()
+    boundary: int | None = None
+    empty_run = 0
+    ahead: asyncio.Task[MessagesPage] | None = None
+    try:
+        page = await fetch(first)
+        while True:
+            boundary = _check_page(page, boundary, direction)
+            empty_run = 0 if page.items else empty_run + 1
+            if empty_run > MAX_EMPTY_PAGES:
+                raise PaginationError(
+                    f"the server sent {MAX_EMPTY_PAGES} empty pages in a row, each with a new "
+                    "cursor; stopped the walk as stuck"
+                )
+            cursor = page.next_cursor if direction == "older" else page.prev_cursor
+            request = None
+            if cursor is not None:
+                if cursor in seen:
+                    raise PaginationError(
+                        "the server sent a cursor that this walk has already followed; "
+                        "stopped instead of looping forever"
+                    )
+                seen.add(cursor)
+                request = follow(cursor)
+                if prefetch:
+                    ahead = asyncio.create_task(fetch(request), name="messages_async prefetch")
+            yield page
+            if request is None:
+                return
+            if ahead is not None:
+                task, ahead = ahead, None
+                page = await task
+            else:
+                page = await fetch(request)
+    finally:
+        if ahead is not None:
+            ahead.cancel()
+            # Wait so the connection is back in the pool (or closed) when the walk is over.
+            await asyncio.wait([ahead])
+            if not ahead.cancelled():
+                ahead.exception()  # mark retrieved: nobody will read this page
+
+
+async def walk_messages(
+    pages: AsyncIterator[MessagesPage], max_items: int | None
+) -> AsyncIterator[Message]:
+    """Flatten a page walk into messages, stopping after ``max_items`` if given."""
+    remaining = max_items
+    try:
+        async for page in pages:
+            for message in page.items:
+                if remaining is not None:
+                    if remaining <= 0:
+                        return
+                    remaining -= 1
+                yield message
+            if remaining is not None and remaining <= 0:
+                return
+    finally:
+        aclose = getattr(pages, "aclose", None)
+        if aclose is not None:
+            await aclose()

@@ -1,0 +1,292 @@
+"""The session manager: the aiohttp session, the access token and the granted scopes.
+
+One job: make sure there is an open HTTP session and a valid access token, and say which scopes
+that token carries. The token exchange follows RFC 6749 (client credentials, §4.4; refresh, §6):
+
+- the first exchange happens when the client opens, so ``client.scopes`` is known from then on;
+- a token is renewed ahead of expiry (at half its life, at most a minute early), and after a 401;
+- renewal is single-flight: forty calls that meet an expired token cause one exchange, and a
+  waiter that is cancelled does not cancel the exchange the others are waiting on (PROTOCOL §7);
+- a refresh refused with ``invalid_grant`` (a dead refresh token) falls back to a new
+  client-credentials exchange.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+
+import aiohttp
+from yarl import URL
+
+from ._errors import AuthError, ClientClosedError, ScopeError
+from ._secret import Secret
+from ._wire import TokenGrant, backoff_delay, build_token_form, parse_token_response
+
+__all__ = ["Credentials", "SessionManager", "Token"]
+
+logger = logging.getLogger("messages_async")
+
+#: Refresh this long before expiry at most; short-lived tokens refresh at half their life.
+_REFRESH_MARGIN = 60.0
+_TRANSIENT_TOKEN_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+class Credentials:
+    """Client credentials for the token endpoint. The secret never appears in a repr."""
+
+    __slots__ = ("client_id", "client_secret", "scopes", "token_url")
+
+    def __init__(
+        self, token_url: URL, client_id: str, client_secret: Secret, scopes: frozenset[str]
+    ) -> None:
+        self.token_url = token_url
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.scopes = scopes
+
+    def __repr__(self) -> str:
+        return f"Credentials(token_url={str(self.token_url)!r}, client_id={self.client_id!r})"
+
+
+class Token:
+    """An access token and what came with it. Identity matters: a 401 names the token it hit."""
+
+    __slots__ = ("access_token", "refresh_at", "refresh_token")
+
+    def __init__(self, access_token: Secret, refresh_at: float, refresh_token: Secret | None):
+        self.access_token = access_token
+        self.refresh_at = refresh_at
+        self.refresh_token = refresh_token
+
+    def __repr__(self) -> str:
+        return "Token('***')"
+
+
+class SessionManager:
+    """Owns the HTTP session and the token; shared by every request of one client."""
+
+    def __init__(
+        self,
+        *,
+        credentials: Credentials | None,
+        access_token: Secret | None,
+        resource_root: URL | None,
+        granted: frozenset[str] | None,
+        session: aiohttp.ClientSession | None,
+        connection_limit: int,
+        timeout: float,
+        max_retries: int,
+        backoff_base: float,
+        backoff_max: float,
+        allow_insecure_http: bool,
+        user_agent: str,
+        rng: random.Random,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._credentials = credentials
+        self._resource_root = resource_root
+        self._granted = granted
+        self._user_id: int | None = None
+        self._token = Token(access_token, float("inf"), None) if access_token is not None else None
+        self._session = session
+        self._owns_session = session is None
+        self._connection_limit = connection_limit
+        self._timeout = timeout
+        self._max_retries = max_retries
+        self._backoff_base = backoff_base
+        self._backoff_max = backoff_max
+        self._allow_insecure_http = allow_insecure_http
+        self._user_agent = user_agent
+        self._rng = rng
+        self._clock = clock
+        self._renewal: asyncio.Task[Token] | None = None
+        self.exchanges = 0
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._connection_limit),
+                # Bearer auth needs no cookies, and a cookie jar could carry state to origins
+                # the token must never reach.
+                cookie_jar=aiohttp.DummyCookieJar(),
+                headers={"User-Agent": self._user_agent},
+            )
+        if self._token is None:
+            await self._renew(None)
+
+    async def close(self) -> None:
+        renewal, self._renewal = self._renewal, None
+        if renewal is not None and not renewal.done():
+            renewal.cancel()
+            try:
+                await renewal
+            except (asyncio.CancelledError, Exception):
+                if (task := asyncio.current_task()) is not None and task.cancelling():
+                    raise
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+        self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise ClientClosedError(
+                "the client is not open; use 'async with Client(...) as client:'"
+            )
+        return self._session
+
+    @property
+    def resource_root(self) -> URL:
+        if self._resource_root is None:
+            raise ClientClosedError("the client is not open; the resource URI is not known yet")
+        return self._resource_root
+
+    @property
+    def granted(self) -> frozenset[str] | None:
+        return self._granted
+
+    @property
+    def user_id(self) -> int | None:
+        return self._user_id
+
+    @property
+    def can_renew(self) -> bool:
+        return self._credentials is not None
+
+    # --- scopes ---------------------------------------------------------------------------------
+
+    def check_scope(self, required: str) -> None:
+        """Raise :class:`ScopeError` before sending when the granted scopes are known to lack it."""
+        if self._granted is not None and required not in self._granted:
+            granted = ", ".join(sorted(self._granted)) or "none"
+            raise ScopeError(
+                f"this call needs the {required!r} scope but the token was granted only "
+                f"{granted}; add {required!r} to Client(scopes=...) (nothing was sent)",
+                required=required,
+                granted=self._granted,
+            )
+
+    # --- tokens ---------------------------------------------------------------------------------
+
+    async def token(self) -> Token:
+        """A token to send now: renewed first if it is close to expiry."""
+        token = self._token
+        if token is None:
+            raise ClientClosedError("the client is not open")
+        if self._credentials is not None and self._clock() >= token.refresh_at:
+            return await self._renew(token)
+        return token
+
+    async def renew_after_401(self, rejected: Token) -> Token:
+        """The server refused ``rejected``: get a new token (once, for every caller)."""
+        if self._credentials is None:
+            raise AuthError(
+                "the server refused the access token (expired or revoked); this client was "
+                "given a pre-issued access_token and cannot renew it: issue a new one, or "
+                "configure token_url, client_id and client_secret",
+                error="invalid_token",
+                status=401,
+            )
+        return await self._renew(rejected)
+
+    async def _renew(self, stale: Token | None) -> Token:
+        current = self._token
+        if current is not None and current is not stale and self._clock() < current.refresh_at:
+            return current  # someone else renewed it meanwhile
+        if self._renewal is None:
+            task = asyncio.create_task(self._exchange(current), name="messages_async token renewal")
+            task.add_done_callback(self._renewal_done)
+            self._renewal = task
+        # Shielded: one waiter's cancellation must not cancel the exchange the others wait on.
+        return await asyncio.shield(self._renewal)
+
+    def _renewal_done(self, task: asyncio.Task[Token]) -> None:
+        if self._renewal is task:
+            self._renewal = None
+        if not task.cancelled():
+            task.exception()  # retrieved here so a failure nobody awaits is not logged
+
+    async def _exchange(self, current: Token | None) -> Token:
+        credentials = self._credentials
+        assert credentials is not None
+        if current is not None and current.refresh_token is not None:
+            try:
+                grant = await self._request_token(credentials, current.refresh_token)
+            except AuthError as exc:
+                if exc.error != "invalid_grant":
+                    raise
+                logger.debug("refresh token refused (invalid_grant); exchanging credentials")
+            else:
+                return self._adopt(grant)
+        return self._adopt(await self._request_token(credentials, None))
+
+    def _adopt(self, grant: TokenGrant) -> Token:
+        now = self._clock()
+        if grant.expires_in is None:
+            refresh_at = float("inf")  # lives until a 401 says otherwise
+        else:
+            refresh_at = now + grant.expires_in - min(_REFRESH_MARGIN, grant.expires_in / 2)
+        token = Token(grant.access_token, refresh_at, grant.refresh_token)
+        self._token = token
+        self._granted = grant.scopes
+        self._resource_root = grant.resource_uri
+        self._user_id = grant.user_id
+        return token
+
+    async def _request_token(self, credentials: Credentials, refresh: Secret | None) -> TokenGrant:
+        grant_type = "refresh_token" if refresh is not None else "client_credentials"
+        attempt = 0
+        while True:
+            self.exchanges += 1
+            started = self._clock()
+            try:
+                async with self.session.post(
+                    credentials.token_url,
+                    data=build_token_form(
+                        client_id=credentials.client_id,
+                        client_secret=credentials.client_secret,
+                        scopes=credentials.scopes,
+                        refresh_token=refresh,
+                    ),
+                    headers={"Accept": "application/json"},
+                    allow_redirects=False,
+                    raise_for_status=False,
+                    timeout=aiohttp.ClientTimeout(total=self._timeout),
+                ) as response:
+                    status = response.status
+                    body = await response.read()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                logger.debug("token exchange (%s) failed: %s", grant_type, type(exc).__name__)
+                if attempt >= self._max_retries:
+                    raise AuthError(
+                        f"could not reach the token endpoint {credentials.token_url.origin()} "
+                        f"after {attempt + 1} attempts: {type(exc).__name__}: {exc}"
+                    ) from exc
+            else:
+                logger.debug(
+                    "POST %s (%s) -> %d (attempt %d, %.1f ms)",
+                    credentials.token_url.path,
+                    grant_type,
+                    status,
+                    attempt + 1,
+                    (self._clock() - started) * 1000,
+                )
+                if status not in _TRANSIENT_TOKEN_STATUSES or attempt >= self._max_retries:
+                    return parse_token_response(
+                        status,
+                        body,
+                        requested=credentials.scopes,
+                        allow_insecure_http=self._allow_insecure_http,
+                    )
+            await asyncio.sleep(
+                backoff_delay(
+                    attempt, base=self._backoff_base, cap=self._backoff_max, rng=self._rng
+                )
+            )
+            attempt += 1

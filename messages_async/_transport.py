@@ -1,0 +1,286 @@
+"""Sending one resource request: auth, the shared limiter, retries and safety checks.
+
+The protocol decisions are made by pure functions in ``_wire.py``; this module is the loop that
+applies them to real attempts. What may be retried (PROTOCOL §6, §7):
+
+- idempotent requests (GETs, edits, deletes): connection failures, timeouts, 429, 500, 502, 503
+  and 504, with full-jitter exponential backoff, at most ``max_retries`` times after the first
+  attempt;
+- ``messages/add/``: only where the server cannot have acted: the connection was refused, or it
+  answered 429, or 503 with ``Retry-After``. A 500 or a connection lost after sending raises,
+  because repeating could post the message twice;
+- a 401 renews the token once (single-flight) and repeats the request once; this is not counted
+  as a retry, and a second 401 raises :class:`AuthError`;
+- a ``Retry-After`` pauses the whole client (``_limiter.py``); one longer than
+  ``max_retry_after`` is not waited out: the error is raised at once with ``retry_after`` set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+
+import aiohttp
+from multidict import CIMultiDictProxy
+from yarl import URL
+
+from ._errors import (
+    DecodeError,
+    NotFoundError,
+    RateLimitError,
+    RequestTimeoutError,
+    TransportError,
+    UnsafeCursorError,
+)
+from ._limiter import Limiter, Outcome
+from ._session import SessionManager, Token
+from ._wire import ApiRequest, Retry, backoff_delay, error_from_response, same_origin
+
+__all__ = ["RetryPolicy", "Transport"]
+
+logger = logging.getLogger("messages_async")
+
+_RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+_MAX_REDIRECTS = 5
+
+
+class RetryPolicy:
+    """Retry settings of one client (or of one ``with_options`` view of it)."""
+
+    __slots__ = ("backoff_base", "backoff_max", "max_retries", "max_retry_after", "timeout")
+
+    def __init__(
+        self,
+        *,
+        max_retries: int,
+        timeout: float,
+        backoff_base: float,
+        backoff_max: float,
+        max_retry_after: float,
+    ) -> None:
+        self.max_retries = max_retries
+        self.timeout = timeout
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.max_retry_after = max_retry_after
+
+
+class _Answer:
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, headers: CIMultiDictProxy[str], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+
+class Transport:
+    """Sends :class:`ApiRequest` objects and returns the body of a successful answer."""
+
+    def __init__(
+        self,
+        sessions: SessionManager,
+        limiter: Limiter,
+        *,
+        max_response_bytes: int,
+        rng: random.Random,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+    ) -> None:
+        self._sessions = sessions
+        self._limiter = limiter
+        self._max_response_bytes = max_response_bytes
+        self._rng = rng
+        self._clock = clock
+        self._sleep = sleep
+
+    async def send(self, request: ApiRequest, policy: RetryPolicy) -> bytes | None:
+        """Send ``request``; the body of the 2xx answer (``None`` for 204), else an exception."""
+        sessions = self._sessions
+        sessions.check_scope(request.scope)
+        retries = 0
+        renewed = False
+        # Set once an attempt may have reached the server without us seeing the answer, so a
+        # delete that then finds nothing knows its first attempt did the work.
+        maybe_acted = False
+        url = request.url
+        redirects = 0
+        while True:
+            if not same_origin(url, sessions.resource_root):
+                raise UnsafeCursorError(
+                    f"refused to send {request.op} to {url.origin()}: the access token is only "
+                    f"sent to {sessions.resource_root.origin()}"
+                )
+            token = await sessions.token()
+            ticket = await self._limiter.acquire()
+            self._limiter.requests += 1
+            if retries:
+                self._limiter.retries += 1
+            outcome = Outcome.FAILED
+            started = self._clock()
+            try:
+                answer = await self._attempt(request, url, token, policy)
+            except aiohttp.ClientConnectorError as exc:
+                # Connection refused / not established: nothing was sent, any request may retry.
+                error: BaseException = exc
+                retryable = True
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+                error = exc
+                maybe_acted = True
+                retryable = request.retry is Retry.IDEMPOTENT
+            except TimeoutError as exc:
+                error = exc
+                maybe_acted = True
+                retryable = request.retry is Retry.IDEMPOTENT
+            else:
+                error = None  # type: ignore[assignment]
+                outcome = Outcome.THROTTLED if answer.status == 429 else Outcome.OK
+            finally:
+                self._limiter.release(ticket, outcome)
+            elapsed = (self._clock() - started) * 1000
+            if error is not None:
+                logger.debug(
+                    "%s %s -> %s (attempt %d, %.1f ms)",
+                    request.method,
+                    url.raw_path_qs,
+                    type(error).__name__,
+                    retries + 1,
+                    elapsed,
+                )
+                if not retryable or retries >= policy.max_retries:
+                    raise self._transport_error(request, error, retries, maybe_acted) from error
+                await self._sleep(self._backoff(retries, policy))
+                retries += 1
+                continue
+
+            status = answer.status
+            logger.debug(
+                "%s %s -> %d (attempt %d, %.1f ms)",
+                request.method,
+                url.raw_path_qs,
+                status,
+                retries + 1,
+                elapsed,
+            )
+            if 200 <= status < 300:
+                return answer.body if status != 204 else None
+            if 300 <= status < 400 and "Location" in answer.headers:
+                url = self._redirect_target(request, url, answer.headers["Location"])
+                redirects += 1
+                if redirects > _MAX_REDIRECTS:
+                    raise TransportError(f"{request.op}: more than {_MAX_REDIRECTS} redirects")
+                continue
+            if status == 401 and not renewed:
+                await sessions.renew_after_401(token)
+                renewed = True
+                continue
+            exc = error_from_response(
+                status, answer.headers, answer.body, now=datetime.now(UTC), granted=sessions.granted
+            )
+            if isinstance(exc, NotFoundError) and request.op == "delete" and maybe_acted:
+                # Our earlier attempt deleted it and the answer was lost: the caller's intent
+                # holds, so this is success, not an error (exactly one deletion happened).
+                return None
+            if status not in _RETRYABLE_STATUSES:
+                raise exc
+            retry_after = getattr(exc, "retry_after", None)
+            shared_pause = status == 429 or (status == 503 and retry_after is not None)
+            if request.retry is not Retry.IDEMPOTENT and not shared_pause:
+                raise exc  # a 500 on add: it may have been stored; never post twice
+            if retry_after is not None and retry_after > policy.max_retry_after:
+                raise exc from None
+            if retries >= policy.max_retries:
+                raise exc
+            if isinstance(exc, RateLimitError):
+                self._limiter.rate_limited += 1
+            delay = retry_after if retry_after is not None else self._backoff(retries, policy)
+            if shared_pause:
+                self._limiter.pause(delay)  # everyone waits; acquire() holds us too
+            else:
+                await self._sleep(delay)
+            retries += 1
+
+    def _backoff(self, retries: int, policy: RetryPolicy) -> float:
+        return backoff_delay(
+            retries, base=policy.backoff_base, cap=policy.backoff_max, rng=self._rng
+        )
+
+    async def _attempt(
+        self, request: ApiRequest, url: URL, token: Token, policy: RetryPolicy
+    ) -> _Answer:
+        headers = {
+            "Authorization": "Bearer " + token.access_token.reveal(),
+            "Accept": "application/json",
+        }
+        if request.body is not None:
+            headers["Content-Type"] = "application/json"
+        async with self._sessions.session.request(
+            request.method,
+            url,
+            data=request.body,
+            headers=headers,
+            allow_redirects=False,
+            raise_for_status=False,
+            timeout=aiohttp.ClientTimeout(total=policy.timeout),
+        ) as response:
+            del headers  # keep the token out of this frame's locals from here on
+            length = response.content_length
+            if length is not None and length > self._max_response_bytes:
+                response.close()
+                raise self._too_large(request, length)
+            body = await self._read_capped(request, response)
+            return _Answer(response.status, response.headers, body)
+
+    async def _read_capped(self, request: ApiRequest, response: aiohttp.ClientResponse) -> bytes:
+        # Counted after decompression, so a gzip bomb is cut off at the cap as well.
+        cap = self._max_response_bytes
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await response.content.readany():
+            size += len(chunk)
+            if size > cap:
+                response.close()
+                raise self._too_large(request, size)
+            chunks.append(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _too_large(self, request: ApiRequest, size: int) -> DecodeError:
+        return DecodeError(
+            f"the answer to {request.op} is larger than max_response_bytes "
+            f"({self._max_response_bytes}; got at least {size} bytes); the connection was "
+            "closed. Raise Client(max_response_bytes=...) if this is expected."
+        )
+
+    def _redirect_target(self, request: ApiRequest, url: URL, location: str) -> URL:
+        target = url.join(URL(location))
+        if not same_origin(target, self._sessions.resource_root):
+            raise UnsafeCursorError(
+                f"refused a redirect of {request.op} from {url.origin()} to {target.origin()}: "
+                "the access token is only sent to the API's origin; nothing was sent there"
+            )
+        if request.method != "GET":
+            raise TransportError(
+                f"{request.op} was answered with a redirect; a write is not re-sent to another "
+                "URL. Check resource_uri."
+            )
+        return target
+
+    @staticmethod
+    def _transport_error(
+        request: ApiRequest, error: BaseException, retries: int, maybe_acted: bool
+    ) -> TransportError:
+        attempts = f"after {retries + 1} attempt{'s' if retries else ''}"
+        detail = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        note = ""
+        if maybe_acted and request.retry is Retry.UNSENT_ONLY:
+            note = (
+                "; the server may have stored it, so it was not re-sent: check the chat "
+                "before adding it again"
+            )
+        if isinstance(error, TimeoutError):
+            return RequestTimeoutError(f"{request.op} timed out {attempts} ({detail}){note}")
+        return TransportError(f"{request.op} failed {attempts} ({detail}){note}")

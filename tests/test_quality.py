@@ -1,0 +1,81 @@
+"""The project's own checks, run as tests: types, lint, formatting and the public surface."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import messages_async
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+
+
+def test_mypy_strict() -> None:
+    result = _run("mypy", "--strict")  # files and settings in pyproject.toml
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ruff_lint() -> None:
+    result = _run("ruff", "check", ".")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ruff_format() -> None:
+    result = _run("ruff", "format", "--check", ".")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_public_names_are_exported_and_documented() -> None:
+    public = set(messages_async.__all__)
+    assert list(messages_async.__all__) == sorted(messages_async.__all__)
+    for name in public - {"__version__"}:
+        obj = getattr(messages_async, name)
+        assert obj.__doc__, f"{name} has no docstring"
+    # Every public class defined in a private module is re-exported.
+    for info in pkgutil.iter_modules(messages_async.__path__):
+        if not info.name.startswith("_") or info.name in ("_cli",):
+            continue
+        module = importlib.import_module(f"messages_async.{info.name}")
+        for name in getattr(module, "__all__", []):
+            obj = getattr(module, name)
+            if (
+                isinstance(obj, type)
+                and obj.__module__ == module.__name__
+                and not name.startswith("_")
+            ):
+                internal = {
+                    "ApiRequest",
+                    "ListQuery",
+                    "Retry",
+                    "TokenGrant",
+                    "Credentials",
+                    "Token",
+                    "SessionManager",
+                    "Transport",
+                    "RetryPolicy",
+                    "Limiter",
+                    "Outcome",
+                    "Secret",
+                }
+                if name not in internal:
+                    assert name in public, f"{module.__name__}.{name} is not re-exported"
+
+
+def test_py_typed_is_shipped() -> None:
+    assert (ROOT / "messages_async" / "py.typed").exists()
+
+
+def test_pure_core_does_no_io() -> None:
+    # The wall between the pure core and the I/O layers: these modules never import aiohttp.
+    for module in ("_wire", "_converter", "_models", "_errors", "_secret"):
+        source = (ROOT / "messages_async" / f"{module}.py").read_text()
+        assert "aiohttp" not in source, f"{module} imports aiohttp"

@@ -1,0 +1,43 @@
+"""The public API as users write it; checked by mypy --strict (tests/test_quality.py), never run."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import messages_async as ma
+
+
+async def typical_use() -> None:
+    async with ma.Client(
+        token_url="https://auth.example.test/token", client_id="id", client_secret="secret"
+    ) as client:
+        scopes: frozenset[str] | None = client.scopes
+        chats: list[ma.Chat] = await client.messages.chats()
+        page: ma.MessagesPage = await client.messages.list(
+            chats[0].chat_id,
+            limit=50,
+            period=ma.Period(from_=datetime(2026, 1, 1, tzinfo=UTC)),
+        )
+        message: ma.Message = await client.messages.add(
+            chats[0].chat_id, "hi", attachments=[ma.NewAttachment(type="link", url="u")]
+        )
+        await client.messages.edit(message.id, chat_id=chats[0].chat_id, message="edited")
+        await client.messages.delete(message.id)
+        async for msg in client.messages.iter(chats[0].chat_id, max_items=10):
+            _id: int = msg.id
+        async for p in client.messages.pages(chats[0].chat_id, cursor=page.next_cursor):
+            _cursor: str | None = p.next_cursor
+        async for chat_id, item in client.messages.iter_many([1, 2], concurrency=4):
+            _text: str = item.message
+            _cid: int = chat_id
+        async for _chat_id, result in client.messages.iter_many([1, 2], on_error="yield"):
+            if isinstance(result, ma.ChatFailed):
+                _err: BaseException = result.error
+        stats: ma.ClientStats = client.stats
+        del scopes, stats
+    try:
+        pass
+    except ma.RateLimitError as exc:
+        _after: float | None = exc.retry_after
+    except ma.ApiError as exc:
+        _status: int = exc.status
