@@ -78,6 +78,16 @@ class _Answer:
         self.body = body
 
 
+def _headers(token: Token, *, json_body: bool) -> dict[str, str]:
+    headers = {
+        "Authorization": "Bearer " + token.access_token.reveal(),
+        "Accept": "application/json",
+    }
+    if json_body:
+        headers["Content-Type"] = "application/json"
+    return headers
+
+
 class Transport:
     """Sends :class:`ApiRequest` objects and returns the body of a successful answer."""
 
@@ -146,7 +156,7 @@ class Transport:
                 logger.debug(
                     "%s %s -> %s (attempt %d, %.1f ms)",
                     request.method,
-                    url.raw_path_qs,
+                    url.raw_path,
                     type(error).__name__,
                     retries + 1,
                     elapsed,
@@ -161,7 +171,7 @@ class Transport:
             logger.debug(
                 "%s %s -> %d (attempt %d, %.1f ms)",
                 request.method,
-                url.raw_path_qs,
+                url.raw_path,
                 status,
                 retries + 1,
                 elapsed,
@@ -212,22 +222,17 @@ class Transport:
     async def _attempt(
         self, request: ApiRequest, url: URL, token: Token, policy: RetryPolicy
     ) -> _Answer:
-        headers = {
-            "Authorization": "Bearer " + token.access_token.reveal(),
-            "Accept": "application/json",
-        }
-        if request.body is not None:
-            headers["Content-Type"] = "application/json"
+        # The headers are built in the call expression, never bound to a local of this frame:
+        # a traceback formatter that prints locals must not find the token here.
         async with self._sessions.session.request(
             request.method,
             url,
             data=request.body,
-            headers=headers,
+            headers=_headers(token, json_body=request.body is not None),
             allow_redirects=False,
             raise_for_status=False,
             timeout=aiohttp.ClientTimeout(total=policy.timeout),
         ) as response:
-            del headers  # keep the token out of this frame's locals from here on
             length = response.content_length
             if length is not None and length > self._max_response_bytes:
                 response.close()

@@ -1,0 +1,184 @@
+"""Running the emulator as a process: ``messages-async serve``.
+
+Benchmarks run the emulator in a separate process, so that its cost is not charged to the
+client being measured. The parent waits for ``--ready-file``: it is written (atomically) only
+once both origins listen, and carries everything a client needs to connect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import Callable
+from typing import Literal
+
+import orjson
+
+from ._server import MessagesServer
+
+__all__ = ["run_forever", "serve", "serve_main"]
+
+
+def _write_ready_file(path: str, server: MessagesServer) -> None:
+    info = {
+        "token_url": server.token_url,
+        "resource_uri": server.resource_uri,
+        "client_id": server.client_id,
+        "client_secret": server.client_secret,
+        "user_id": server.user_id,
+        "pid": os.getpid(),
+    }
+    directory = os.path.dirname(os.path.abspath(path))
+    # Write then rename: a parent polling for the file never reads half of it.
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".ready-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(orjson.dumps(info))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+async def serve(
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    token_port: int = 0,
+    chats: int = 20,
+    messages_per_chat: int | tuple[int, int] = 200,
+    seed: int = 0,
+    latency: float = 0.0,
+    rate_limit: float | None = None,
+    burst: int | None = None,
+    cursor_mode: Literal["url", "token"] = "url",
+    token_ttl: float | None = 3600.0,
+    extra_fields: bool = False,
+    compress: bool = True,
+    ready_file: str | None = None,
+    stop: asyncio.Event | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> None:
+    """Serve until ``stop`` is set, or until SIGINT/SIGTERM when no ``stop`` is given.
+
+    Requests are not recorded: a long-running server must not grow without bound.
+    """
+    say = echo if echo is not None else (lambda line: print(line, flush=True))
+    server = MessagesServer(
+        host=host,
+        port=port,
+        token_port=token_port,
+        chats=chats,
+        messages_per_chat=messages_per_chat,
+        seed=seed,
+        latency=latency,
+        rate_limit=rate_limit,
+        burst=burst,
+        cursor_mode=cursor_mode,
+        token_ttl=token_ttl,
+        extra_fields=extra_fields,
+        compress=compress,
+        record=False,
+    )
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    if stop is None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError):  # not the main thread, or Windows
+                continue
+            installed.append(sig)
+    try:
+        async with server:
+            say(f"token_url:     {server.token_url}")
+            say(f"resource_uri:  {server.resource_uri}")
+            say(f"client_id:     {server.client_id}")
+            say(f"client_secret: {server.client_secret}")
+            say(f"user_id:       {server.user_id}")
+            say(
+                f"{len(server.chat_ids())} chats, {server.all_message_count()} messages "
+                f"(seed {seed}); Ctrl-C to stop"
+            )
+            if ready_file:
+                _write_ready_file(ready_file, server)
+            await stop.wait()
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+def _messages_per_chat(text: str) -> int | tuple[int, int]:
+    for sep in ("-", ","):
+        if sep in text.strip("-"):
+            lo, _, hi = text.partition(sep)
+            return (int(lo), int(hi))
+    return int(text)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="messages-async serve",
+        description="Run the Messages API emulator (token endpoint and API on two ports).",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="API port (0: any free port)")
+    p.add_argument("--token-port", type=int, default=0, help="token endpoint port (0: any)")
+    p.add_argument("--chats", type=int, default=20)
+    p.add_argument(
+        "--messages-per-chat",
+        type=_messages_per_chat,
+        default=200,
+        metavar="N|MIN-MAX",
+        help="messages in each chat, or a random size per chat in MIN-MAX",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--latency", type=float, default=0.0, help="seconds added to each API call")
+    p.add_argument("--rate-limit", type=float, default=None, help="API requests per second")
+    p.add_argument("--burst", type=int, default=None, help="rate limiter bucket size")
+    p.add_argument("--cursor-mode", choices=("url", "token"), default="url")
+    p.add_argument("--token-ttl", type=float, default=3600.0)
+    p.add_argument("--extra-fields", action="store_true", help="send fields clients must ignore")
+    p.add_argument("--no-compress", action="store_true", help="never gzip responses")
+    p.add_argument("--ready-file", metavar="PATH", help="write connection details here as JSON")
+    return p
+
+
+def run_forever(**options: object) -> None:
+    """`serve` with the given options in a new event loop, until SIGINT/SIGTERM."""
+    asyncio.run(serve(**options))  # type: ignore[arg-type]
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``messages-async serve``; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        run_forever(
+            host=args.host,
+            port=args.port,
+            token_port=args.token_port,
+            chats=args.chats,
+            messages_per_chat=args.messages_per_chat,
+            seed=args.seed,
+            latency=args.latency,
+            rate_limit=args.rate_limit,
+            burst=args.burst,
+            cursor_mode=args.cursor_mode,
+            token_ttl=args.token_ttl,
+            extra_fields=args.extra_fields,
+            compress=not args.no_compress,
+            ready_file=args.ready_file,
+        )
+    except OSError as exc:
+        print(f"messages-async serve: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
