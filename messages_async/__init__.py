@@ -35,6 +35,7 @@ from ._models import (
     NewAttachment,
     Period,
 )
+from ._watch import Watch
 
 __all__ = [
     "ApiError",
@@ -65,5 +66,6 @@ __all__ = [
     "ServerError",
     "TransportError",
     "UnsafeCursorError",
+    "Watch",
     "__version__",
 ]

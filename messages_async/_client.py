@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import random
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Literal, Self, overload
 
@@ -23,7 +23,8 @@ from ._models import Chat, ChatFailed, Message, MessagesPage, NewAttachment, Per
 from ._pagination import Direction, walk_messages, walk_pages
 from ._secret import Secret
 from ._session import Credentials, SessionManager
-from ._transport import RetryPolicy, Transport
+from ._transport import RetryBudget, RetryPolicy, Transport
+from ._watch import Watch
 from ._wire import (
     READ,
     WRITE,
@@ -121,6 +122,9 @@ class Client:
         max_retry_after: Longest ``Retry-After`` waited out; a longer one raises at once with
             ``retry_after`` set, so the caller decides.
         max_response_bytes: Largest answer read (after decompression) before giving up.
+        retry_budget: Retries of failures (5xx, connection errors, timeouts) the client may
+            spend in a burst across all its calls; each success earns back a tenth of one.
+            Stops a failing server from being hit ``max_retries + 1`` times harder.
         allow_insecure_http: Allow plain ``http://`` to non-loopback hosts.
     """
 
@@ -141,6 +145,7 @@ class Client:
         backoff_max: float = 30.0,
         max_retry_after: float = 60.0,
         max_response_bytes: int = 32 * 1024 * 1024,
+        retry_budget: int = 50,
         allow_insecure_http: bool = False,
     ) -> None:
         if session is not None and not isinstance(session, aiohttp.ClientSession):
@@ -218,6 +223,7 @@ class Client:
             self._sessions,
             self._limiter,
             max_response_bytes=_count("max_response_bytes", max_response_bytes, minimum=1),
+            retry_budget=RetryBudget(_count("retry_budget", retry_budget, minimum=0)),
             rng=rng,
         )
         self._state = _State.UNOPENED
@@ -516,3 +522,55 @@ class Messages:
             return self.pages(chat_id, limit=limit, query=query, period=period, prefetch=False)
 
         return fan_out(ids, walk, concurrency=concurrency, on_error=on_error, max_items=max_items)
+
+    # --- watching -------------------------------------------------------------------------------
+
+    def watch(
+        self,
+        chat_ids: Iterable[int] | None = None,
+        *,
+        interval: float = 2.0,
+        since: Mapping[int, int] | None = None,
+        limit: int = 100,
+        max_interval: float | None = None,
+        concurrency: int = 8,
+        rediscover: float = 60.0,
+    ) -> Watch:
+        """New messages as they arrive, as ``(chat_id, message)``: the loop of a bot.
+
+        Each message posted after the watch started is yielded once, oldest first within its
+        chat; a burst bigger than a page is followed back so nothing is missed. Quiet chats
+        are polled less and less often (up to ``max_interval``); polls share the client's
+        rate limiter. Transient errors back off and never end the watch; a deleted chat is
+        dropped with a log line::
+
+            async for chat_id, msg in client.messages.watch():
+                if msg.uid != client.user_id:
+                    await client.messages.add(chat_id, f"echo: {msg.message}")
+
+        Args:
+            chat_ids: The chats to watch; ``None`` watches every chat, re-listing them every
+                ``rediscover`` seconds and picking up new ones.
+            interval: Seconds between polls of a chat with news (the shortest interval).
+            since: ``{chat_id: message_id}`` to resume after (exclusive), e.g. a saved
+                :attr:`Watch.watermarks`; other chats start from now.
+            limit: Page size of each poll.
+            max_interval: Longest interval for a quiet chat (default ``15 * interval``).
+            concurrency: Most chats polled at once.
+            rediscover: Seconds between re-listings of the chats (with ``chat_ids=None``).
+
+        Returns:
+            A :class:`Watch`: iterate it with ``async for``; ``break``, ``aclose()`` or
+            leaving ``async with`` stops every poll.
+        """
+        self._root()  # a closed or unopened client fails here, not in a background task
+        return Watch(
+            self,
+            chat_ids,
+            interval=interval,
+            since=since,
+            limit=limit,
+            max_interval=max_interval,
+            concurrency=concurrency,
+            rediscover=rediscover,
+        )

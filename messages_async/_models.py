@@ -41,12 +41,6 @@ class ChatType(enum.Enum):
     GROUP = "group"
 
 
-def _raw_field() -> Any:
-    # The object exactly as received, unknown fields included, for exporters. It is left out of
-    # equality, hashing and repr: two messages are equal by their data, and a repr stays short.
-    return attrs.field(default=_EMPTY_RAW, eq=False, hash=False, repr=False, kw_only=True)
-
-
 @attrs.frozen
 class Chat:
     """A conversation. ``name``, ``picture_url`` and ``members_count`` are set for groups only."""
@@ -56,7 +50,11 @@ class Chat:
     name: str | None = None
     picture_url: str | None = None
     members_count: int | None = None
-    raw: Mapping[str, Any] = _raw_field()
+    # The object exactly as received, unknown fields included, for exporters; left out of
+    # equality, hashing and repr (two messages are equal by their data; a repr stays short).
+    raw: Mapping[str, Any] = attrs.field(
+        default=_EMPTY_RAW, eq=False, hash=False, repr=False, kw_only=True
+    )
 
 
 @attrs.frozen
@@ -103,7 +101,11 @@ class Message:
     message: str
     attachments: list[Attachment] = attrs.field(factory=list, hash=False)
     created_at: datetime | None = None
-    raw: Mapping[str, Any] = _raw_field()
+    # The object exactly as received, unknown fields included, for exporters; left out of
+    # equality, hashing and repr (two messages are equal by their data; a repr stays short).
+    raw: Mapping[str, Any] = attrs.field(
+        default=_EMPTY_RAW, eq=False, hash=False, repr=False, kw_only=True
+    )
 
 
 @attrs.frozen

@@ -31,7 +31,6 @@ from yarl import URL
 from ._errors import (
     DecodeError,
     NotFoundError,
-    RateLimitError,
     RequestTimeoutError,
     TransportError,
     UnsafeCursorError,
@@ -40,12 +39,46 @@ from ._limiter import Limiter, Outcome
 from ._session import SessionManager, Token
 from ._wire import ApiRequest, Retry, backoff_delay, error_from_response, same_origin
 
-__all__ = ["RetryPolicy", "Transport"]
+__all__ = ["RetryBudget", "RetryPolicy", "Transport"]
 
 logger = logging.getLogger("messages_async")
 
 _RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 _MAX_REDIRECTS = 5
+
+
+class RetryBudget:
+    """A token bucket that caps retries of failures across the whole client.
+
+    Without it, a server that fails every request gets ``max_retries + 1`` times the load just
+    when it is least able to take it (a retry storm). Each retry of a failure (5xx, connection
+    error, timeout) spends one token; each success earns back ``refill`` tokens, up to
+    ``capacity``. First attempts are never held back, and waits the server asked for
+    (``Retry-After``) are governed by the shared pause instead. The design follows gRPC's retry
+    throttling and the AWS SDKs' retry quota: in steady state at most about ``refill`` retries
+    per success.
+    """
+
+    __slots__ = ("_tokens", "capacity", "refill")
+
+    def __init__(self, capacity: float, refill: float = 0.1) -> None:
+        self.capacity = capacity
+        self.refill = refill
+        self._tokens = capacity
+
+    @property
+    def tokens(self) -> float:
+        return self._tokens
+
+    def try_spend(self) -> bool:
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+    def earn(self) -> None:
+        if self._tokens < self.capacity:
+            self._tokens = min(self.capacity, self._tokens + self.refill)
 
 
 class RetryPolicy:
@@ -97,6 +130,7 @@ class Transport:
         limiter: Limiter,
         *,
         max_response_bytes: int,
+        retry_budget: RetryBudget,
         rng: random.Random,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
@@ -107,6 +141,7 @@ class Transport:
         self._rng = rng
         self._clock = clock
         self._sleep = sleep
+        self._budget = retry_budget
 
     async def send(self, request: ApiRequest, policy: RetryPolicy) -> bytes | None:
         """Send ``request``; the body of the 2xx answer (``None`` for 204), else an exception."""
@@ -161,7 +196,7 @@ class Transport:
                     retries + 1,
                     elapsed,
                 )
-                if not retryable or retries >= policy.max_retries:
+                if not retryable or retries >= policy.max_retries or not self._budget.try_spend():
                     raise self._transport_error(request, error, retries, maybe_acted) from error
                 await self._sleep(self._backoff(retries, policy))
                 retries += 1
@@ -177,6 +212,7 @@ class Transport:
                 elapsed,
             )
             if 200 <= status < 300:
+                self._budget.earn()
                 return answer.body if status != 204 else None
             if 300 <= status < 400 and "Location" in answer.headers:
                 url = self._redirect_target(request, url, answer.headers["Location"])
@@ -199,14 +235,22 @@ class Transport:
                 raise exc
             retry_after = getattr(exc, "retry_after", None)
             shared_pause = status == 429 or (status == 503 and retry_after is not None)
+            if status == 429:
+                # Counted for every 429 answered, also the one that ends a call, so that
+                # client.stats agrees with what the server sent (was: only retried ones).
+                self._limiter.rate_limited += 1
             if request.retry is not Retry.IDEMPOTENT and not shared_pause:
                 raise exc  # a 500 on add: it may have been stored; never post twice
             if retry_after is not None and retry_after > policy.max_retry_after:
                 raise exc from None
             if retries >= policy.max_retries:
+                if shared_pause and retry_after is not None:
+                    # This call gives up, but the server's Retry-After still binds every
+                    # other request of the client (PROTOCOL §7).
+                    self._limiter.pause(retry_after)
                 raise exc
-            if isinstance(exc, RateLimitError):
-                self._limiter.rate_limited += 1
+            if not shared_pause and not self._budget.try_spend():
+                raise exc  # the retry budget is spent: the server is failing, not blipping
             delay = retry_after if retry_after is not None else self._backoff(retries, policy)
             if shared_pause:
                 self._limiter.pause(delay)  # everyone waits; acquire() holds us too

@@ -705,3 +705,51 @@ async def test_cancellation_propagates_and_releases_the_connection(
         await task
     assert client.stats.in_flight == 0
     assert len(await client.messages.chats()) == 4
+
+
+async def test_retry_budget_caps_a_retry_storm(server: MessagesServer) -> None:
+    server.inject(Fault.status(503), times=None)
+    async with make_client(server, max_retries=3, retry_budget=10) as c:
+        results = await asyncio.gather(
+            *(c.messages.chats() for _ in range(100)), return_exceptions=True
+        )
+        assert all(isinstance(r, ma.ServerError) for r in results)
+        # 100 first attempts are never held back; retries stop when the budget is spent.
+        assert len(server.resource_requests()) == 100 + 10
+        server.clear_faults()
+        server.reset_stats()
+        for _ in range(20):  # successes earn the budget back, a tenth of a retry each
+            await c.messages.chats()
+        server.inject(Fault.status(503), times=2)
+        assert len(await c.messages.chats()) == 4
+    assert [r.status for r in server.resource_requests()][-3:] == [503, 503, 200]
+
+
+async def test_cancellation_during_backoff_is_prompt(server: MessagesServer) -> None:
+    server.inject(Fault.status(503), times=None)
+    async with make_client(server, backoff_base=30.0, backoff_max=30.0) as c:
+        task = asyncio.create_task(c.messages.chats())
+        while not server.resource_requests():
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # now in the backoff sleep
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, timeout=2)
+        assert c.stats.in_flight == 0
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault.oversized(size=8 * 1024 * 1024, declare_length=True),
+        Fault.oversized(size=64 * 1024 * 1024, gzip=True),
+    ],
+)
+async def test_declared_and_compressed_oversized_answers_are_cut_off(
+    server: MessagesServer, fault: Fault
+) -> None:
+    server.inject(fault, path="messages/chats/")
+    async with make_client(server, max_response_bytes=256 * 1024) as c:
+        with pytest.raises(ma.DecodeError, match="max_response_bytes"):
+            await c.messages.chats()
+        assert len(await c.messages.chats()) == 4

@@ -34,6 +34,11 @@ async def typical_use() -> None:
             if isinstance(result, ma.ChatFailed):
                 _err: BaseException = result.error
         stats: ma.ClientStats = client.stats
+        watch: ma.Watch = client.messages.watch([1], since={1: 5})
+        async with watch:
+            async for _cid, new in watch:
+                _mid: int = new.id
+            _marks: dict[int, int] = watch.watermarks
         del scopes, stats
     try:
         pass

@@ -1,0 +1,170 @@
+"""The pytest plugin, as a bot author uses it: pytest runs in a subprocess on small test files.
+
+The plugin is loaded two ways: explicitly (``-p messages_async.testing._plugin``, with entry
+point auto-loading off so it cannot be registered twice) and through the installed ``pytest11``
+entry point. The README's example test (``examples/test_echo_bot.py``) runs the same way.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PLUGIN = "messages_async.testing._plugin"
+
+INI = """\
+[pytest]
+asyncio_mode = {mode}
+asyncio_default_fixture_loop_scope = function
+filterwarnings = error
+"""
+
+BOT_TESTS = """
+import asyncio
+
+import pytest
+
+import messages_async as ma
+from messages_async.testing import Fault
+
+{pytestmark}
+
+
+async def pong_once(client):
+    async for chat_id, msg in client.messages.watch(interval=0.02):
+        if msg.uid != client.user_id:
+            await client.messages.add(chat_id, "pong")
+            return
+
+
+async def test_defaults(messages_server, messages_client):
+    assert len(messages_server.chat_ids()) == 3
+    assert messages_client.user_id == messages_server.user_id
+    chats = await messages_client.messages.chats()
+    assert [c.chat_id for c in chats] == messages_server.chat_ids()
+
+
+@pytest.mark.messages_server(chats=6, seed=4)
+async def test_marker(messages_server):
+    assert len(messages_server.chat_ids()) == 6
+
+
+class TestOverrides:
+    @pytest.fixture
+    def messages_server_options(self):
+        return {{"chats": 2, "messages_per_chat": 1}}
+
+    @pytest.fixture
+    def messages_client_options(self):
+        return {{"max_retries": 0}}
+
+    async def test_options(self, messages_server, messages_client):
+        assert len(messages_server.chat_ids()) == 2
+        messages_server.inject(Fault.status(503), path="messages/chats/")
+        with pytest.raises(ma.ServerError):
+            await messages_client.messages.chats()
+
+
+async def test_bot(messages_server, messages_client, messages_wait_polled, messages_wait_for):
+    bot = asyncio.create_task(pong_once(messages_client))
+    try:
+        await messages_wait_polled()
+        chat = messages_server.chat_ids()[1]
+        messages_server.post_message(chat, "ping", uid=99)
+        reply = await messages_wait_for(chat, lambda m: m["message"] == "pong")
+        assert reply["uid"] == messages_client.user_id
+        await asyncio.wait_for(bot, 10)
+    finally:
+        bot.cancel()
+
+
+CLIENTS = []
+
+
+async def test_client_is_kept(messages_client):
+    CLIENTS.append(messages_client)
+
+
+async def test_client_was_closed_after_its_test():
+    (client,) = CLIENTS
+    with pytest.raises(ma.ClientClosedError):
+        client.messages.watch()
+"""
+
+FAILING = """
+async def test_wrong(messages_server):
+    assert len(messages_server.chat_ids()) == 99
+"""
+
+
+def entry_point_installed() -> bool:
+    return any(
+        ep.name == "messages_async" for ep in importlib.metadata.entry_points(group="pytest11")
+    )
+
+
+def run_pytest(
+    tmp_path: Path, *targets: str, mode: str = "auto", autoload: bool = False
+) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "pytest.ini").write_text(INI.format(mode=mode))
+    env = dict(os.environ)
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    if autoload:
+        env.pop("PYTEST_DISABLE_PLUGIN_AUTOLOAD", None)
+    else:
+        env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+        args += ["-p", "pytest_asyncio.plugin", "-p", PLUGIN]
+    args += ["-c", str(tmp_path / "pytest.ini"), "--rootdir", str(tmp_path), *targets]
+    return subprocess.run(
+        args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def write_bot_tests(tmp_path: Path, *, strict: bool = False) -> str:
+    pytestmark = "pytestmark = pytest.mark.asyncio" if strict else ""
+    path = tmp_path / "test_bot.py"
+    path.write_text(textwrap.dedent(BOT_TESTS.format(pytestmark=pytestmark)))
+    return str(path)
+
+
+def test_fixtures_with_the_plugin_loaded_explicitly(tmp_path: Path) -> None:
+    result = run_pytest(tmp_path, write_bot_tests(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "6 passed" in result.stdout
+
+
+def test_fixtures_in_pytest_asyncio_strict_mode(tmp_path: Path) -> None:
+    result = run_pytest(tmp_path, write_bot_tests(tmp_path, strict=True), mode="strict")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "6 passed" in result.stdout
+
+
+def test_a_failing_bot_test_is_reported_as_failing(tmp_path: Path) -> None:
+    path = tmp_path / "test_failing.py"
+    path.write_text(FAILING)
+    result = run_pytest(tmp_path, str(path))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "1 failed" in result.stdout
+
+
+def test_the_readme_example_test_passes(tmp_path: Path) -> None:
+    result = run_pytest(tmp_path, str(ROOT / "examples" / "test_echo_bot.py"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed" in result.stdout
+
+
+@pytest.mark.skipif(
+    not entry_point_installed(),
+    reason="the pytest11 entry point 'messages_async' is not installed (pip install -e .)",
+)
+def test_fixtures_through_the_installed_entry_point(tmp_path: Path) -> None:
+    result = run_pytest(tmp_path, write_bot_tests(tmp_path), autoload=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "6 passed" in result.stdout

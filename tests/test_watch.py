@@ -1,0 +1,444 @@
+"""``messages.watch()`` against the emulator: exactly once and in order, bursts, faults, new
+chats, resuming, stopping, and what polling costs.
+
+Every fault is injected for real by the emulator, and every "exactly once" check ends with a
+sentinel message posted after everything else: whatever the watch yields before the sentinel
+is compared as a whole, so a duplicate or a gap cannot hide behind a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+import messages_async as ma
+from messages_async._watch import Watch
+from messages_async.testing import Fault, MessagesServer
+
+OTHER = 7  # a user id that is not the client's
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[MessagesServer]:
+    async with MessagesServer(chats=4, messages_per_chat=12, seed=5) as srv:
+        yield srv
+
+
+def make_client(server: MessagesServer, **kwargs: Any) -> ma.Client:
+    options: dict[str, Any] = {
+        "token_url": server.token_url,
+        "client_id": server.client_id,
+        "client_secret": server.client_secret,
+        "backoff_base": 0.01,
+        "backoff_max": 0.05,
+    }
+    options.update(kwargs)
+    return ma.Client(**options)
+
+
+@pytest.fixture
+async def client(server: MessagesServer) -> AsyncIterator[ma.Client]:
+    async with make_client(server) as c:
+        yield c
+
+
+def watch_tasks() -> list[asyncio.Task[Any]]:
+    return [
+        t
+        for t in asyncio.all_tasks()
+        if t.get_name().startswith("messages_async watch") and not t.done()
+    ]
+
+
+async def no_watch_tasks_left() -> None:
+    for _ in range(20):
+        if not watch_tasks():
+            return
+        await asyncio.sleep(0)
+    assert not watch_tasks(), watch_tasks()
+
+
+async def until_sentinels(watch: Watch, sentinels: dict[int, int]) -> dict[int, list[ma.Message]]:
+    """Everything yielded, per chat, until every chat's sentinel id has been yielded."""
+    seen: dict[int, list[ma.Message]] = defaultdict(list)
+    waiting = dict(sentinels)
+    async with asyncio.timeout(15):
+        while waiting:
+            chat_id, message = await anext(watch)
+            seen[chat_id].append(message)
+            if waiting.get(chat_id) == message.id:
+                del waiting[chat_id]
+    return seen
+
+
+async def drain(watch: Watch) -> list[tuple[int, ma.Message]]:
+    async with asyncio.timeout(10):
+        return [item async for item in watch]
+
+
+def post_sentinels(server: MessagesServer, chat_ids: list[int]) -> dict[int, int]:
+    return {c: server.post_message(c, "sentinel", uid=OTHER)["id"] for c in chat_ids}
+
+
+# --- exactly once, in order ----------------------------------------------------------------------
+
+
+async def test_bursts_across_chats_with_faults_are_yielded_once_in_order(
+    server: MessagesServer,
+) -> None:
+    chats = server.chat_ids()[:3]
+    # No retries inside the client: every injected fault reaches the watch itself.
+    async with (
+        make_client(server, max_retries=0) as client,
+        client.messages.watch(chats, interval=0.02, limit=10) as watch,
+    ):
+        await watch.ready()
+        start = watch.watermarks
+        assert start == {c: server.messages(c)[0]["id"] for c in chats}
+
+        expected: dict[int, list[int]] = defaultdict(list)
+        # A burst of 35 in one chat: 4 pages of 10, so the poll must follow next_cursor back.
+        for i in range(35):
+            expected[chats[0]].append(server.post_message(chats[0], f"burst {i}", uid=OTHER)["id"])
+        # The first page of the burst comes back, the cursor walk then fails halfway.
+        mid_walk = server.inject(Fault.status(503), path="messages/", chat_id=chats[0], after=1)
+        for round_ in range(3):
+            for chat_id in chats:
+                msg = server.post_message(chat_id, f"round {round_}", uid=OTHER)
+                expected[chat_id].append(msg["id"])
+        faults = [
+            server.inject(Fault.status(500), path="messages/", times=2),
+            server.inject(Fault.rate_limited(None), path="messages/", times=2),
+            server.inject(Fault.drop(), path="messages/", times=1),
+        ]
+        sentinels = post_sentinels(server, chats)
+        for chat_id, sentinel in sentinels.items():
+            expected[chat_id].append(sentinel)
+
+        seen = await until_sentinels(watch, sentinels)
+
+    assert {c: [m.id for m in ms] for c, ms in seen.items()} == expected
+    assert mid_walk.hits == 1
+    assert all(f.hits == f.times for f in faults)
+    statuses = {r.status for r in server.resource_requests()}
+    assert {500, 503, 429, None} <= statuses  # None: the dropped connection
+    await no_watch_tasks_left()
+
+
+async def test_own_messages_are_yielded_and_can_be_filtered_by_user_id(
+    server: MessagesServer, client: ma.Client
+) -> None:
+    chat_id = server.chat_ids()[0]
+    assert client.user_id == server.user_id
+    async with client.messages.watch([chat_id], interval=0.02) as watch:
+        await watch.ready()
+        mine = await client.messages.add(chat_id, "from the bot")
+        theirs = server.post_message(chat_id, "from someone else", uid=OTHER)
+        sentinel = post_sentinels(server, [chat_id])
+        seen = (await until_sentinels(watch, sentinel))[chat_id]
+    assert [m.id for m in seen] == [mine.id, theirs["id"], sentinel[chat_id]]
+    assert [m.message for m in seen if m.uid != client.user_id] == [
+        "from someone else",
+        "sentinel",
+    ]
+
+
+async def test_replies_with_whisper_and_attachments(
+    server: MessagesServer, client: ma.Client
+) -> None:
+    chat_id = server.chat_ids()[1]
+    async with client.messages.watch([chat_id], interval=0.02) as watch:
+        await watch.ready()
+        server.post_message(
+            chat_id, "see file", uid=OTHER, attachments=[{"type": "file", "url": "https://f/x"}]
+        )
+        async for got_chat, msg in watch:
+            assert msg.uid == OTHER
+            reply = await client.messages.add(
+                got_chat,
+                f"got {len(msg.attachments)} attachment(s)",
+                attachments=[ma.NewAttachment(a.type, a.url, a.name) for a in msg.attachments],
+                is_whisper=True,
+            )
+            break
+    assert reply.attachments[0].url == "https://f/x"
+    assert server.messages(chat_id)[0]["id"] == reply.id
+    add = [r for r in server.resource_requests() if r.path == "messages/add/"]
+    assert b'"is_whisper":true' in add[-1].body
+
+
+async def test_long_backlog_from_since_is_read_forward_in_order(server: MessagesServer) -> None:
+    chat_id = server.chat_ids()[0]
+    for i in range(60):
+        server.post_message(chat_id, f"backlog {i}", uid=OTHER)
+    ids = [m["id"] for m in reversed(server.messages(chat_id))]
+    # limit 5: 71 new messages are 15 pages, more than a burst is ever held in memory.
+    async with (
+        make_client(server) as client,
+        client.messages.watch([chat_id], since={chat_id: ids[0]}, interval=0.02, limit=5) as w,
+    ):
+        sentinel = post_sentinels(server, [chat_id])
+        seen = (await until_sentinels(w, sentinel))[chat_id]
+    assert [m.id for m in seen] == [*ids[1:], sentinel[chat_id]]
+    # It went back with next_cursor and forward again with prev_cursor: a single walk over
+    # 15 pages follows 14 cursors; both together follow about twice as many.
+    cursors = [r.query.get("cursor", "") for r in server.resource_requests()]
+    assert sum(1 for c in cursors if c) >= 2 * 13
+
+
+# --- chats appearing and disappearing --------------------------------------------------------
+
+
+async def test_watching_all_picks_up_a_chat_created_mid_watch(server: MessagesServer) -> None:
+    # The first chat listing fails twice: the watch starts anyway.
+    listing = server.inject(Fault.status(503), path="messages/chats/", times=2)
+    async with (
+        make_client(server, max_retries=0) as client,
+        client.messages.watch(interval=0.02, rediscover=0.05) as watch,
+    ):
+        await watch.ready()
+        assert listing.hits == 2
+        assert set(watch.chat_ids) == set(server.chat_ids())
+        new_chat = server.add_chat(name="fresh")
+        # Posted before the watch has even seen the chat: still after the watch started.
+        early = server.post_message(new_chat, "hello new chat", uid=OTHER)
+        old_chat = server.chat_ids()[0]
+        other = server.post_message(old_chat, "meanwhile", uid=OTHER)
+        sentinels = post_sentinels(server, [new_chat, old_chat])
+        seen = await until_sentinels(watch, sentinels)
+        assert new_chat in watch.chat_ids
+        assert watch.watermarks[new_chat] == sentinels[new_chat]
+    assert [m.id for m in seen[new_chat]] == [early["id"], sentinels[new_chat]]
+    assert [m.id for m in seen[old_chat]] == [other["id"], sentinels[old_chat]]
+
+
+async def test_unknown_chat_is_dropped_with_a_log_line_and_the_rest_go_on(
+    server: MessagesServer, client: ma.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    chat_id = server.chat_ids()[0]
+    caplog.set_level(logging.WARNING, logger="messages_async.watch")
+    async with client.messages.watch([chat_id, 999_999], interval=0.02) as watch:
+        await watch.ready()
+        assert watch.chat_ids == [chat_id]
+        sentinel = post_sentinels(server, [chat_id])
+        seen = await until_sentinels(watch, sentinel)
+    assert [m.id for m in seen[chat_id]] == [sentinel[chat_id]]
+    assert any("999999" in r.getMessage() for r in caplog.records)
+
+
+async def test_watch_ends_when_no_listed_chat_exists(
+    server: MessagesServer, client: ma.Client
+) -> None:
+    assert await drain(client.messages.watch([999_998, 999_999], interval=0.02)) == []
+    await no_watch_tasks_left()
+
+
+async def test_fatal_error_is_raised_and_stops_everything(server: MessagesServer) -> None:
+    async with make_client(server, scopes=["messages_write"]) as client:
+        watch = client.messages.watch(interval=0.02)
+        with pytest.raises(ma.ScopeError):
+            await drain(watch)
+        await no_watch_tasks_left()
+    assert server.resource_requests() == []  # refused before sending
+
+
+# --- resuming ----------------------------------------------------------------------------------
+
+
+async def test_since_resumes_after_the_last_message_handed_over(
+    server: MessagesServer, client: ma.Client
+) -> None:
+    chats = server.chat_ids()[:2]
+    a, b = chats
+    async with client.messages.watch(chats, interval=0.02) as watch:
+        await watch.ready()
+        first = [server.post_message(a, f"a{i}", uid=OTHER)["id"] for i in range(5)]
+        got = [await anext(watch) for _ in range(2)]
+        assert [m.id for _, m in got] == first[:2]
+        saved = watch.watermarks
+    # Handed over: two. Fetched but not handed over: three, which the resumed watch must yield.
+    assert saved[a] == first[1]
+    # Posted while the bot is down.
+    down = [server.post_message(b, f"b{i}", uid=OTHER)["id"] for i in range(3)]
+    async with client.messages.watch(chats, since=saved, interval=0.02) as watch:
+        sentinels = post_sentinels(server, chats)
+        seen = await until_sentinels(watch, sentinels)
+    assert [m.id for m in seen[a]] == [*first[2:], sentinels[a]]
+    assert [m.id for m in seen[b]] == [*down, sentinels[b]]
+
+
+# --- stopping ----------------------------------------------------------------------------------
+
+
+async def test_break_stops_every_task(server: MessagesServer, client: ma.Client) -> None:
+    chat_id = server.chat_ids()[0]
+    server.post_message(chat_id, "x", uid=OTHER)
+    since = {chat_id: server.messages(chat_id)[1]["id"]}
+    async for _ in client.messages.watch([chat_id], since=since, interval=0.02):
+        assert watch_tasks()
+        break
+    await no_watch_tasks_left()
+    # The client is unharmed and nothing is still being sent.
+    await client.messages.list(chat_id, limit=1)
+
+
+async def test_cancel_propagates_and_stops_every_task(
+    server: MessagesServer, client: ma.Client
+) -> None:
+    consumed = asyncio.Event()
+
+    async def bot() -> None:
+        async with client.messages.watch(interval=0.02) as watch:
+            await watch.ready()
+            consumed.set()
+            async for _ in watch:
+                pass
+
+    task = asyncio.create_task(bot())
+    async with asyncio.timeout(10):
+        await consumed.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await no_watch_tasks_left()
+
+
+async def test_aclose_mid_burst_and_iterating_a_closed_watch(
+    server: MessagesServer, client: ma.Client
+) -> None:
+    chat_id = server.chat_ids()[0]
+    watch = client.messages.watch([chat_id], interval=0.02, limit=5)
+    await watch.ready()
+    for i in range(30):
+        server.post_message(chat_id, f"m{i}", uid=OTHER)
+    await anext(watch)
+    await watch.aclose()
+    await watch.aclose()  # twice is fine
+    await no_watch_tasks_left()
+    assert [item async for item in watch] == []
+    with pytest.raises(RuntimeError, match="closed"):
+        await watch.ready()
+
+
+async def test_closing_right_after_starting_leaves_nothing_behind(
+    server: MessagesServer, client: ma.Client
+) -> None:
+    async with client.messages.watch(interval=0.02):
+        pass
+    watch = client.messages.watch(interval=0.02)
+    task = asyncio.create_task(watch.ready())
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await watch.aclose()
+    await no_watch_tasks_left()
+
+
+# --- cost ----------------------------------------------------------------------------------------
+
+
+async def test_quiet_chats_are_polled_far_less_than_naively(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    chats, interval, max_interval, concurrency = 40, 0.05, 0.5, 4
+    async with (
+        MessagesServer(chats=chats, messages_per_chat=3, seed=9) as server,
+        make_client(server) as client,
+        client.messages.watch(
+            interval=interval, max_interval=max_interval, concurrency=concurrency
+        ) as watch,
+    ):
+        await watch.ready()
+        busy = server.chat_ids()[0]
+        posted: set[int] = set()
+        received: set[int] = set()
+        arrived = asyncio.Event()
+
+        async def consume() -> None:
+            async for _, message in watch:
+                received.add(message.id)
+                arrived.set()
+
+        consumer = asyncio.create_task(consume())
+        try:
+            await asyncio.sleep(2.0)  # quiet chats back off: 0.05 s → 0.5 s in about 1 s
+            window_start = time.monotonic()
+            for _ in range(15):  # one busy chat during the window
+                posted.add(server.post_message(busy, "busy", uid=OTHER)["id"])
+                await asyncio.sleep(0.1)
+            window_end = time.monotonic()
+            async with asyncio.timeout(10):
+                while not posted <= received:
+                    arrived.clear()
+                    await arrived.wait()
+        finally:
+            consumer.cancel()
+            await asyncio.wait([consumer])
+    window = [
+        r
+        for r in server.resource_requests()
+        if r.path == "messages/" and window_start <= r.started < window_end
+    ]
+    seconds = window_end - window_start
+    rate = len(window) / seconds
+    naive = chats / interval
+    per_chat: dict[str, int] = defaultdict(int)
+    for r in window:
+        per_chat[r.query["chat_id"]] += 1
+    quiet = sorted(n for c, n in per_chat.items() if c != str(busy))
+    with capsys.disabled():
+        print(
+            f"\nwatch polling: {chats} chats, interval {interval}s, max_interval {max_interval}s:"
+            f" {rate:.0f} requests/s (naive {naive:.0f}/s); busy chat {per_chat[str(busy)]}"
+            f" polls, median quiet chat {quiet[len(quiet) // 2]} in {seconds:.1f}s"
+        )
+    assert rate < naive / 4
+    assert len(per_chat) == chats  # still watching every chat
+    assert per_chat[str(busy)] > 2 * quiet[len(quiet) // 2]
+    assert server.max_in_flight <= concurrency
+
+
+# --- arguments -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"chat_ids": "12"}, TypeError),
+        ({"chat_ids": []}, ValueError),
+        ({"chat_ids": [1, -2]}, ValueError),
+        ({"interval": 0}, ValueError),
+        ({"interval": "2"}, TypeError),
+        ({"interval": float("nan")}, ValueError),
+        ({"max_interval": 0.5, "interval": 1.0}, ValueError),
+        ({"limit": 0}, ValueError),
+        ({"limit": 2.5}, TypeError),
+        ({"concurrency": 0}, ValueError),
+        ({"concurrency": True}, TypeError),
+        ({"rediscover": -1}, ValueError),
+        ({"since": [(1, 2)]}, TypeError),
+        ({"since": {1: "5"}}, TypeError),
+        ({"since": {1: -5}}, ValueError),
+        ({"chat_ids": [1], "since": {2: 5}}, ValueError),
+    ],
+)
+async def test_bad_arguments_raise_before_anything_is_sent(
+    server: MessagesServer, client: ma.Client, kwargs: dict[str, Any], error: type[Exception]
+) -> None:
+    before = len(server.resource_requests())
+    with pytest.raises(error):
+        client.messages.watch(**kwargs)
+    assert len(server.resource_requests()) == before
+
+
+async def test_watch_on_a_closed_client_raises_at_once(server: MessagesServer) -> None:
+    client = make_client(server)
+    with pytest.raises(ma.ClientClosedError):
+        client.messages.watch()
