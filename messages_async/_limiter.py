@@ -11,6 +11,10 @@ Two mechanisms, both client-wide because a server's limits are per client, not p
   counts as one signal of congestion, as in TCP's congestion control.
 
 Waiters are served first come, first served, so no task starves while others keep slipping in.
+A waiter handed a slot checks the pause again when it runs: the throttled request frees its
+slot (waking the next waiter) a moment before it sets the pause, and a request that was not in
+flight when the 429 came must not go out inside the window. Closing the client fails every
+waiter with :class:`ClientClosedError` rather than leaving it parked on a timer that is gone.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import time
 from collections.abc import Callable
 
 import attrs
+
+from ._errors import ClientClosedError
 
 __all__ = ["ClientStats", "Limiter", "Outcome"]
 
@@ -55,6 +61,16 @@ class ClientStats:
     paused_for: float
 
 
+class _Waiter:
+    """A request waiting for its turn: its place in line and the future that lets it go."""
+
+    __slots__ = ("future", "seq")
+
+    def __init__(self, seq: int, future: asyncio.Future[int]) -> None:
+        self.seq = seq
+        self.future = future
+
+
 class Limiter:
     """The gate every resource request passes through. One per client."""
 
@@ -70,7 +86,9 @@ class Limiter:
         self._epoch = 0
         self._pause_until = 0.0
         self._timer: asyncio.TimerHandle | None = None
-        self._waiters: collections.deque[asyncio.Future[int]] = collections.deque()
+        self._waiters: collections.deque[_Waiter] = collections.deque()
+        self._seq = 0
+        self._closed = False
         self.requests = 0
         self.retries = 0
         self.rate_limited = 0
@@ -98,23 +116,53 @@ class Limiter:
         return self._in_flight < int(self._limit) and self._clock() >= self._pause_until
 
     async def acquire(self) -> int:
-        """Wait for a slot; returns a ticket to hand back to :meth:`release`."""
+        """Wait for a slot; returns a ticket to hand back to :meth:`release`.
+
+        Raises:
+            ClientClosedError: the client was closed while this request waited.
+        """
+        if self._closed:
+            raise ClientClosedError("the client was closed; create a new Client")
         if not self._waiters and self._open():
             self._in_flight += 1
             return self._epoch
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._waiters.append(future)
+        self._seq += 1
+        waiter = _Waiter(self._seq, asyncio.get_running_loop().create_future())
+        self._waiters.append(waiter)
         self._arm_timer()
-        try:
-            return await future
-        except asyncio.CancelledError:
-            if future.done() and not future.cancelled():
-                # The slot was granted just as we were cancelled: hand it on.
-                self._in_flight -= 1
-                self._wake()
-            elif future in self._waiters:
-                self._waiters.remove(future)
-            raise
+        while True:
+            try:
+                ticket = await waiter.future
+            except asyncio.CancelledError:
+                future = waiter.future
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    # The slot was granted just as we were cancelled: hand it on.
+                    self._in_flight -= 1
+                    self._wake()
+                elif waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                    self._wake()  # we may have been the head that held the others back
+                raise
+            if self._clock() >= self._pause_until:
+                return ticket
+            # A pause began after this slot was granted but before this task ran (the 429
+            # that caused it released its own slot first, which woke us). Sending now would
+            # hit the server inside its Retry-After window, so hand the slot back and wait
+            # again in our original place in the line.
+            self._in_flight -= 1
+            waiter.future = asyncio.get_running_loop().create_future()
+            self._requeue(waiter)
+            self._wake()
+
+    def _requeue(self, waiter: _Waiter) -> None:
+        # Keep first-come, first-served: re-insert by arrival number, not at the end.
+        for index, other in enumerate(self._waiters):
+            if other.seq > waiter.seq:
+                self._waiters.insert(index, waiter)
+                break
+        else:
+            self._waiters.append(waiter)
+        self._arm_timer()
 
     def release(self, ticket: int, outcome: Outcome) -> None:
         self._in_flight -= 1
@@ -147,7 +195,7 @@ class Limiter:
 
     def _wake(self) -> None:
         while self._waiters and self._open():
-            future = self._waiters.popleft()
+            future = self._waiters.popleft().future
             if future.done():  # cancelled while queued; its task removes nothing more
                 continue
             self._in_flight += 1
@@ -156,6 +204,14 @@ class Limiter:
             self._arm_timer()
 
     def close(self) -> None:
+        """Stop the timer and fail every waiting request: nothing would ever wake them."""
+        self._closed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        while self._waiters:
+            future = self._waiters.popleft().future
+            if not future.done():
+                future.set_exception(
+                    ClientClosedError("the client was closed while this request waited")
+                )

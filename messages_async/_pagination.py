@@ -3,7 +3,8 @@
 A walk is an async generator, so ``break`` (or ``aclose()``) ends it and its ``finally`` cancels
 the page being fetched ahead. The checks that keep a misbehaving server from trapping a walk:
 
-- a cursor seen before in this walk raises :class:`PaginationError` (a cycle);
+- a cursor that leads to a request this walk has already made (the resumed cursor it started
+  from included) raises :class:`PaginationError` (a cycle);
 - a page whose ids are not strictly beyond the previous page's (older walks go down, newer walks
   go up) raises :class:`PaginationError`; together with strictly ordered ids within a page this
   guarantees no id is yielded twice, with O(1) memory;
@@ -11,6 +12,9 @@ the page being fetched ahead. The checks that keep a misbehaving server from tra
   raises instead of spinning forever;
 - a cursor URL that leaves the API's origin raises :class:`UnsafeCursorError` *before* the next
   request is built (``_wire.cursor_request``).
+
+A bad cursor is raised after the page that carried it has been yielded (that page is itself
+good); a bad page is raised instead of being yielded.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, Literal
 
-from ._errors import PaginationError
+from yarl import URL
+
+from ._errors import PaginationError, UnsafeCursorError
 from ._models import Message, MessagesPage
 from ._wire import ApiRequest
 
@@ -73,8 +79,14 @@ async def walk_pages(
     With ``prefetch`` the next page is requested before the current one is yielded, so the
     consumer's work on page *n* overlaps the network time of page *n+1*; at most one page is
     held ahead, so memory stays bounded.
+
+    A page that checks out is always yielded before a problem with *its cursor* is raised (a
+    cycle, or a URL off the API's origin): its messages are new and valid, and a consumer that
+    stops early never sees an error that concerns only the pages it did not want.
     """
-    seen: set[str] = set()
+    # Requests, not cursor strings: a bare token and the URL it stands for are the same
+    # position, and the walk's own first request (a resumed cursor) counts as seen too.
+    seen: set[URL] = {first.url}
     boundary: int | None = None
     empty_run = 0
     ahead: asyncio.Task[MessagesPage] | None = None
@@ -89,49 +101,71 @@ async def walk_pages(
                     "cursor; stopped the walk as stuck"
                 )
             cursor = page.next_cursor if direction == "older" else page.prev_cursor
-            request = None
+            request: ApiRequest | None = None
+            failure: PaginationError | UnsafeCursorError | None = None
             if cursor is not None:
-                if cursor in seen:
-                    raise PaginationError(
-                        "the server sent a cursor that this walk has already followed; "
-                        "stopped instead of looping forever"
-                    )
-                seen.add(cursor)
-                request = follow(cursor)
-                if prefetch:
-                    ahead = asyncio.create_task(fetch(request), name="messages_async prefetch")
+                try:
+                    # Checked here, before anything is sent: a cursor off the API's origin
+                    # raises UnsafeCursorError from ``follow``.
+                    request = follow(cursor)
+                    if request.url in seen:
+                        raise PaginationError(
+                            "the server sent a cursor that this walk has already followed; "
+                            "stopped instead of looping forever"
+                        )
+                except (PaginationError, UnsafeCursorError) as exc:
+                    failure, request = exc, None
+                else:
+                    seen.add(request.url)
+                    if prefetch:
+                        ahead = asyncio.create_task(
+                            fetch(request), name="messages_async page prefetch"
+                        )
             yield page
+            if failure is not None:
+                raise failure
             if request is None:
                 return
             if ahead is not None:
-                task, ahead = ahead, None
-                page = await task
+                # ``ahead`` stays set while awaited, so the ``finally`` below still owns it
+                # if this await is interrupted.
+                page = await ahead
+                ahead = None
             else:
                 page = await fetch(request)
     finally:
         if ahead is not None:
-            ahead.cancel()
-            # Wait so the connection is back in the pool (or closed) when the walk is over.
-            await asyncio.wait([ahead])
-            if not ahead.cancelled():
-                ahead.exception()  # mark retrieved: nobody will read this page
+            ahead.add_done_callback(_retrieve)
+            if not ahead.done():
+                ahead.cancel()
+                # Wait, so the connection is back in the pool (or closed) when the walk is
+                # over. If this wait is itself cancelled, CancelledError goes on up and the
+                # callback above still collects the task's outcome.
+                await asyncio.wait([ahead])
+
+
+def _retrieve(task: asyncio.Task[MessagesPage]) -> None:
+    # Nobody will read this page: mark its outcome as seen, so asyncio does not report an
+    # exception that was "never retrieved".
+    if not task.cancelled():
+        task.exception()
 
 
 async def walk_messages(
     pages: AsyncIterator[MessagesPage], max_items: int | None
 ) -> AsyncIterator[Message]:
     """Flatten a page walk into messages, stopping after ``max_items`` if given."""
-    remaining = max_items
     try:
+        if max_items is not None and max_items <= 0:
+            return  # nothing wanted: send nothing
+        remaining = max_items
         async for page in pages:
             for message in page.items:
+                yield message
                 if remaining is not None:
+                    remaining -= 1
                     if remaining <= 0:
                         return
-                    remaining -= 1
-                yield message
-            if remaining is not None and remaining <= 0:
-                return
     finally:
         aclose = getattr(pages, "aclose", None)
         if aclose is not None:

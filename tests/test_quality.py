@@ -62,6 +62,7 @@ def test_public_names_are_exported_and_documented() -> None:
                     "SessionManager",
                     "Transport",
                     "RetryPolicy",
+                    "RetryBudget",
                     "Limiter",
                     "Outcome",
                     "Secret",

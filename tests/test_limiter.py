@@ -1,0 +1,256 @@
+"""The shared limiter on its own: fairness, the client-wide pause, cancellation, AIMD bounds.
+
+No server here: these drive ``Limiter`` directly, the way the transport does (acquire, send,
+release with an outcome, pause on a ``Retry-After``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+import messages_async as ma
+from messages_async._limiter import Limiter, Outcome
+
+
+async def _settle(rounds: int = 5) -> None:
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
+def test_bad_arguments_say_what_to_fix() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        Limiter(0)
+    with pytest.raises(TypeError, match="int"):
+        Limiter(True)
+    with pytest.raises(TypeError, match="int"):
+        Limiter(2.5)  # type: ignore[arg-type]
+
+
+async def test_waiters_are_served_first_come_first_served() -> None:
+    limiter = Limiter(1)
+    held = await limiter.acquire()
+    order: list[int] = []
+
+    async def take(n: int) -> None:
+        ticket = await limiter.acquire()
+        order.append(n)
+        await asyncio.sleep(0)
+        limiter.release(ticket, Outcome.OK)
+
+    tasks = []
+    for n in range(6):
+        tasks.append(asyncio.create_task(take(n)))
+        await asyncio.sleep(0)  # each one queues before the next is created
+    assert order == []
+    limiter.release(held, Outcome.OK)
+    await asyncio.gather(*tasks)
+    assert order == list(range(6))
+    assert limiter.in_flight == 0
+
+
+async def test_a_newcomer_does_not_jump_the_line() -> None:
+    limiter = Limiter(1)
+    held = await limiter.acquire()
+    queued = asyncio.create_task(limiter.acquire())
+    await _settle()
+    # The slot frees up and is handed to the waiter; a request arriving right now must wait
+    # behind it even though the waiter has not run yet.
+    limiter.release(held, Outcome.OK)
+    newcomer = asyncio.create_task(limiter.acquire())
+    await _settle()
+    assert queued.done()
+    assert not newcomer.done()
+    limiter.release(queued.result(), Outcome.OK)
+    ticket = await asyncio.wait_for(newcomer, 5)
+    limiter.release(ticket, Outcome.OK)
+    assert limiter.in_flight == 0
+
+
+async def test_in_flight_never_exceeds_the_bound() -> None:
+    limiter = Limiter(3)
+    peak = 0
+    current = 0
+
+    async def request() -> None:
+        nonlocal peak, current
+        ticket = await limiter.acquire()
+        current += 1
+        peak = max(peak, current)
+        await asyncio.sleep(0.001)
+        current -= 1
+        limiter.release(ticket, Outcome.OK)
+
+    await asyncio.gather(*(request() for _ in range(30)))
+    assert peak == 3
+    assert limiter.in_flight == 0
+
+
+async def test_a_pause_holds_every_request_until_it_has_passed() -> None:
+    limiter = Limiter(8)
+    limiter.pause(0.3)
+    deadline = time.monotonic() + 0.3
+    released_at: list[float] = []
+
+    async def request() -> None:
+        ticket = await limiter.acquire()
+        released_at.append(time.monotonic())
+        limiter.release(ticket, Outcome.OK)
+
+    tasks = [asyncio.create_task(request()) for _ in range(5)]
+    await asyncio.sleep(0.1)
+    assert released_at == []
+    assert limiter.stats().paused_for > 0
+    await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    assert len(released_at) == 5
+    # Allow for the event loop's clock resolution: a timer may fire a hair early, and then
+    # the limiter re-arms it rather than letting anyone through.
+    assert all(t >= deadline - 0.01 for t in released_at)
+
+
+async def test_a_slot_granted_just_before_a_pause_is_not_used_during_it() -> None:
+    # The transport releases the throttled request's slot (which hands it to the next waiter)
+    # and only then applies the Retry-After pause, in the same step. The waiter must not go
+    # out inside the server's window: it was not in flight when the 429 came.
+    limiter = Limiter(1)
+    ticket = await limiter.acquire()
+    started_at: list[float] = []
+
+    async def request() -> None:
+        t = await limiter.acquire()
+        started_at.append(time.monotonic())
+        limiter.release(t, Outcome.OK)
+
+    waiter = asyncio.create_task(request())
+    await _settle()
+    limiter.release(ticket, Outcome.THROTTLED)
+    limiter.pause(0.3)
+    deadline = time.monotonic() + 0.3
+    await asyncio.wait_for(waiter, 5)
+    assert started_at[0] >= deadline - 0.01
+    assert limiter.in_flight == 0
+
+
+async def test_requeued_waiters_keep_their_place_in_line() -> None:
+    limiter = Limiter(2)
+    first = await limiter.acquire()
+    second = await limiter.acquire()
+    order: list[int] = []
+
+    async def request(n: int) -> None:
+        t = await limiter.acquire()
+        order.append(n)
+        limiter.release(t, Outcome.OK)
+
+    tasks = []
+    for n in range(4):
+        tasks.append(asyncio.create_task(request(n)))
+        await asyncio.sleep(0)
+    # Both slots go to waiters 0 and 1, then a pause starts before they run: they must go
+    # back to the head of the line, in their order, ahead of 2 and 3.
+    limiter.release(first, Outcome.OK)
+    limiter.release(second, Outcome.OK)
+    limiter.pause(0.1)
+    await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    assert order == [0, 1, 2, 3]
+    assert limiter.in_flight == 0
+
+
+async def test_cancelling_a_waiter_frees_nothing_wrongly() -> None:
+    limiter = Limiter(1)
+    held = await limiter.acquire()
+    a = asyncio.create_task(limiter.acquire())
+    b = asyncio.create_task(limiter.acquire())
+    c = asyncio.create_task(limiter.acquire())
+    await _settle()
+    b.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await b
+    # A cancelled waiter gives up nothing it did not have: still one slot, still taken.
+    assert limiter.in_flight == 1
+    assert not a.done()
+    assert not c.done()
+    limiter.release(held, Outcome.OK)
+    ticket_a = await asyncio.wait_for(a, 5)
+    await _settle()
+    assert not c.done()
+    assert limiter.in_flight == 1
+    limiter.release(ticket_a, Outcome.OK)
+    ticket_c = await asyncio.wait_for(c, 5)
+    assert limiter.in_flight == 1
+    limiter.release(ticket_c, Outcome.OK)
+    assert limiter.in_flight == 0
+
+
+async def test_a_waiter_cancelled_after_its_slot_was_granted_hands_it_on() -> None:
+    limiter = Limiter(1)
+    held = await limiter.acquire()
+    a = asyncio.create_task(limiter.acquire())
+    b = asyncio.create_task(limiter.acquire())
+    await _settle()
+    limiter.release(held, Outcome.OK)  # granted to a, which has not run yet
+    a.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await a
+    ticket_b = await asyncio.wait_for(b, 5)
+    assert limiter.in_flight == 1
+    limiter.release(ticket_b, Outcome.OK)
+    assert limiter.in_flight == 0
+
+
+async def test_aimd_halves_once_per_burst_and_grows_back_to_the_maximum() -> None:
+    limiter = Limiter(8)
+    tickets = [await limiter.acquire() for _ in range(4)]
+    assert limiter.concurrency == 8
+    # A burst of 429s for requests sent in the same round counts once.
+    for ticket in tickets[:3]:
+        limiter.release(ticket, Outcome.THROTTLED)
+    assert limiter.concurrency == 4
+    # A failure that is not a 429 says nothing about the rate limit.
+    limiter.release(tickets[3], Outcome.FAILED)
+    assert limiter.concurrency == 4
+    # A 429 for a request sent after the cut cuts again, down to 1 and no lower.
+    for expected in (2, 1, 1, 1):
+        limiter.release(await limiter.acquire(), Outcome.THROTTLED)
+        assert limiter.concurrency == expected
+    seen = []
+    for _ in range(200):
+        limiter.release(await limiter.acquire(), Outcome.OK)
+        seen.append(limiter.concurrency)
+    assert seen == sorted(seen)
+    assert max(seen) == 8
+    assert limiter.stats().concurrency == 8
+    assert limiter.stats().max_concurrency == 8
+    assert all(1 <= c <= 8 for c in seen)
+
+
+async def test_a_cut_bound_holds_new_requests_until_enough_have_finished() -> None:
+    limiter = Limiter(4)
+    tickets = [await limiter.acquire() for _ in range(4)]
+    limiter.release(tickets.pop(), Outcome.THROTTLED)  # bound 2, three still in flight
+    waiter = asyncio.create_task(limiter.acquire())
+    await _settle()
+    assert not waiter.done()
+    limiter.release(tickets.pop(), Outcome.FAILED)  # two in flight: still at the bound
+    await _settle()
+    assert not waiter.done()
+    limiter.release(tickets.pop(), Outcome.FAILED)
+    ticket = await asyncio.wait_for(waiter, 5)
+    assert limiter.in_flight == 2
+    limiter.release(ticket, Outcome.OK)
+    limiter.release(tickets.pop(), Outcome.OK)
+    assert limiter.in_flight == 0
+
+
+async def test_closing_fails_the_waiters_instead_of_leaving_them_hanging() -> None:
+    limiter = Limiter(1)
+    limiter.pause(60)
+    waiter = asyncio.create_task(limiter.acquire())
+    await _settle()
+    limiter.close()
+    with pytest.raises(ma.ClientClosedError):
+        await asyncio.wait_for(waiter, 5)
+    with pytest.raises(ma.ClientClosedError):
+        await limiter.acquire()
