@@ -1,0 +1,507 @@
+"""The ``messages-async`` command: ``export`` (the bulk export) and ``serve`` (the emulator).
+
+Credentials come from the environment only (a secret on the command line is visible to every
+user through ``ps``): ``MESSAGES_TOKEN_URL``, ``MESSAGES_CLIENT_ID`` and
+``MESSAGES_CLIENT_SECRET`` for a client-credentials exchange, or ``MESSAGES_ACCESS_TOKEN`` and
+``MESSAGES_RESOURCE_URI`` for a pre-issued token. ``--token-url`` and ``--client-id`` may name
+the first two, which are not secret.
+
+Exit status: 0 everything exported; 1 some chats failed (listed in the summary) or the export
+could not go on (server unreachable, disk error); 2 bad usage, credentials or ``--out``;
+130 interrupted by Ctrl-C (143 by SIGTERM), with everything fetched so far kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import logging
+import os
+import shlex
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import NoReturn
+
+from rich.console import Console
+
+from ._client import Client, __version__
+from ._errors import AuthError, ConfigurationError, MessagesError, ScopeError, TransportError
+from .export import (
+    Exporter,
+    ExportMeta,
+    ExportOptions,
+    ExportStats,
+    JsonlStore,
+    SqliteStore,
+    Store,
+    StoreError,
+    show_progress,
+    summary_lines,
+)
+
+__all__ = ["main"]
+
+PROG = "messages-async"
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+ENV_TOKEN_URL = "MESSAGES_TOKEN_URL"
+ENV_CLIENT_ID = "MESSAGES_CLIENT_ID"
+ENV_CLIENT_SECRET = "MESSAGES_CLIENT_SECRET"
+ENV_ACCESS_TOKEN = "MESSAGES_ACCESS_TOKEN"
+ENV_RESOURCE_URI = "MESSAGES_RESOURCE_URI"
+
+#: The demo's dataset: hundreds of chats, well over a hundred thousand messages.
+DEMO_CHATS = 300
+DEMO_MESSAGES_PER_CHAT = (50, 650)
+DEMO_SEED = 2026
+DEMO_SOURCE = f"the built-in demo emulator (seed {DEMO_SEED})"
+
+
+class _UsageError(Exception):
+    """Bad usage, credentials or output: one line on stderr, exit status 2."""
+
+
+# --- arguments ---------------------------------------------------------------------------------
+
+
+def _instant(text: str) -> datetime:
+    """An ISO 8601 date or date-time; one without an offset is UTC, as on the wire."""
+    try:
+        value = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not an ISO 8601 date or time: {text!r} (e.g. 2026-01-31 or 2026-01-31T12:00:00Z)"
+        ) from None
+    # PROTOCOL §2: an instant with no offset is UTC. The command line follows the wire rather
+    # than the machine's time zone, so the same command selects the same messages anywhere.
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _chat_id(text: str) -> int:
+    if not text.isascii() or not text.isdigit():
+        raise argparse.ArgumentTypeError(f"a chat id is an unsigned integer, got {text!r}")
+    return int(text)
+
+
+def _concurrency(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 1 <= value <= 256:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 256, got {value}")
+    return value
+
+
+class _SecretFlag(argparse.Action):
+    """A flag that exists only to refuse a secret on the command line, without echoing it."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> NoReturn:
+        env = ENV_CLIENT_SECRET if option_string == "--client-secret" else ENV_ACCESS_TOKEN
+        parser.exit(
+            EXIT_USAGE,
+            f"{PROG} export: {option_string} is not accepted: a secret on the command line is "
+            f"visible to every user through ps. Set {env} in the environment instead.\n",
+        )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Command-line tools of the messages_async client.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    export = sub.add_parser(
+        "export",
+        help="export chats into SQLite or JSONL (resumable, incremental)",
+        description=(
+            "Export chats into SQLite or JSONL. Running the same command again resumes an "
+            "interrupted export and then fetches only what is new. Credentials come from the "
+            f"environment: {ENV_TOKEN_URL}, {ENV_CLIENT_ID} and {ENV_CLIENT_SECRET}, or "
+            f"{ENV_ACCESS_TOKEN} and {ENV_RESOURCE_URI}."
+        ),
+        epilog=(
+            "exit status: 0 done; 1 some chats failed or the export could not go on; "
+            "2 bad usage, credentials or --out; 130 interrupted (resume by running it again)"
+        ),
+        allow_abbrev=False,
+    )
+    export.add_argument(
+        "--out",
+        metavar="PATH",
+        help="the SQLite file (default export.sqlite) or the JSONL directory (default export)",
+    )
+    export.add_argument("--format", choices=("sqlite", "jsonl"), default="sqlite")
+    export.add_argument(
+        "--chat",
+        dest="chats",
+        action="append",
+        type=_chat_id,
+        metavar="ID",
+        help="a chat to export; repeat for more (default: every chat the token can see)",
+    )
+    export.add_argument(
+        "--concurrency",
+        type=_concurrency,
+        default=8,
+        metavar="N",
+        help="chats exported at once (default 8)",
+    )
+    export.add_argument("--query", metavar="TEXT", help="only messages whose text contains TEXT")
+    export.add_argument(
+        "--since",
+        type=_instant,
+        metavar="ISO8601",
+        help="only messages at or after this instant (no offset: UTC)",
+    )
+    export.add_argument(
+        "--until",
+        type=_instant,
+        metavar="ISO8601",
+        help="only messages before this instant (no offset: UTC)",
+    )
+    export.add_argument(
+        "--fresh", action="store_true", help="discard the export at --out and start over"
+    )
+    export.add_argument(
+        "--demo",
+        action="store_true",
+        help="export a generated dataset from the built-in emulator (no credentials needed)",
+    )
+    export.add_argument("--token-url", metavar="URL", help=f"default: ${ENV_TOKEN_URL}")
+    export.add_argument("--client-id", metavar="ID", help=f"default: ${ENV_CLIENT_ID}")
+    for flag in ("--client-secret", "--access-token"):
+        export.add_argument(flag, action=_SecretFlag, nargs="?", help=argparse.SUPPRESS)
+    sub.add_parser(
+        "serve",
+        help="run the Messages API emulator (see 'messages-async serve --help')",
+        add_help=False,
+    )
+    return parser
+
+
+# --- credentials ---------------------------------------------------------------------------------
+
+
+def _env(name: str) -> str | None:
+    value = os.environ.get(name, "").strip()
+    return value or None
+
+
+def _client(args: argparse.Namespace, **options: object) -> Client:
+    token_url = args.token_url or _env(ENV_TOKEN_URL)
+    client_id = args.client_id or _env(ENV_CLIENT_ID)
+    secret = _env(ENV_CLIENT_SECRET)
+    access_token = _env(ENV_ACCESS_TOKEN)
+    resource_uri = _env(ENV_RESOURCE_URI)
+    try:
+        if token_url and client_id and secret:
+            # The complete exchange set wins over a pre-issued token: it can renew itself.
+            return Client(
+                token_url=token_url,
+                client_id=client_id,
+                client_secret=secret,
+                scopes=("messages_read",),
+                **options,  # type: ignore[arg-type]
+            )
+        if access_token and resource_uri:
+            return Client(
+                access_token=access_token,
+                resource_uri=resource_uri,
+                **options,  # type: ignore[arg-type]
+            )
+    except (ConfigurationError, TypeError, ValueError) as exc:
+        raise _UsageError(f"bad credentials configuration: {exc}") from None
+    if access_token or resource_uri:
+        missing = [
+            n
+            for n, v in ((ENV_ACCESS_TOKEN, access_token), (ENV_RESOURCE_URI, resource_uri))
+            if not v
+        ]
+    else:
+        missing = [
+            n
+            for n, v in (
+                (f"{ENV_TOKEN_URL} (or --token-url)", token_url),
+                (f"{ENV_CLIENT_ID} (or --client-id)", client_id),
+                (ENV_CLIENT_SECRET, secret),
+            )
+            if not v
+        ]
+    raise _UsageError(
+        f"no credentials: set {ENV_TOKEN_URL}, {ENV_CLIENT_ID} and {ENV_CLIENT_SECRET} (or "
+        f"{ENV_ACCESS_TOKEN} and {ENV_RESOURCE_URI}) in the environment; missing: "
+        f"{', '.join(missing)}. To try the command without a server: {PROG} export --demo"
+    )
+
+
+def _client_options(concurrency: int) -> dict[str, object]:
+    # An export is patient where a single call is not: a long Retry-After is waited out (the
+    # progress display shows the countdown), and transient errors get more retries.
+    return {
+        "max_retries": 10,
+        "max_retry_after": 3600.0,
+        "backoff_max": 30.0,
+        "timeout": 60.0,
+        # Each worker has one page in flight and one fetched ahead.
+        "max_concurrency": 2 * concurrency,
+    }
+
+
+# --- running an export ---------------------------------------------------------------------------
+
+
+def _store(args: argparse.Namespace) -> Store:
+    if args.format == "jsonl":
+        return JsonlStore(args.out or "export", threads=min(4, args.concurrency))
+    return SqliteStore(args.out or "export.sqlite")
+
+
+def _resume_hint(argv: Sequence[str]) -> str:
+    again = [a for a in argv if a != "--fresh"]
+    return f"{PROG} {shlex.join(again)}"
+
+
+class _Signals:
+    """Ctrl-C (and SIGTERM) stop the export cleanly; a second one exits at once."""
+
+    def __init__(self, stop: asyncio.Event, say: Callable[[str], None]) -> None:
+        self.stop = stop
+        self.received: signal.Signals | None = None
+        self._say = say
+        self._installed: list[signal.Signals] = []
+
+    def install(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, self._on_signal, sig)
+            except (NotImplementedError, RuntimeError):  # Windows, or not the main thread
+                continue
+            self._installed.append(sig)
+
+    def remove(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in self._installed:
+            loop.remove_signal_handler(sig)
+        self._installed.clear()
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self.received is not None:
+            # Everything committed is safe on disk (that is the point of the checkpoints), so
+            # an impatient second Ctrl-C may simply end the process.
+            self._say("stopping at once; the export resumes from its last checkpoint")
+            os._exit(EXIT_INTERRUPTED if sig == signal.SIGINT else EXIT_TERMINATED)
+        self.received = sig
+        self._say("stopping: finishing the pages being saved (Ctrl-C again to quit at once)")
+        self.stop.set()
+
+
+async def _export(args: argparse.Namespace, argv: Sequence[str], err: Console) -> int:
+    say = lambda line: err.print(line, markup=False, highlight=False)  # noqa: E731
+    options = ExportOptions(
+        chat_ids=tuple(args.chats) if args.chats else None,
+        concurrency=args.concurrency,
+        query=args.query or None,
+        since=args.since,
+        until=args.until,
+    )
+    if args.demo:
+        return await _demo(args, argv, options, err, say)
+    client = _client(args, **_client_options(args.concurrency))
+    return await _run(client, None, args, argv, options, err, say)
+
+
+async def _demo(
+    args: argparse.Namespace,
+    argv: Sequence[str],
+    options: ExportOptions,
+    err: Console,
+    say: Callable[[str], None],
+) -> int:
+    from .testing import Fault, MessagesServer
+
+    server = MessagesServer(
+        chats=DEMO_CHATS,
+        messages_per_chat=DEMO_MESSAGES_PER_CHAT,
+        seed=DEMO_SEED,
+        latency=0.002,
+        extra_fields=True,
+        # Bare cursor tokens are signed with a key derived from the seed, so they stay valid
+        # when a later run starts the emulator on another port: an interrupted demo resumes.
+        cursor_mode="token",
+        # Loopback needs no compression, and the emulator shares this process's CPU.
+        compress=False,
+        record=False,
+    )
+    # A few 429s, to show that a rate limit is waited out (and displayed), not a failure.
+    for after in (150, 700):
+        server.inject(Fault.rate_limited(retry_after="1"), path="messages/", after=after)
+    async with server:
+        say(
+            f"demo: emulator on {server.resource_origin} with {len(server.chat_ids())} chats "
+            f"and {server.all_message_count():,} messages"
+        )
+        client = Client(
+            token_url=server.token_url,
+            client_id=server.client_id,
+            client_secret=server.client_secret,
+            scopes=("messages_read",),
+            **_client_options(args.concurrency),  # type: ignore[arg-type]
+        )
+        return await _run(client, DEMO_SOURCE, args, argv, options, err, say)
+
+
+async def _run(
+    client: Client,
+    source: str | None,
+    args: argparse.Namespace,
+    argv: Sequence[str],
+    options: ExportOptions,
+    err: Console,
+    say: Callable[[str], None],
+) -> int:
+    stop = asyncio.Event()
+    signals = _Signals(stop, say)
+    signals.install()
+    try:
+        try:
+            await client.open()
+        except (AuthError, ScopeError) as exc:
+            raise _UsageError(f"the server refused the credentials: {exc}") from None
+        except TransportError as exc:
+            raise _UsageError(f"could not sign in: {exc}") from None
+        try:
+            return await _run_open(client, source, args, argv, options, stop, signals, err, say)
+        finally:
+            await client.aclose()
+    finally:
+        signals.remove()
+
+
+async def _run_open(
+    client: Client,
+    source: str | None,
+    args: argparse.Namespace,
+    argv: Sequence[str],
+    options: ExportOptions,
+    stop: asyncio.Event,
+    signals: _Signals,
+    err: Console,
+    say: Callable[[str], None],
+) -> int:
+    meta = ExportMeta(
+        source=source or client.resource_uri or "unknown",
+        query=options.query,
+        since=options.since.isoformat() if options.since else None,
+        until=options.until.isoformat() if options.until else None,
+    )
+    store = _store(args)
+    try:
+        await store.open(meta, fresh=args.fresh)
+    except StoreError as exc:
+        await store.close()
+        raise _UsageError(str(exc)) from None
+    exporter = Exporter(client, store, options, stop=stop)
+    progress = asyncio.create_task(
+        show_progress(exporter.stats, lambda: client.stats, store.path, err, log=say),
+        name="export progress",
+    )
+    try:
+        try:
+            stats = await exporter.run()
+        except (AuthError, ScopeError) as exc:
+            raise _UsageError(f"the server refused the credentials: {exc}") from None
+        except MessagesError as exc:
+            say(f"{PROG} export: {exc}")
+            return EXIT_FAILED
+        except OSError as exc:
+            say(f"{PROG} export: cannot write {store.path}: {exc}")
+            return EXIT_FAILED
+    finally:
+        progress.cancel()
+        await asyncio.gather(progress, return_exceptions=True)
+        await store.close()
+    return _report(stats, client, store.path, signals, argv)
+
+
+def _report(
+    stats: ExportStats,
+    client: Client,
+    target: str,
+    signals: _Signals,
+    argv: Sequence[str],
+) -> int:
+    for line in summary_lines(stats, client.stats, target):
+        print(line)
+    sys.stdout.flush()
+    if stats.interrupted:
+        print(
+            f"Interrupted: every page fetched so far is saved. To resume, run:\n"
+            f"  {_resume_hint(argv)}",
+            file=sys.stderr,
+        )
+        return EXIT_TERMINATED if signals.received == signal.SIGTERM else EXIT_INTERRUPTED
+    if stats.failures:
+        print(
+            f"{len(stats.failures)} chat(s) failed (listed above); running the same command "
+            "again retries them and keeps everything else.",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _export_main(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    err = Console(stderr=True)
+    logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(message)s", stream=sys.stderr)
+    if args.since and args.until and args.since > args.until:
+        raise _UsageError(
+            f"--since ({args.since.isoformat()}) is after --until ({args.until.isoformat()})"
+        )
+    # The export decodes and stores hundreds of thousands of small objects; CPython's cyclic
+    # GC would scan them again and again (1.5-2.5x slower on this workload). An application
+    # may tune the GC for its own process, which a library must never do behind its user's
+    # back: freeze what import created, and collect the young generation far less often.
+    # It is not disabled, so a reference cycle still cannot make memory grow without bound.
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 100)
+    return asyncio.run(_export(args, argv, err))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``messages-async`` console script; returns the exit status.
+
+    Args:
+        argv: The arguments after the program name (default: ``sys.argv[1:]``).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        from .testing import serve_main
+
+        return serve_main(argv[1:])
+    args = _parser().parse_args(argv)
+    try:
+        return _export_main(args, argv)
+    except _UsageError as exc:
+        print(f"{PROG} export: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        # Only before the export installed its own handler (or on platforms without one).
+        print(f"{PROG} export: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

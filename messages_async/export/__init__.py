@@ -1,0 +1,38 @@
+"""Bulk export of chats into SQLite or JSONL: crash-safe, resumable and incremental.
+
+The ``messages-async export`` command is built from these parts, which can also be used from
+Python::
+
+    store = SqliteStore("export.sqlite")
+    await store.open(ExportMeta(source=client.resource_uri or ""), fresh=False)
+    try:
+        stats = await Exporter(client, store, ExportOptions(concurrency=8)).run()
+    finally:
+        await store.close()
+
+See ``_runner.py`` for what a run does, ``_state.py`` for the checkpoints, and ``_sqlite.py``
+and ``_jsonl.py`` for the two formats.
+"""
+
+from ._jsonl import JsonlStore
+from ._progress import progress_line, show_progress, summary_lines
+from ._runner import ChatFailure, Exporter, ExportOptions, ExportStats
+from ._sqlite import SqliteStore
+from ._state import ChatState, ExportMeta
+from ._store import Store, StoreError
+
+__all__ = [
+    "ChatFailure",
+    "ChatState",
+    "ExportMeta",
+    "ExportOptions",
+    "ExportStats",
+    "Exporter",
+    "JsonlStore",
+    "SqliteStore",
+    "Store",
+    "StoreError",
+    "progress_line",
+    "show_progress",
+    "summary_lines",
+]

@@ -1,0 +1,324 @@
+"""The JSONL store: plain files that ``grep``, ``jq`` and a text editor can read.
+
+Layout of ``DIR``::
+
+    state.json                  what this export is (source and filters)
+    chats.jsonl                 one chat object per line, exactly as received
+    messages/<chat_id>.jsonl    one message object per line, exactly as received, newest first
+                                (one file per exported chat; empty if the chat has none)
+    state/<chat_id>.json        the chat's checkpoint (see _state.py)
+    .pending/                   update segments and merge files, see below
+
+Crash safety. A page is appended to the chat's file and ``fsync``-ed, then the chat's
+checkpoint, which records the file's length after that page, is written to a temporary file,
+``fsync``-ed and renamed over the old one (an atomic replace). A run killed between the two
+leaves a tail past the checkpoint (perhaps a torn line); the next run truncates the file back
+to the checkpoint before it goes on, so no line is ever duplicated or torn. Each chat has its
+own checkpoint file, so a checkpoint costs the same with ten chats or a hundred thousand.
+
+Updates. A file is newest first, but an update fetches messages *newer* than everything in
+it, which belong at the top. An update therefore writes its pages, with the same
+checkpoints, to a segment ``.pending/<chat_id>.jsonl``; when the update walk is complete, the
+segment and the old file are copied (streamed, never held in memory) into
+``.pending/<chat_id>.merge``, which is ``fsync``-ed and renamed over the chat's file. The
+checkpoint says ``merging`` (with both lengths) before the rename and is cleared after it, so
+a run killed in between finds out from the file's length whether the rename happened and
+finishes or repeats the merge. Readers never see a half-updated file; an update rewrites the
+chat's file once, costing a sequential copy of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from .._models import Message
+from ._state import ChatState, ExportMeta
+from ._store import Store, StoreError, mismatch
+
+__all__ = ["JsonlStore", "atomic_write"]
+
+logger = logging.getLogger("messages_async.export")
+
+_META = "state.json"
+_CHATS = "chats.jsonl"
+_MESSAGES = "messages"
+_STATE = "state"
+_PENDING = ".pending"
+_OURS = (_META, _CHATS, _MESSAGES, _STATE, _PENDING)
+_COPY_CHUNK = 1 << 20
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so a reader (or a crash) sees the old or the new file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _size(path: str) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:
+        return None
+
+
+def _truncate(path: str, length: int) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(length)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _append(path: str, offset: int, data: bytes) -> int:
+    """Write ``data`` at ``offset`` (the checkpointed end) and make it durable; the new end."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        if data:
+            # pwrite at the checkpointed offset, not O_APPEND: the file's end is where the
+            # checkpoint says, whatever a crashed run may have left beyond it.
+            view = memoryview(data)
+            pos = offset
+            while view:
+                n = os.pwrite(fd, view, pos)
+                view = view[n:]
+                pos += n
+        os.ftruncate(fd, offset + len(data))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return offset + len(data)
+
+
+def _count_lines(path: str, length: int) -> int:
+    count = 0
+    with open(path, "rb") as f:
+        left = length
+        while left > 0:
+            chunk = f.read(min(_COPY_CHUNK, left))
+            if not chunk:
+                break
+            count += chunk.count(b"\n")
+            left -= len(chunk)
+    return count
+
+
+def _lines(messages: list[Message]) -> bytes:
+    return b"".join(orjson.dumps(m.raw) + b"\n" for m in messages)
+
+
+class JsonlStore(Store):
+    """An export into a directory of JSONL files (see the module docstring for the layout)."""
+
+    def __init__(self, path: str, *, threads: int = 4) -> None:
+        # Several threads: chats are separate files, so their fsyncs can overlap. A chat's
+        # own commits stay in order because its worker awaits each one.
+        super().__init__(path, threads=threads)
+
+    def _p(self, *parts: str) -> str:
+        return os.path.join(self.path, *parts)
+
+    def _main(self, chat_id: int) -> str:
+        return self._p(_MESSAGES, f"{chat_id}.jsonl")
+
+    def _pending(self, chat_id: int) -> str:
+        return self._p(_PENDING, f"{chat_id}.jsonl")
+
+    def _merge_file(self, chat_id: int) -> str:
+        return self._p(_PENDING, f"{chat_id}.merge")
+
+    def _state_file(self, chat_id: int) -> str:
+        return self._p(_STATE, f"{chat_id}.json")
+
+    # --- opening ------------------------------------------------------------------------------
+
+    def _stored_meta(self) -> ExportMeta | None:
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise StoreError(f"{self.path} is a file; the JSONL format needs a directory for --out")
+        if not os.path.isdir(self.path):
+            return None
+        meta_path = self._p(_META)
+        if not os.path.exists(meta_path):
+            if os.listdir(self.path):
+                raise StoreError(
+                    f"{self.path} is not empty and holds no messages-async export; choose a "
+                    "new or empty directory for --out"
+                )
+            return None
+        try:
+            with open(meta_path, "rb") as f:
+                return ExportMeta.from_json(orjson.loads(f.read()))
+        except (ValueError, KeyError, OSError) as exc:
+            raise StoreError(
+                f"{meta_path} is unreadable ({exc}); use --fresh to start over"
+            ) from None
+
+    def _open(self, meta: ExportMeta, fresh: bool) -> None:
+        try:
+            stored = self._stored_meta()
+        except StoreError:
+            if not (fresh and os.path.exists(self._p(_META))):
+                raise
+            stored = None
+        if fresh and os.path.isdir(self.path):
+            # Only what an export consists of is removed; anything else in DIR stays.
+            for name in _OURS:
+                target = self._p(name)
+                if os.path.isdir(target):
+                    shutil.rmtree(target)
+                elif os.path.exists(target):
+                    os.unlink(target)
+            stored = None
+        if stored is not None and stored != meta:
+            raise mismatch(self.path, stored, meta)
+        for sub in (_MESSAGES, _STATE, _PENDING):
+            os.makedirs(self._p(sub), exist_ok=True)
+        if stored is None:
+            atomic_write(self._p(_META), orjson.dumps(meta.to_json(), option=orjson.OPT_INDENT_2))
+            _fsync_dir(self.path)
+
+    def _save_chats(self, chats: list[Mapping[str, Any]]) -> None:
+        # Chats exported by earlier runs (say with other --chat options) stay listed.
+        merged: dict[int, bytes] = {}
+        path = self._p(_CHATS)
+        with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
+            for line in f:
+                with contextlib.suppress(ValueError):
+                    obj = orjson.loads(line)
+                    merged[int(obj["chat_id"])] = line.rstrip(b"\n")
+        for chat in chats:
+            merged[int(chat["chat_id"])] = orjson.dumps(chat)
+        atomic_write(path, b"".join(line + b"\n" for line in merged.values()))
+
+    # --- checkpoints --------------------------------------------------------------------------
+
+    def _write_state(self, state: ChatState) -> None:
+        atomic_write(self._state_file(state.chat_id), orjson.dumps(state.to_json()))
+
+    def _reset(self, chat_id: int, why: str) -> ChatState:
+        logger.warning("chat %d: %s; exporting this chat again from the start", chat_id, why)
+        for path in (self._pending(chat_id), self._merge_file(chat_id)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        state = ChatState(chat_id)
+        _append(self._main(chat_id), 0, b"")
+        self._write_state(state)
+        return state
+
+    def _load(self, chat_id: int) -> ChatState:
+        try:
+            with open(self._state_file(chat_id), "rb") as f:
+                state = ChatState.from_json(orjson.loads(f.read()))
+        except FileNotFoundError:
+            state = ChatState(chat_id)
+        except (ValueError, TypeError) as exc:
+            return self._reset(chat_id, f"its checkpoint is unreadable ({exc})")
+        main, pending = self._main(chat_id), self._pending(chat_id)
+        if state.merging:
+            return self._finish_merge(state)
+        size = _size(main)
+        if size is None:
+            if state.length:
+                return self._reset(chat_id, f"{main} is missing")
+        elif size < state.length:
+            return self._reset(chat_id, f"{main} is shorter than its checkpoint")
+        elif size > state.length:
+            # The tail of a page whose checkpoint never landed: it will be fetched again.
+            _truncate(main, state.length)
+        if state.done and state.in_progress:
+            psize = _size(pending) or 0
+            if psize < state.pending_length:
+                # Only possible after a power cut lost an fsync-ed segment: redo the update.
+                logger.warning("chat %d: the update in progress was lost; redoing it", chat_id)
+                state.cursor = state.walk_top = state.walk_low = None
+                state.pending_length = 0
+                state.messages = _count_lines(main, state.length)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(pending)
+                self._write_state(state)
+            elif psize > state.pending_length:
+                _truncate(pending, state.pending_length)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(pending)
+        return state
+
+    def _commit(self, state: ChatState, messages: list[Message], update: bool) -> ChatState:
+        data = _lines(messages)
+        chat_id = state.chat_id
+        if update:
+            if data or state.pending_length:
+                state.pending_length = _append(self._pending(chat_id), state.pending_length, data)
+        else:
+            state.length = _append(self._main(chat_id), state.length, data)
+        state.messages += len(messages)
+        finished = not state.in_progress
+        if update and finished and state.pending_length:
+            state.merging = True
+            self._write_state(state)
+            _fsync_dir(self._p(_STATE))
+            return self._finish_merge(state)
+        if update and finished:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._pending(chat_id))
+        self._write_state(state)
+        return state
+
+    def _finish_merge(self, state: ChatState) -> ChatState:
+        """Put the update segment on top of the chat's file (see the module docstring)."""
+        chat_id = state.chat_id
+        main, pending = self._main(chat_id), self._pending(chat_id)
+        merged = self._merge_file(chat_id)
+        total = state.length + state.pending_length
+        size = _size(main)
+        if size != total:
+            # The rename has not happened: the file is still exactly the old one. Anything
+            # else means files were lost or changed behind the export's back.
+            if size != state.length or (_size(pending) or 0) < state.pending_length:
+                return self._reset(chat_id, "an update was interrupted and its files changed")
+            with open(merged, "wb") as out:
+                for path, length in ((pending, state.pending_length), (main, state.length)):
+                    with open(path, "rb") as src:
+                        left = length
+                        while left > 0:
+                            chunk = src.read(min(_COPY_CHUNK, left))
+                            if not chunk:
+                                raise OSError(f"{path} ended early while merging")
+                            out.write(chunk)
+                            left -= len(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(merged, main)
+            _fsync_dir(self._p(_MESSAGES))
+        state.length = total
+        state.pending_length = 0
+        state.merging = False
+        self._write_state(state)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(pending)
+        return state
+
+    def _fail(self, state: ChatState, error: str) -> ChatState:
+        state.error = error
+        self._write_state(state)
+        return state
+
+    def _close(self) -> None:
+        pass

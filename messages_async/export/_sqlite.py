@@ -1,0 +1,322 @@
+"""The SQLite store: one file, one writer thread, one transaction per page.
+
+Layout (queries welcome; the ``raw`` columns hold every field exactly as received, unknown ones
+included, as JSON text)::
+
+    meta(key TEXT PRIMARY KEY, value TEXT)                       -- what this export is
+    chats(chat_id INTEGER PRIMARY KEY, raw TEXT)
+    messages(id INTEGER PRIMARY KEY, chat_id INTEGER NOT NULL, raw TEXT NOT NULL,
+             uid INTEGER, message TEXT, created_at TEXT)         -- index on (chat_id, id)
+    export_state(chat_id INTEGER PRIMARY KEY, done, newest_id, cursor, walk_top, walk_low,
+                 error, messages, updated_at)                    -- see _state.py
+
+A page's messages and the chat's new checkpoint go in one transaction, so the file always
+holds exactly the pages its checkpoints say; ``INSERT OR IGNORE`` on the message id makes a
+replayed page harmless besides. WAL mode with ``synchronous=NORMAL``: a killed process loses
+nothing that was committed; a power cut may lose the last few commits, but never leaves the
+file inconsistent, and the next run simply fetches those pages again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import orjson
+
+from .._models import Message
+from ._state import ChatState, ExportMeta
+from ._store import Store, StoreError, mismatch
+
+__all__ = ["SqliteStore"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS chats (chat_id INTEGER PRIMARY KEY, raw TEXT);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY,
+    chat_id INTEGER NOT NULL,
+    raw TEXT NOT NULL,
+    uid INTEGER,
+    message TEXT,
+    created_at TEXT
+);
+CREATE INDEX IF NOT EXISTS messages_chat_id ON messages (chat_id, id);
+CREATE TABLE IF NOT EXISTS export_state (
+    chat_id INTEGER PRIMARY KEY,
+    done INTEGER NOT NULL DEFAULT 0,
+    newest_id INTEGER,
+    cursor TEXT,
+    walk_top INTEGER,
+    walk_low INTEGER,
+    error TEXT,
+    messages INTEGER NOT NULL DEFAULT 0,
+    updated_at TEXT
+);
+"""
+
+_STATE_COLUMNS = (
+    "chat_id",
+    "done",
+    "newest_id",
+    "cursor",
+    "walk_top",
+    "walk_low",
+    "error",
+    "messages",
+)
+_UPSERT_STATE = (
+    f"INSERT INTO export_state ({', '.join(_STATE_COLUMNS)}, updated_at) "
+    f"VALUES ({', '.join('?' * len(_STATE_COLUMNS))}, ?) "
+    "ON CONFLICT (chat_id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in (*_STATE_COLUMNS[1:], "updated_at"))
+)
+# Each statement below takes a whole batch as one JSON array. With executemany the writer
+# thread would bind each row separately and have to win the GIL back from the event loop
+# after every row (CPython hands it over only every few milliseconds), and a commit then
+# waited tens of milliseconds under load. The raw object travels as a JSON string inside the
+# array, so SQLite stores exactly the text orjson produced.
+_INSERT_MESSAGES = """
+INSERT OR IGNORE INTO messages (id, chat_id, raw, uid, message, created_at)
+SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5
+FROM json_each(?)
+"""
+_UPSERT_STATES = (
+    f"INSERT INTO export_state ({', '.join(_STATE_COLUMNS)}, updated_at) "
+    f"SELECT {', '.join(f'value ->> {i}' for i in range(len(_STATE_COLUMNS) + 1))} "
+    "FROM json_each(?) WHERE true "  # WHERE: lets SQLite parse the ON CONFLICT that follows
+    "ON CONFLICT (chat_id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in (*_STATE_COLUMNS[1:], "updated_at"))
+)
+_SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _message_rows(chat_id: int, messages: list[Message], into: list[tuple[Any, ...]]) -> None:
+    for message in messages:
+        raw = message.raw
+        created = raw.get("created_at")
+        into.append(
+            (
+                message.id,
+                chat_id,
+                orjson.dumps(raw).decode(),
+                message.uid,
+                message.message,
+                created if isinstance(created, str) else None,
+            )
+        )
+
+
+def _state_row(state: ChatState, now: str) -> tuple[Any, ...]:
+    return (
+        state.chat_id,
+        int(state.done),
+        state.newest_id,
+        state.cursor,
+        state.walk_top,
+        state.walk_low,
+        state.error,
+        state.messages,
+        now,
+    )
+
+
+class SqliteStore(Store):
+    """An export into one SQLite file (see the module docstring for the schema)."""
+
+    def __init__(self, path: str) -> None:
+        # One thread: a SQLite connection belongs to the thread that made it, and one writer
+        # is all SQLite allows at a time anyway.
+        super().__init__(path, threads=1)
+        self._db: sqlite3.Connection | None = None
+        self._queue: list[tuple[ChatState, list[Message], asyncio.Future[ChatState]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("the store is not open")
+        return self._db
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: transactions are begun and committed explicitly below, so the
+        # page and its checkpoint are visibly one unit.
+        db = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            # Message ids grow across all chats, so a chat's page lands all over the id-ordered
+            # table and every commit dirties many pages. Checkpointing the WAL less often lets
+            # repeated writes of a page collapse into one copy; the cache stays small and
+            # fixed, so memory does not grow with the size of the export.
+            db.execute("PRAGMA wal_autocheckpoint=16384")
+            db.execute("PRAGMA cache_size=-8192")
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            raise StoreError(f"{self.path} is not an SQLite export ({exc})") from None
+        return db
+
+    def _stored_meta(self, db: sqlite3.Connection) -> ExportMeta | None:
+        """The export's identity; None for an empty database. StoreError: not an export."""
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not tables:
+            return None
+        if "meta" not in tables or "export_state" not in tables:
+            raise StoreError(
+                f"{self.path} is an SQLite database but not a messages-async export; "
+                "choose another --out"
+            )
+        row = db.execute("SELECT value FROM meta WHERE key = 'export'").fetchone()
+        try:
+            return ExportMeta.from_json(orjson.loads(row[0])) if row else None
+        except (ValueError, KeyError) as exc:
+            raise StoreError(f"{self.path} has an unreadable export header ({exc})") from None
+
+    def _open(self, meta: ExportMeta, fresh: bool) -> None:
+        if os.path.isdir(self.path):
+            raise StoreError(f"{self.path} is a directory; SQLite needs a file path for --out")
+        exists = os.path.exists(self.path)
+        if exists and os.path.getsize(self.path) > 0:
+            # Check the header before connecting: sqlite3 would happily start a journal next
+            # to some unrelated file before noticing it is not a database.
+            with open(self.path, "rb") as f:
+                if f.read(16) != b"SQLite format 3\x00":
+                    raise StoreError(
+                        f"{self.path} exists and is not an SQLite database; choose another --out"
+                    )
+        db = self._connect()
+        try:
+            stored = self._stored_meta(db)
+            if fresh and exists:
+                # Only an export is ever deleted: _stored_meta refused anything else.
+                db.close()
+                for suffix in ("", *_SIDE_FILES):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.path + suffix)
+                db = self._connect()
+                stored = None
+            if stored is not None and stored != meta:
+                raise mismatch(self.path, stored, meta)
+            db.executescript(_SCHEMA)
+            if stored is None:
+                db.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('export', ?)",
+                    (orjson.dumps(meta.to_json()).decode(),),
+                )
+        except BaseException:
+            db.close()
+            raise
+        self._db = db
+
+    def _save_chats(self, chats: list[Mapping[str, Any]]) -> None:
+        db = self.db
+        rows = [(int(c["chat_id"]), orjson.dumps(c).decode()) for c in chats]
+        db.execute("BEGIN")
+        try:
+            db.executemany(
+                "INSERT INTO chats (chat_id, raw) VALUES (?, ?) "
+                "ON CONFLICT (chat_id) DO UPDATE SET raw = excluded.raw",
+                rows,
+            )
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def _load(self, chat_id: int) -> ChatState:
+        row = self.db.execute(
+            f"SELECT {', '.join(_STATE_COLUMNS)} FROM export_state WHERE chat_id = ?", (chat_id,)
+        ).fetchone()
+        if row is None:
+            return ChatState(chat_id)
+        values = dict(zip(_STATE_COLUMNS, row, strict=True))
+        values["done"] = bool(values["done"])
+        return ChatState(**values)
+
+    def _write_state(self, state: ChatState) -> None:
+        self.db.execute(_UPSERT_STATE, _state_row(state, _now()))
+
+    async def commit(
+        self, state: ChatState, messages: Sequence[Message], *, update: bool
+    ) -> ChatState:
+        """Queue the page for the writer, which commits every queued page in one transaction.
+
+        Group commit: while one transaction runs, the pages that arrive wait and go together
+        in the next, so the cost of a commit is shared. Each page and its checkpoint are still
+        in the same transaction, which is all that crash safety needs.
+        """
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[ChatState] = loop.create_future()
+        self._queue.append((state, list(messages), done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_queued(), name="export sqlite writer")
+        return await done
+
+    async def _write_queued(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
+            try:
+                await self._call(self._commit_batch, [(s, m) for s, m, _ in batch])
+            except BaseException as exc:
+                for _, _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+            else:
+                for state, _, done in batch:
+                    if not done.done():
+                        done.set_result(state)
+
+    def _commit_batch(self, batch: list[tuple[ChatState, list[Message]]]) -> None:
+        db = self.db
+        now = _now()
+        rows: list[tuple[Any, ...]] = []
+        states = []
+        for state, messages in batch:
+            _message_rows(state.chat_id, messages, rows)
+            # The walk skips every id it stored before, so each row here is new; OR IGNORE
+            # only guards the file against a server that repeats itself.
+            state.messages += len(messages)
+            states.append(_state_row(state, now))
+        try:
+            db.execute("BEGIN")
+            try:
+                if rows:
+                    db.execute(_INSERT_MESSAGES, (orjson.dumps(rows),))
+                db.execute(_UPSERT_STATES, (orjson.dumps(states),))
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise OSError(f"SQLite error in {self.path}: {exc}") from exc
+
+    def _commit(self, state: ChatState, messages: list[Message], update: bool) -> ChatState:
+        self._commit_batch([(state, messages)])
+        return state
+
+    def _fail(self, state: ChatState, error: str) -> ChatState:
+        state.error = error
+        self._write_state(state)  # autocommit: a single statement is its own transaction
+        return state
+
+    async def close(self) -> None:
+        """Finish the queued commits, then close the database. Safe to call twice."""
+        if self._writer is not None:
+            await asyncio.gather(self._writer, return_exceptions=True)
+        await super().close()
+
+    def _close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None

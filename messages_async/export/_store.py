@@ -1,0 +1,120 @@
+"""The interface both storage backends implement, and the thread they write from.
+
+Every write happens on a worker thread, never on the event loop: an ``fsync`` or a SQLite
+commit takes milliseconds, and the loop meanwhile keeps the other chats' requests moving. Each
+runner worker awaits its own commit before it stores the chat's next page, so at most one
+commit per worker is queued: the queue in front of the writer is bounded by the concurrency.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import functools
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from .._models import Message
+from ._state import ChatState, ExportMeta
+
+__all__ = ["Store", "StoreError"]
+
+logger = logging.getLogger("messages_async.export")
+
+T = TypeVar("T")
+
+
+class StoreError(Exception):
+    """The output cannot be used as asked (not an export, other filters, unreadable, ...)."""
+
+
+class Store(abc.ABC):
+    """Where an export goes. Methods are coroutines; the work runs on the store's threads."""
+
+    #: The output's path, for messages.
+    path: str
+
+    def __init__(self, path: str, *, threads: int = 1) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="export-io")
+        self._closed = False
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    async def open(self, meta: ExportMeta, *, fresh: bool) -> None:
+        """Create the output, or check that the one there is this export and repair it.
+
+        Raises:
+            StoreError: the path holds something else, or an export with other filters.
+        """
+        await self._call(self._open, meta, fresh)
+
+    async def save_chats(self, chats: Sequence[Mapping[str, Any]]) -> None:
+        """Store the chat objects exactly as received (replacing older copies)."""
+        await self._call(self._save_chats, list(chats))
+
+    async def load(self, chat_id: int) -> ChatState:
+        """The chat's last checkpoint (after repairing anything a crash left behind)."""
+        return await self._call(self._load, chat_id)
+
+    async def commit(
+        self, state: ChatState, messages: Sequence[Message], *, update: bool
+    ) -> ChatState:
+        """Store ``messages`` and ``state`` together, atomically; return the stored state.
+
+        Args:
+            state: The chat's checkpoint after this page (the store fills in its own fields).
+            messages: The page's messages still to store, newest first.
+            update: Whether the walk is an update of a chat exported before (its messages are
+                newer than everything stored).
+        """
+        return await self._call(self._commit, state, list(messages), update)
+
+    async def fail(self, state: ChatState, error: str) -> ChatState:
+        """Record that the chat failed with ``error`` (its stored data is kept)."""
+        return await self._call(self._fail, state, error)
+
+    async def close(self) -> None:
+        """Finish every write that was started, then close. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        try:
+            # Queued behind any commit still running (the SQLite store has one thread): a
+            # commit that was under way when its worker was cancelled completes first.
+            await loop.run_in_executor(self._executor, self._close)
+        finally:
+            await loop.run_in_executor(None, functools.partial(self._executor.shutdown, wait=True))
+
+    # --- implemented by the backends, run on the store's threads ----------------------------
+
+    @abc.abstractmethod
+    def _open(self, meta: ExportMeta, fresh: bool) -> None: ...
+
+    @abc.abstractmethod
+    def _save_chats(self, chats: list[Mapping[str, Any]]) -> None: ...
+
+    @abc.abstractmethod
+    def _load(self, chat_id: int) -> ChatState: ...
+
+    @abc.abstractmethod
+    def _commit(self, state: ChatState, messages: list[Message], update: bool) -> ChatState: ...
+
+    @abc.abstractmethod
+    def _fail(self, state: ChatState, error: str) -> ChatState: ...
+
+    @abc.abstractmethod
+    def _close(self) -> None: ...
+
+
+def mismatch(path: str, stored: ExportMeta, wanted: ExportMeta) -> StoreError:
+    return StoreError(
+        f"{path} holds an export made with {stored.describe()}; this run asks for "
+        f"{wanted.describe()}. Run with the same options to resume, add --fresh to start "
+        "over, or choose another --out"
+    )

@@ -1,0 +1,254 @@
+"""The ``messages-async`` command, run as a real process against the emulator on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import sys
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from test_export import assert_exact, cli_env, listings, start_cli
+
+from messages_async import _cli
+from messages_async.testing import MessagesServer
+
+SECRET = "s3cr3t-must-never-be-printed"
+
+
+async def run(
+    server: MessagesServer, *args: str, env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *_python_cli(),
+        *args,
+        env=env if env is not None else cli_env(server),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def _python_cli() -> list[str]:
+    return [sys.executable, "-m", "messages_async", "export"]
+
+
+def _bare_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("MESSAGES_")}
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[MessagesServer]:
+    async with MessagesServer(
+        chats=4, messages_per_chat=(20, 230), seed=8, extra_fields=True
+    ) as srv:
+        yield srv
+
+
+def _one_clean_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+async def test_wrong_client_secret_exits_2_with_one_line_and_no_secret(
+    server: MessagesServer, tmp_path: Path
+) -> None:
+    env = cli_env(server)
+    env["MESSAGES_CLIENT_SECRET"] = SECRET
+    code, out, err = await run(server, "--out", str(tmp_path / "x.sqlite"), env=env)
+    assert code == 2
+    line = _one_clean_line(err)
+    assert "credentials" in line
+    assert SECRET not in out + err
+    assert not (tmp_path / "x.sqlite").exists()
+
+
+async def test_wrong_access_token_exits_2_with_one_line_and_no_token(
+    server: MessagesServer, tmp_path: Path
+) -> None:
+    env = _bare_env()
+    env.update(MESSAGES_ACCESS_TOKEN=SECRET, MESSAGES_RESOURCE_URI=server.resource_uri)
+    code, out, err = await run(server, "--out", str(tmp_path / "x.sqlite"), env=env)
+    assert code == 2
+    assert "credentials" in _one_clean_line(err)
+    assert SECRET not in out + err
+
+
+def test_missing_credentials_exit_2_and_name_the_variables(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    for name in list(os.environ):
+        if name.startswith("MESSAGES_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("MESSAGES_TOKEN_URL", "http://127.0.0.1:9/token")
+    assert _cli.main(["export", "--out", str(tmp_path / "x.sqlite")]) == 2
+    captured = capsys.readouterr()
+    line = _one_clean_line(captured.err)
+    assert "MESSAGES_CLIENT_ID" in line
+    assert "MESSAGES_CLIENT_SECRET" in line
+    assert "MESSAGES_TOKEN_URL (" not in line  # it was given
+
+
+def test_a_secret_on_the_command_line_is_refused_without_echo(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for flag in ("--client-secret", "--access-token"):
+        with pytest.raises(SystemExit) as exc:
+            _cli.main(["export", flag, SECRET])
+        assert exc.value.code == 2
+        captured = capsys.readouterr()
+        assert "environment" in captured.err
+        assert SECRET not in captured.out + captured.err
+
+
+def test_bad_filter_values_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        _cli.main(["export", "--since", "yesterday"])
+    assert exc.value.code == 2
+    assert "ISO 8601" in capsys.readouterr().err
+    code = _cli.main(["export", "--since", "2026-02-01", "--until", "2026-01-01"])
+    assert code == 2
+    assert "after --until" in _one_clean_line(capsys.readouterr().err)
+
+
+def test_naive_instants_are_utc() -> None:
+    assert _cli._instant("2026-01-31") == datetime(2026, 1, 31, tzinfo=UTC)
+    assert _cli._instant("2026-01-31T12:00:00Z") == datetime(2026, 1, 31, 12, tzinfo=UTC)
+    aware = _cli._instant("2026-01-31T12:00:00+02:00")
+    assert aware == datetime(2026, 1, 31, 10, tzinfo=UTC)
+
+
+def test_resume_hint_repeats_the_command_without_fresh() -> None:
+    hint = _cli._resume_hint(["export", "--fresh", "--out", "my dir", "--format", "jsonl"])
+    assert hint == "messages-async export --out 'my dir' --format jsonl"
+
+
+async def test_export_then_update_through_the_command(
+    server: MessagesServer, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    code, stdout, err = await run(server, "--out", str(out), "--format", "jsonl")
+    assert code == 0, err
+    assert "Export done" in stdout
+    assert_exact(server, "jsonl", out)
+    chat = server.chat_ids()[0]
+    server.post_message(chat, "hello again")
+    server.reset_stats()
+    code, stdout, err = await run(server, "--out", str(out), "--format", "jsonl")
+    assert code == 0, err
+    assert "1 new" in stdout
+    assert len(listings(server)) == len(server.chat_ids())
+    assert_exact(server, "jsonl", out)
+
+
+async def test_failing_chat_is_listed_and_exit_status_is_1(
+    server: MessagesServer, tmp_path: Path
+) -> None:
+    # Credentials as a pre-issued token this time.
+    env = _bare_env()
+    env.update(
+        MESSAGES_ACCESS_TOKEN=server.issue_token(["messages_read"]),
+        MESSAGES_RESOURCE_URI=server.resource_uri,
+    )
+    good = server.chat_ids()[1]
+    out = tmp_path / "x.sqlite"
+    code, stdout, err = await run(
+        server, "--out", str(out), "--chat", str(good), "--chat", "4242", env=env
+    )
+    assert code == 1, err
+    assert "4242: HTTP 404" in stdout
+    assert "Traceback" not in err
+    assert_exact(server, "sqlite", out, [good])
+    db = sqlite3.connect(out)
+    try:
+        error = db.execute("SELECT error FROM export_state WHERE chat_id = 4242").fetchone()[0]
+        assert "404" in error
+    finally:
+        db.close()
+
+
+async def test_since_and_until_flags_reach_the_server_as_utc(
+    server: MessagesServer, tmp_path: Path
+) -> None:
+    out = tmp_path / "x.sqlite"
+    code, _, err = await run(
+        server, "--out", str(out), "--since", "2025-03-01", "--until", "2025-06-01T02:00:00+02:00"
+    )
+    assert code == 0, err
+    firsts = [r for r in listings(server) if "cursor" not in r.query]
+    assert firsts
+    for record in firsts:
+        sent_from = datetime.fromisoformat(record.query["period[from]"])
+        sent_till = datetime.fromisoformat(record.query["period[till]"])
+        assert sent_from == datetime(2025, 3, 1, tzinfo=UTC)
+        assert sent_till == datetime(2025, 6, 1, tzinfo=UTC)
+
+
+async def test_ctrl_c_stops_cleanly_with_130_and_a_resume_hint(tmp_path: Path) -> None:
+    async with MessagesServer(
+        chats=6, messages_per_chat=(200, 400), seed=9, extra_fields=True, latency=0.05
+    ) as srv:
+        out = tmp_path / "out.sqlite"
+        args = ["--out", str(out), "--concurrency", "2"]
+        proc = await start_cli(srv, *args)
+        # Polling what the server has seen: the process gives no other signal of progress.
+        while proc.returncode is None and len(listings(srv)) < 4:
+            await asyncio.sleep(0.01)
+        assert proc.returncode is None, "the export ended before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = await proc.communicate()
+        assert proc.returncode == 130, stderr.decode()
+        err = stderr.decode()
+        assert "Traceback" not in err
+        assert f"messages-async export --out {out} --concurrency 2" in err
+        assert b"Export interrupted" in stdout
+        db = sqlite3.connect(out)
+        try:
+            partial = db.execute("SELECT count(*) FROM messages").fetchone()[0]
+        finally:
+            db.close()
+        assert 0 < partial < srv.all_message_count()
+
+        proc = await start_cli(srv, *args)
+        stdout, stderr = await proc.communicate()
+        assert proc.returncode == 0, stderr.decode()
+        assert_exact(srv, "sqlite", out)
+
+
+def test_demo_exports_the_built_in_dataset(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # A small dataset: the command's path is the same, only the size differs.
+    monkeypatch.setattr(_cli, "DEMO_CHATS", 6)
+    monkeypatch.setattr(_cli, "DEMO_MESSAGES_PER_CHAT", (10, 120))
+    out = tmp_path / "demo.sqlite"
+    assert _cli.main(["export", "--demo", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "Export done" in captured.out
+    assert "0 failed" in captured.out
+    db = sqlite3.connect(out)
+    try:
+        count = db.execute("SELECT count(*) FROM messages").fetchone()[0]
+        chats = db.execute("SELECT count(*) FROM export_state WHERE done = 1").fetchone()[0]
+    finally:
+        db.close()
+    assert chats == 6
+    assert count > 0
+    # Run again: an update, nothing new.
+    assert _cli.main(["export", "--demo", "--out", str(out)]) == 0
+    assert "  messages:  0 new" in capsys.readouterr().out
+
+
+def test_serve_is_delegated(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        _cli.main(["serve", "--help"])
+    assert exc.value.code == 0
+    assert "emulator" in capsys.readouterr().out

@@ -1,0 +1,539 @@
+"""The bulk export against the emulator: exact data, crash safety, resume and updates.
+
+Everything runs the real client over loopback sockets against `MessagesServer`; every
+failure is injected through the emulator's faults, or is a real SIGKILL of a real process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import sqlite3
+import sys
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+import messages_async as ma
+from messages_async.export import (
+    Exporter,
+    ExportMeta,
+    ExportOptions,
+    ExportStats,
+    JsonlStore,
+    SqliteStore,
+    Store,
+    StoreError,
+    progress_line,
+)
+from messages_async.export._state import ChatState
+from messages_async.testing import Fault, MessagesServer
+
+FORMATS = ("sqlite", "jsonl")
+Raw = dict[str, Any]
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _out(tmp_path: Path, fmt: str) -> Path:
+    return tmp_path / ("out.sqlite" if fmt == "sqlite" else "out")
+
+
+def _store(fmt: str, out: Path) -> Store:
+    return SqliteStore(str(out)) if fmt == "sqlite" else JsonlStore(str(out))
+
+
+def _client(server: MessagesServer, **options: Any) -> ma.Client:
+    return ma.Client(
+        token_url=server.token_url,
+        client_id=server.client_id,
+        client_secret=server.client_secret,
+        backoff_base=0.01,
+        **options,
+    )
+
+
+def _meta(server: MessagesServer, options: ExportOptions) -> ExportMeta:
+    return ExportMeta(
+        source=server.resource_uri,
+        query=options.query,
+        since=options.since.isoformat() if options.since else None,
+        until=options.until.isoformat() if options.until else None,
+    )
+
+
+async def export(
+    server: MessagesServer,
+    fmt: str,
+    out: Path,
+    *,
+    fresh: bool = False,
+    client_options: dict[str, Any] | None = None,
+    tap: Callable[[Store, asyncio.Event], None] | None = None,
+    watch: Callable[[Exporter], None] | None = None,
+    **options: Any,
+) -> ExportStats:
+    opts = ExportOptions(**options)
+    store = _store(fmt, out)
+    stop = asyncio.Event()
+    if tap is not None:
+        tap(store, stop)
+    async with _client(server, **(client_options or {})) as client:
+        try:
+            await store.open(_meta(server, opts), fresh=fresh)
+            exporter = Exporter(client, store, opts, stop=stop)
+            if watch is not None:
+                watch(exporter)
+            return await exporter.run()
+        finally:
+            await store.close()
+
+
+def read_sqlite(out: Path) -> tuple[dict[int, Raw], dict[int, list[Raw]]]:
+    db = sqlite3.connect(out)
+    try:
+        chats = {
+            cid: orjson.loads(raw) for cid, raw in db.execute("SELECT chat_id, raw FROM chats")
+        }
+        messages: dict[int, list[Raw]] = {}
+        for chat_id, raw, mid, uid, text in db.execute(
+            "SELECT chat_id, raw, id, uid, message FROM messages ORDER BY chat_id, id DESC"
+        ):
+            obj = orjson.loads(raw)
+            assert (obj["id"], obj["uid"], obj["message"]) == (mid, uid, text)
+            messages.setdefault(chat_id, []).append(obj)
+        for (chat_id,) in db.execute("SELECT chat_id FROM export_state WHERE done = 1"):
+            messages.setdefault(chat_id, [])
+        return chats, messages
+    finally:
+        db.close()
+
+
+def read_jsonl(out: Path) -> tuple[dict[int, Raw], dict[int, list[Raw]]]:
+    chats = {}
+    for line in (out / "chats.jsonl").read_bytes().splitlines():
+        obj = orjson.loads(line)
+        chats[obj["chat_id"]] = obj
+    messages = {}
+    for path in (out / "messages").iterdir():
+        data = path.read_bytes()
+        assert not data or data.endswith(b"\n"), f"{path} ends in a torn line"
+        messages[int(path.stem)] = [orjson.loads(line) for line in data.splitlines()]
+    assert not list((out / ".pending").iterdir()), "update segments left behind"
+    return chats, messages
+
+
+def read(fmt: str, out: Path) -> tuple[dict[int, Raw], dict[int, list[Raw]]]:
+    return read_sqlite(out) if fmt == "sqlite" else read_jsonl(out)
+
+
+def assert_exact(
+    server: MessagesServer, fmt: str, out: Path, chat_ids: list[int] | None = None
+) -> None:
+    """The export holds exactly the server's data: same ids, same raw objects, newest first."""
+    chats, messages = read(fmt, out)
+    ids = server.chat_ids() if chat_ids is None else chat_ids
+    by_id = {c["chat_id"]: c for c in server.chats()}
+    assert set(messages) == set(ids)
+    for chat_id in ids:
+        assert chats[chat_id] == by_id[chat_id]
+        expected = server.messages(chat_id)
+        got = messages[chat_id]
+        assert [m["id"] for m in got] == [m["id"] for m in expected], f"chat {chat_id}"
+        assert got == expected, f"chat {chat_id}: raw objects differ"
+
+
+def listings(server: MessagesServer) -> list[Any]:
+    return [r for r in server.resource_requests() if r.path == "messages/" and r.method == "GET"]
+
+
+def _chat_of(record: Any) -> int:
+    if "chat_id" in record.query:
+        return int(record.query["chat_id"])
+    raise AssertionError(f"a listing without chat_id: {record.query}")
+
+
+def stop_after_commits(n: int) -> Callable[[Store, asyncio.Event], None]:
+    """Stop the export (as Ctrl-C does) once ``n`` pages have been committed."""
+
+    def tap(store: Store, stop: asyncio.Event) -> None:
+        original = store.commit
+        count = 0
+
+        async def commit(state: ChatState, messages: Any, *, update: bool) -> ChatState:
+            nonlocal count
+            result = await original(state, messages, update=update)
+            count += 1
+            if count >= n:
+                stop.set()
+            return result
+
+        store.commit = commit  # type: ignore[method-assign]
+
+    return tap
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[MessagesServer]:
+    async with MessagesServer(
+        chats=7, messages_per_chat=(0, 260), seed=11, extra_fields=True
+    ) as srv:
+        srv.add_chat(type="group", name="empty")
+        yield srv
+
+
+# --- full export ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+async def test_full_export_equals_server_data(
+    server: MessagesServer, fmt: str, tmp_path: Path
+) -> None:
+    out = _out(tmp_path, fmt)
+    stats = await export(server, fmt, out, concurrency=3)
+    assert stats.failures == []
+    assert stats.chats_done == stats.chats_total == len(server.chat_ids())
+    assert stats.messages == server.all_message_count() == stats.stored_messages
+    assert_exact(server, fmt, out)
+    # Unknown fields were kept, and the empty chat has its (empty) file or done state.
+    _, messages = read(fmt, out)
+    some = next(m for msgs in messages.values() for m in msgs)
+    assert set(some) - {"id", "uid", "message", "attachments", "created_at"}
+    assert any(not msgs for msgs in messages.values())
+    # Every listing asked for full pages, and the walks never overlapped themselves.
+    assert all(r.query.get("limit") == "100" for r in listings(server) if "limit" in r.query)
+    assert server.max_in_flight <= 2 * 3
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+async def test_incremental_update_fetches_only_new_messages(
+    server: MessagesServer, fmt: str, tmp_path: Path
+) -> None:
+    out = _out(tmp_path, fmt)
+    await export(server, fmt, out)
+    busy, quiet = server.chat_ids()[0], server.chat_ids()[1]
+    new_ids = [server.post_message(busy, f"new {i}")["id"] for i in range(150)]
+    new_ids.append(server.post_message(quiet, "one more")["id"])
+    server.reset_stats()
+
+    stats = await export(server, fmt, out)
+
+    assert stats.messages == 151
+    assert_exact(server, fmt, out)
+    per_chat: dict[int, int] = {}
+    for record in listings(server):
+        per_chat[_chat_of(record)] = per_chat.get(_chat_of(record), 0) + 1
+    # One request per chat, two for the chat with 150 new messages (pages of 100).
+    expected = dict.fromkeys(server.chat_ids(), 1)
+    expected[busy] = 2
+    assert per_chat == expected
+
+    server.reset_stats()
+    again = await export(server, fmt, out)
+    assert again.messages == 0
+    assert len(listings(server)) == len(server.chat_ids())
+    assert_exact(server, fmt, out)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+async def test_expired_cursor_on_resume_restarts_without_duplicate_or_gap(
+    fmt: str, tmp_path: Path
+) -> None:
+    async with MessagesServer(chats=2, messages_per_chat=450, seed=3, extra_fields=True) as srv:
+        chat = srv.chat_ids()[0]
+        out = _out(tmp_path, fmt)
+        # The first run stops (like Ctrl-C) after two pages of the chat are committed.
+        first = await export(
+            srv, fmt, out, chat_ids=(chat,), concurrency=1, tap=stop_after_commits(2)
+        )
+        assert first.interrupted
+        _, stored = read(fmt, out)
+        first_ids = [m["id"] for m in stored[chat]]
+        assert 200 <= len(first_ids) < 450
+        # Meanwhile the chat gets new messages, and the saved cursor has expired.
+        for i in range(5):
+            srv.post_message(chat, f"while away {i}")
+        srv.reset_stats()
+        srv.inject(Fault.invalid_cursor(), path="messages/", chat_id=chat)
+
+        second = await export(srv, fmt, out, chat_ids=(chat,), concurrency=1)
+
+        assert second.failures == []
+        assert second.cursor_restarts == 1
+        requests = listings(srv)
+        assert "cursor" in requests[0].query  # the saved cursor was tried first ...
+        assert requests[0].status == 400
+        assert "cursor" not in requests[1].query  # ... then the walk restarted at the top
+        _, stored = read(fmt, out)
+        ids = [m["id"] for m in stored[chat]]
+        assert len(ids) == len(set(ids)) == 455
+        # The restarted walk skipped what was stored and what was newer than its first run;
+        # the update that follows a resumed walk fetched the messages posted meanwhile.
+        assert second.messages == 455 - len(first_ids)
+        assert_exact(srv, fmt, out, [chat])
+        assert "cursor" not in requests[-1].query
+
+        srv.reset_stats()
+        third = await export(srv, fmt, out, chat_ids=(chat,), concurrency=1)
+        assert third.messages == 0
+        assert len(listings(srv)) == 1
+        assert_exact(srv, fmt, out, [chat])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+async def test_failing_chats_are_recorded_and_the_rest_exported(
+    server: MessagesServer, fmt: str, tmp_path: Path
+) -> None:
+    out = _out(tmp_path, fmt)
+    a, forbidden, c = server.chat_ids()[:3]
+    unknown = 987_654_321
+    handle = server.inject(Fault.status(403), path="messages/", chat_id=forbidden, times=None)
+
+    stats = await export(server, fmt, out, chat_ids=(a, unknown, forbidden, c), concurrency=2)
+
+    failed = {f.chat_id: f.error for f in stats.failures}
+    assert set(failed) == {unknown, forbidden}
+    assert "404" in failed[unknown]
+    assert "403" in failed[forbidden]
+    assert stats.chats_done == 2
+    _, stored = read(fmt, out)
+    assert set(stored) == {a, c}
+    for chat_id in (a, c):
+        assert stored[chat_id] == server.messages(chat_id)
+    # The error is recorded with the chat's state.
+    store = _store(fmt, out)
+    await store.open(_meta(server, ExportOptions()), fresh=False)
+    try:
+        assert "403" in ((await store.load(forbidden)).error or "")
+        assert "404" in ((await store.load(unknown)).error or "")
+    finally:
+        await store.close()
+
+    # Once the server lets it, the next run exports the chat and clears the error.
+    handle.cancel()
+    again = await export(server, fmt, out, chat_ids=(a, forbidden, c))
+    assert again.failures == []
+    assert_exact(server, fmt, out, [a, forbidden, c])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+async def test_filters_select_exactly_the_matching_messages(
+    server: MessagesServer, fmt: str, tmp_path: Path
+) -> None:
+    out = _out(tmp_path, fmt)
+    since = datetime(2025, 3, 1, tzinfo=UTC)
+    until = datetime(2025, 8, 1, tzinfo=UTC)
+    stats = await export(server, fmt, out, query="The", since=since, until=until)
+    assert stats.failures == []
+    _, stored = read(fmt, out)
+    total = 0
+    for chat_id in server.chat_ids():
+        expected = [
+            m
+            for m in server.messages(chat_id)
+            if "the" in m["message"].lower()
+            and since <= datetime.fromisoformat(m["created_at"]) < until
+        ]
+        total += len(expected)
+        assert stored.get(chat_id, []) == expected
+    assert 0 < total < server.all_message_count()
+    for record in listings(server):
+        if "cursor" not in record.query:
+            assert record.query["query"] == "The"
+            assert datetime.fromisoformat(record.query["period[from]"]) == since
+
+    # Resuming with other filters would mix two selections in one export: refused.
+    with pytest.raises(StoreError, match="--fresh"):
+        await export(server, fmt, out, query="other")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+async def test_fresh_starts_over(server: MessagesServer, fmt: str, tmp_path: Path) -> None:
+    out = _out(tmp_path, fmt)
+    await export(server, fmt, out, query="the")
+    server.reset_stats()
+    stats = await export(server, fmt, out, fresh=True)
+    assert stats.messages == server.all_message_count()
+    assert_exact(server, fmt, out)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+async def test_output_that_is_not_an_export_is_refused(fmt: str, tmp_path: Path) -> None:
+    if fmt == "sqlite":
+        out = tmp_path / "notes.txt"
+        out.write_text("my notes\n")
+    else:
+        out = tmp_path / "home"
+        out.mkdir()
+        (out / "notes.txt").write_text("my notes\n")
+    for fresh in (False, True):
+        store = _store(fmt, out)
+        with pytest.raises(StoreError, match="choose"):
+            await store.open(ExportMeta(source="x"), fresh=fresh)
+        await store.close()
+    assert "my notes" in (out if fmt == "sqlite" else out / "notes.txt").read_text()
+
+
+async def test_a_long_retry_after_is_waited_out_and_shown(tmp_path: Path) -> None:
+    async with MessagesServer(chats=2, messages_per_chat=30, seed=5) as srv:
+        chat = srv.chat_ids()[0]
+        srv.inject(Fault.rate_limited(retry_after="1"), path="messages/", chat_id=chat)
+        running: list[Exporter] = []
+        out = _out(tmp_path, "sqlite")
+        task = asyncio.create_task(
+            # The client's own cap is below the server's Retry-After, so the client gives up
+            # at once: the export must wait it out itself, on display, not fail the chat.
+            export(
+                srv,
+                "sqlite",
+                out,
+                client_options={"max_retry_after": 0.2},
+                watch=running.append,
+                concurrency=1,
+            )
+        )
+        seen: list[str] = []
+        while not task.done():
+            await asyncio.sleep(0.05)
+            if running:
+                seen.append(progress_line(running[0].stats, _IDLE))
+        stats = await task
+        assert stats.failures == []
+        assert stats.resumed_rounds == 1
+        assert any("waiting" in line and "as the server asked" in line for line in seen)
+        assert_exact(srv, "sqlite", out)
+
+
+_IDLE = ma.ClientStats(
+    requests=0,
+    retries=0,
+    rate_limited=0,
+    in_flight=0,
+    concurrency=1,
+    max_concurrency=1,
+    paused_for=0.0,
+)
+
+
+# --- crash safety: real processes, really killed --------------------------------------------------
+
+
+def cli_env(server: MessagesServer) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESSAGES_")}
+    env.update(
+        MESSAGES_TOKEN_URL=server.token_url,
+        MESSAGES_CLIENT_ID=server.client_id,
+        MESSAGES_CLIENT_SECRET=server.client_secret,
+    )
+    return env
+
+
+async def start_cli(server: MessagesServer, *args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "messages_async",
+        "export",
+        *args,
+        env=cli_env(server),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def kill_mid_run(
+    server: MessagesServer, rng: random.Random, args: list[str], *, max_listings: int
+) -> bool:
+    """Start an export and SIGKILL it after a random number of its listings; True if killed."""
+    before = len(listings(server))
+    proc = await start_cli(server, *args)
+    target = rng.randint(1, max_listings)
+    # Polling what the server has seen: the process gives no other signal of progress.
+    while proc.returncode is None and len(listings(server)) - before < target:
+        await asyncio.sleep(0.002)
+    await asyncio.sleep(rng.uniform(0, 0.03))
+    killed = proc.returncode is None
+    if killed:
+        proc.kill()
+    await proc.communicate()
+    return killed
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+async def test_sigkill_at_random_moments_then_rerun_gives_exactly_the_full_set(
+    fmt: str, tmp_path: Path
+) -> None:
+    rng = random.Random(f"sigkill-{fmt}")
+    out = _out(tmp_path, fmt)
+    args = ["--out", str(out), "--format", fmt, "--concurrency", "3"]
+    async with MessagesServer(
+        chats=5, messages_per_chat=(150, 420), seed=21, extra_fields=True, latency=0.01
+    ) as srv:
+        kills = 0
+        for _ in range(3):
+            kills += await kill_mid_run(srv, rng, args, max_listings=8)
+        # New messages arrive; the update that fetches them is killed too (it writes update
+        # segments and merges them into the JSONL files).
+        for chat_id in srv.chat_ids()[:3]:
+            for i in range(rng.randint(101, 180)):
+                srv.post_message(chat_id, f"later {i}")
+        kills += await kill_mid_run(srv, rng, args, max_listings=4)
+        assert kills >= 3, "the kills should land while the export runs"
+
+        proc = await start_cli(srv, *args)
+        stdout, stderr = await proc.communicate()
+        assert proc.returncode == 0, stderr.decode()
+        assert b"Export done" in stdout
+        assert_exact(srv, fmt, out)
+
+
+# --- JSONL repair paths --------------------------------------------------------------------------
+
+
+async def test_jsonl_torn_tail_is_cut_back_to_the_checkpoint(
+    server: MessagesServer, tmp_path: Path
+) -> None:
+    out = _out(tmp_path, "jsonl")
+    await export(server, "jsonl", out)
+    chat = server.chat_ids()[0]
+    path = out / "messages" / f"{chat}.jsonl"
+    # A page whose checkpoint never landed: a torn line past the checkpointed length.
+    path.write_bytes(path.read_bytes() + b'{"id": 1, "uid": 2, "mess')
+    await export(server, "jsonl", out)
+    assert_exact(server, "jsonl", out)
+
+
+@pytest.mark.parametrize("renamed", [False, True])
+async def test_jsonl_merge_interrupted_before_or_after_the_rename_completes(
+    server: MessagesServer, tmp_path: Path, renamed: bool
+) -> None:
+    out = _out(tmp_path, "jsonl")
+    await export(server, "jsonl", out)
+    chat = server.chat_ids()[0]
+    for i in range(3):
+        server.post_message(chat, f"new {i}")
+    new = server.messages(chat)[:3]
+    main = out / "messages" / f"{chat}.jsonl"
+    old = main.read_bytes()
+    segment = b"".join(orjson.dumps(m) + b"\n" for m in new)
+    # Recreate the moment a run was killed during the merge: segment written, checkpoint
+    # says "merging", and the rename of the merged file either happened or did not.
+    (out / ".pending" / f"{chat}.jsonl").write_bytes(segment)
+    state = orjson.loads((out / "state" / f"{chat}.json").read_bytes())
+    state.update(merging=True, pending_length=len(segment), newest_id=new[0]["id"])
+    state["messages"] += 3
+    (out / "state" / f"{chat}.json").write_bytes(orjson.dumps(state))
+    if renamed:
+        main.write_bytes(segment + old)
+    server.reset_stats()
+
+    stats = await export(server, "jsonl", out)
+
+    assert stats.messages == 0  # nothing fetched again: the merge was finished locally
+    assert_exact(server, "jsonl", out)
