@@ -80,3 +80,17 @@ def test_pure_core_does_no_io() -> None:
     for module in ("_wire", "_converter", "_models", "_errors", "_secret"):
         source = (ROOT / "messages_async" / f"{module}.py").read_text()
         assert "aiohttp" not in source, f"{module} imports aiohttp"
+
+
+def test_readme_shows_the_examples_verbatim() -> None:
+    # The echo bot in the README is exactly the code tests/test_example_bot.py runs.
+    readme = (ROOT / "README.md").read_text()
+    for example in ("echo_bot.py", "test_echo_bot.py"):
+        assert (ROOT / "examples" / example).read_text() in readme, example
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    command = ci.strip().splitlines()[-1]
+    assert command in readme
