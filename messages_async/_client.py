@@ -431,6 +431,17 @@ class Messages:
             raise ValueError(f"direction must be 'older' or 'newer', got {direction!r}")
         if cursor is not None and not isinstance(cursor, str):
             raise TypeError(f"cursor must be a str or None, got {type(cursor).__name__}")
+        return self._walk(listing, cursor=cursor, direction=direction, prefetch=prefetch)
+
+    def _walk(
+        self,
+        listing: ListQuery,
+        *,
+        cursor: str | None = None,
+        direction: Direction = "older",
+        prefetch: bool = True,
+        max_items: int | None = None,
+    ) -> AsyncIterator[MessagesPage]:
         root = self._root()
         first = cursor_request(root, cursor, listing) if cursor else build_list(root, listing)
         return walk_pages(
@@ -439,6 +450,7 @@ class Messages:
             lambda c: cursor_request(self._root(), c, listing),
             direction=direction,
             prefetch=prefetch,
+            max_items=max_items,
         )
 
     def iter(
@@ -458,7 +470,8 @@ class Messages:
         """
         if max_items is not None:
             _count("max_items", max_items, minimum=0)
-        pages = self.pages(chat_id, limit=limit, query=query, period=period, prefetch=prefetch)
+        listing = ListQuery.checked(chat_id, limit, query, period)
+        pages = self._walk(listing, prefetch=prefetch, max_items=max_items)
         return walk_messages(pages, max_items)
 
     @overload

@@ -9,6 +9,13 @@ Two mechanisms, both client-wide because a server's limits are per client, not p
   halves on a 429 and grows by about one per round of successes, never above the maximum.
   Requests already in flight when the bound was cut do not cut it again: one burst of 429s
   counts as one signal of congestion, as in TCP's congestion control.
+- **A learned send rate.** A bound on requests in flight cannot express "50 requests a
+  second" when each takes 20 ms, and every 429 costs the whole client a ``Retry-After``
+  (seconds, however small the real wait). So after a 429 the client also paces itself: it
+  estimates the rate the server allowed from the successes of the last two seconds it was
+  not paused, sends at 95% of that, and probes upwards: quickly (x2.5 a second) while it has
+  no reliable estimate, x1.15 a second while below 90% of one, and 0.5% a second near it.
+  Until the first 429 a client is not paced at all.
 
 Waiters are served first come, first served, so no task starves while others keep slipping in.
 A waiter handed a slot checks the pause again when it runs: the throttled request frees its
@@ -50,6 +57,7 @@ class ClientStats:
         concurrency: The current bound on requests in flight (adapts between 1 and max).
         max_concurrency: The configured maximum.
         paused_for: Seconds left in a pause that the server asked for, or 0.
+        pace: Requests per second the client holds itself to since a 429, or ``None``.
     """
 
     requests: int
@@ -59,6 +67,23 @@ class ClientStats:
     concurrency: int
     max_concurrency: int
     paused_for: float
+    pace: float | None = None
+
+
+#: Seconds of history that estimate what rate the server allows.
+_WINDOW = 2.0
+#: Send at this share of the estimated allowed rate.
+_MARGIN = 0.95
+#: Probing growth of the pace per second: without, and with, a reliable estimate.
+_FAST_PROBE = 2.5
+_CATCH_UP = 1.15
+_SLOW_PROBE = 1.005
+#: "Near" the estimated rate: within this share of it, probing slows to _SLOW_PROBE.
+_NEAR = 0.9
+#: Slowest pace, in requests per second: a client always makes progress.
+_MIN_RATE = 0.5
+#: Beyond this the pace is dropped: the server has stopped limiting this client.
+_MAX_RATE = 10_000.0
 
 
 class _Waiter:
@@ -89,6 +114,14 @@ class Limiter:
         self._waiters: collections.deque[_Waiter] = collections.deque()
         self._seq = 0
         self._closed = False
+        self._rate: float | None = None
+        self._ceiling: float | None = None
+        self._next_send = 0.0
+        self._last_probe = 0.0
+        self._active_since = clock()
+        self._stretch = (self._active_since, self._active_since)
+        self._learn_pending = False
+        self._successes: collections.deque[float] = collections.deque()
         self.requests = 0
         self.retries = 0
         self.rate_limited = 0
@@ -110,10 +143,23 @@ class Limiter:
             concurrency=self.concurrency,
             max_concurrency=self._max,
             paused_for=max(0.0, self._pause_until - self._clock()),
+            pace=self._rate,
         )
 
+    def _ready_at(self) -> float:
+        return max(self._pause_until, self._next_send)
+
     def _open(self) -> bool:
-        return self._in_flight < int(self._limit) and self._clock() >= self._pause_until
+        return self._in_flight < int(self._limit) and self._clock() >= self._ready_at()
+
+    def _grant(self) -> int:
+        if self._learn_pending and self._clock() >= self._pause_until:
+            self._learn_pending = False
+            self._learn_rate()
+        self._in_flight += 1
+        if self._rate is not None:
+            self._next_send = max(self._clock(), self._next_send) + 1.0 / self._rate
+        return self._epoch
 
     async def acquire(self) -> int:
         """Wait for a slot; returns a ticket to hand back to :meth:`release`.
@@ -124,8 +170,7 @@ class Limiter:
         if self._closed:
             raise ClientClosedError("the client was closed; create a new Client")
         if not self._waiters and self._open():
-            self._in_flight += 1
-            return self._epoch
+            return self._grant()
         self._seq += 1
         waiter = _Waiter(self._seq, asyncio.get_running_loop().create_future())
         self._waiters.append(waiter)
@@ -170,19 +215,83 @@ class Limiter:
             if ticket == self._epoch:
                 self._limit = max(1.0, self._limit / 2)
                 self._epoch += 1
-        elif outcome is Outcome.OK and self._limit < self._max:
-            self._limit = min(float(self._max), self._limit + 1.0 / self._limit)
+                self._learn_pending = True
+        elif outcome is Outcome.OK:
+            if self._limit < self._max:
+                self._limit = min(float(self._max), self._limit + 1.0 / self._limit)
+            self._successes.append(self._clock())
+            self._probe()
         self._wake()
+
+    def _learn_rate(self) -> None:
+        """Set the pace from the successes of the stretch the last pause ended.
+
+        Run when that pause is over rather than at the 429 itself: a server answers 429s at
+        once but successes only after their work, so at the moment of the first 429 of a burst
+        the successes of that same burst have not arrived yet.
+        """
+        begin, end = self._stretch
+        begin = max(begin, end - _WINDOW)
+        while self._successes and self._successes[0] < begin:
+            self._successes.popleft()
+        count, span = len(self._successes), end - begin
+        self._successes.clear()
+        if count == 0:
+            # Nothing got through: that says nothing about the rate. The pause and the halved
+            # bound on requests in flight do the work until successes come back.
+            if self._rate is not None:
+                self._rate = max(_MIN_RATE, self._rate * _MARGIN)
+            return
+        if span >= _WINDOW / 2:
+            # A real stretch of time: what the server let through is a floor of its rate (the
+            # client may have sent less for part of it), and the pace that met the 429 is a
+            # roof. Probing speeds up to somewhere between the two, then slows right down.
+            allowed = count / span
+            roof = self._rate if self._rate is not None and self._rate > allowed else allowed
+            self._ceiling = (allowed * roof) ** 0.5
+        else:
+            # Too short to say (the first burst, say): assume no more than what got through
+            # in a second, and probe upwards quickly from there.
+            allowed = count / max(span, 1.0)
+            self._ceiling = None
+        rate = allowed * _MARGIN
+        if self._rate is not None and self._ceiling is None:
+            rate = min(rate, self._rate)
+        self._rate = max(_MIN_RATE, rate)
+        self._last_probe = self._clock()
+
+    def _probe(self) -> None:
+        if self._rate is None:
+            return
+        now = self._clock()
+        elapsed = now - self._last_probe
+        if elapsed <= 0:
+            return
+        self._last_probe = now
+        if self._ceiling is None:
+            growth = _FAST_PROBE
+        elif self._rate >= self._ceiling * _NEAR:
+            growth = _SLOW_PROBE
+        else:
+            growth = _CATCH_UP
+        self._rate *= growth**elapsed
+        if self._rate > _MAX_RATE:
+            self._rate = self._ceiling = None
 
     def pause(self, seconds: float) -> None:
         """Hold every request that has not been sent yet for ``seconds`` from now."""
-        until = self._clock() + max(0.0, seconds)
+        now = self._clock()
+        until = now + max(0.0, seconds)
         if until > self._pause_until:
+            if self._pause_until <= now:  # a new pause ends the stretch that ran until now
+                self._stretch = (self._active_since, now)
             self._pause_until = until
+            self._active_since = until  # rates are learned from unpaused time only
+            self._last_probe = max(self._last_probe, until)
             self._arm_timer()
 
     def _arm_timer(self) -> None:
-        delay = self._pause_until - self._clock()
+        delay = self._ready_at() - self._clock()
         if delay <= 0 or not self._waiters:
             return
         if self._timer is not None:
@@ -198,8 +307,7 @@ class Limiter:
             future = self._waiters.popleft().future
             if future.done():  # cancelled while queued; its task removes nothing more
                 continue
-            self._in_flight += 1
-            future.set_result(self._epoch)
+            future.set_result(self._grant())
         if self._waiters:
             self._arm_timer()
 

@@ -73,8 +73,12 @@ async def walk_pages(
     *,
     direction: Direction = "older",
     prefetch: bool = True,
+    max_items: int | None = None,
 ) -> AsyncIterator[MessagesPage]:
     """Yield pages from ``first`` on, following ``next_cursor`` (older) or ``prev_cursor``.
+
+    With ``max_items``, no page is requested (or fetched ahead) once the pages yielded hold
+    that many messages.
 
     With ``prefetch`` the next page is requested before the current one is yielded, so the
     consumer's work on page *n* overlaps the network time of page *n+1*; at most one page is
@@ -90,6 +94,7 @@ async def walk_pages(
     boundary: int | None = None
     empty_run = 0
     ahead: asyncio.Task[MessagesPage] | None = None
+    wanted = max_items
     try:
         page = await fetch(first)
         while True:
@@ -101,6 +106,10 @@ async def walk_pages(
                     "cursor; stopped the walk as stuck"
                 )
             cursor = page.next_cursor if direction == "older" else page.prev_cursor
+            if wanted is not None:
+                wanted -= len(page.items)
+                if wanted <= 0:
+                    cursor = None  # the caller has all it asked for: fetch nothing more
             request: ApiRequest | None = None
             failure: PaginationError | UnsafeCursorError | None = None
             if cursor is not None:
@@ -121,6 +130,9 @@ async def walk_pages(
                         ahead = asyncio.create_task(
                             fetch(request), name="messages_async page prefetch"
                         )
+                        # Let the request go out now: a consumer that works on this page
+                        # without awaiting would otherwise hold it back until it is done.
+                        await asyncio.sleep(0)
             yield page
             if failure is not None:
                 raise failure

@@ -426,3 +426,26 @@ async def test_closing_the_client_ends_a_yielding_fan_out_once_not_per_chat() ->
         # At most the chats that were mid-request when the client closed are reported one by
         # one; the chats not yet started are not each turned into a failure.
         assert len(failed) <= 2
+
+
+async def test_a_rate_limited_fan_out_learns_the_servers_rate() -> None:
+    # A token bucket of 40 requests a second (burst 5): after its first 429s the client paces
+    # itself near that rate instead of bouncing off the limit, so 429s stay rare.
+    async with MessagesServer(
+        chats=30, messages_per_chat=60, seed=5, latency=0.01, rate_limit=40, burst=5
+    ) as server:
+        chat_ids = server.chat_ids()
+        async with _client(server, max_concurrency=10, max_retries=10) as client:
+            got = [m async for m in client.messages.iter_many(chat_ids, limit=20)]
+            stats = client.stats
+        assert len(got) == 30 * 60
+        answered = [r for r in _listings(server) if r.status is not None]
+        limited = [r for r in answered if r.status == 429]
+        assert len(answered) >= 90
+        assert stats.pace is not None
+        assert 10 <= stats.pace <= 60
+        # Without pacing every window after a pause starts with a burst of 429s; learned, the
+        # late part of the run hardly meets the limit.
+        late = answered[len(answered) // 2 :]
+        assert sum(r.status == 429 for r in late) <= max(3, len(late) // 10)
+        assert stats.rate_limited == len(limited)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -448,6 +449,49 @@ async def test_prefetch_requests_the_next_page_while_the_consumer_works() -> Non
             assert listings[n + 2].started >= stamps[n][1]
 
 
+@contextlib.contextmanager
+def _server_in_a_thread(**options: Any) -> Iterator[MessagesServer]:
+    """An emulator on its own event loop in another thread, so it keeps answering while the
+    test's loop is blocked by a consumer that never awaits."""
+    loop = asyncio.new_event_loop()
+    server = MessagesServer(**options)
+    ready = threading.Event()
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(server.start())
+        ready.set()
+        loop.run_forever()
+        loop.run_until_complete(server.close())
+        loop.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    ready.wait(10)
+    try:
+        yield server
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+async def test_prefetch_overlaps_a_consumer_that_never_awaits() -> None:
+    # A consumer that holds the CPU (parsing, say) gives the event loop no turn; the next
+    # request must still be on the wire before the consumer starts working.
+    with _server_in_a_thread(chats=1, messages_per_chat=40, seed=1, latency=0.05) as server:
+        chat_id = server.chat_ids()[0]
+        received: list[float] = []
+        async with _client(server) as client:
+            async for _page in client.messages.pages(chat_id, limit=10):
+                received.append(time.monotonic())
+                time.sleep(0.1)  # noqa: ASYNC251 - blocking on purpose: CPU-bound work
+        listings = _listings(server)
+    assert len(listings) == len(received) == 4
+    for n in range(len(received) - 1):
+        # The server saw page n+1 asked for while the consumer was still busy with page n.
+        assert listings[n + 1].started < received[n] + 0.05
+
+
 async def test_without_prefetch_requests_wait_for_the_consumer() -> None:
     async with MessagesServer(chats=1, messages_per_chat=60, seed=1, latency=0.02) as server:
         chat_id = server.chat_ids()[0]
@@ -473,8 +517,17 @@ async def test_max_items_is_a_total_and_limit_a_page_size() -> None:
             await _assert_nothing_left(client)
         listings = _listings(server)
         assert all(r.query["limit"] == "3" for r in listings)
-        # Three pages hold the seven; a prefetched fourth is the most that may be asked for.
-        assert 3 <= len(listings) <= 4
+        # Three pages hold the seven: nothing is fetched ahead past what was asked for.
+        assert len(listings) == 3
+
+
+async def test_max_items_within_the_first_page_sends_one_request() -> None:
+    async with MessagesServer(chats=1, messages_per_chat=50, seed=1) as server:
+        chat_id = server.chat_ids()[0]
+        async with _client(server) as client:
+            got = [m.id async for m in client.messages.iter(chat_id, limit=100, max_items=10)]
+        assert got == _ids(server.messages(chat_id))[:10]
+        assert len(_listings(server)) == 1
 
 
 async def test_bad_arguments_raise_before_anything_is_sent() -> None:
