@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import random
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Literal, Self, overload
 
@@ -37,6 +37,7 @@ from ._wire import (
     build_get,
     build_list,
     check_chat_id,
+    check_cursor_chat,
     check_secure_url,
     cursor_request,
     parse_chats,
@@ -80,6 +81,14 @@ def _count(name: str, value: object, *, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {value}")
     return value
+
+
+def _secret_or_none(name: str, value: object) -> Secret | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"{name} must be a non-empty str")
+    return Secret(value)
 
 
 def _scopes(value: object) -> frozenset[str]:
@@ -148,37 +157,34 @@ class Client:
         retry_budget: int = 50,
         allow_insecure_http: bool = False,
     ) -> None:
+        self._state = _State.UNOPENED
+        self._client_id = client_id if isinstance(client_id, str) else None
+        # The secrets are wrapped first and the plain strings dropped from this frame, so a
+        # traceback that shows locals (a configuration error raised below) cannot show them.
+        secret = _secret_or_none("client_secret", client_secret)
+        token = _secret_or_none("access_token", access_token)
+        del client_secret, access_token
         if session is not None and not isinstance(session, aiohttp.ClientSession):
             raise TypeError("session must be an aiohttp.ClientSession")
-        exchange = (token_url, client_id, client_secret)
+        given = {"token_url": token_url, "client_id": client_id, "client_secret": secret}
         credentials: Credentials | None = None
         root: URL | None = None
-        token: Secret | None = None
         granted: frozenset[str] | None = None
-        if access_token is not None:
-            if any(v is not None for v in exchange):
+        if token is not None:
+            if any(v is not None for v in given.values()):
                 raise ConfigurationError(
                     "give either access_token (with resource_uri) or token_url, client_id and "
                     "client_secret, not both"
                 )
             if resource_uri is None:
                 raise ConfigurationError("access_token needs resource_uri: where to send it")
-            if not isinstance(access_token, str) or not access_token:
-                raise TypeError("access_token must be a non-empty str")
-            token = Secret(access_token)
             root = self._checked_url(resource_uri, "resource_uri", allow_insecure_http)
             root = resource_root(root)
             if scopes is not NOT_GIVEN:
                 granted = _scopes(scopes)
         else:
-            if any(v is None for v in exchange):
-                missing = [
-                    n
-                    for n, v in zip(
-                        ("token_url", "client_id", "client_secret"), exchange, strict=True
-                    )
-                    if v is None
-                ]
+            missing = [name for name, value in given.items() if value is None]
+            if missing:
                 raise ConfigurationError(
                     f"missing {', '.join(missing)}: give token_url, client_id and client_secret "
                     "(or access_token and resource_uri)"
@@ -189,11 +195,10 @@ class Client:
                 )
             if not isinstance(client_id, str) or not client_id:
                 raise TypeError("client_id must be a non-empty str")
-            if not isinstance(client_secret, str) or not client_secret:
-                raise TypeError("client_secret must be a non-empty str")
+            assert secret is not None  # not missing, checked above
             url = self._checked_url(token_url, "token_url", allow_insecure_http)
             requested = _scopes(DEFAULT_SCOPES if scopes is NOT_GIVEN else scopes)
-            credentials = Credentials(url, client_id, Secret(client_secret), requested)
+            credentials = Credentials(url, client_id, secret, requested)
         max_concurrency = _count("max_concurrency", max_concurrency, minimum=1)
         self._policy = RetryPolicy(
             max_retries=_count("max_retries", max_retries, minimum=0),
@@ -226,8 +231,6 @@ class Client:
             retry_budget=RetryBudget(_count("retry_budget", retry_budget, minimum=0)),
             rng=rng,
         )
-        self._state = _State.UNOPENED
-        self._client_id = client_id
         self.messages = Messages(self)
 
     @staticmethod
@@ -308,8 +311,9 @@ class Client:
     @property
     def resource_uri(self) -> str | None:
         """The API's base URI, once known."""
+        sessions = getattr(self, "_sessions", None)  # None while __init__ is still checking
         try:
-            return str(self._sessions.resource_root)
+            return str(sessions.resource_root) if sessions is not None else None
         except ClientClosedError:
             return None
 
@@ -369,7 +373,9 @@ class Messages:
         root = self._root()
         if cursor is None or cursor == "":
             return await self._page(build_list(root, listing))
-        return await self._page(cursor_request(root, cursor, listing))
+        request = cursor_request(root, cursor, listing)
+        check_cursor_chat(request, listing.chat_id)
+        return await self._page(request)
 
     async def get(self, message_id: int) -> Message:
         """One message by id."""
@@ -418,7 +424,7 @@ class Messages:
         period: Period | None = None,
         direction: Direction = "older",
         prefetch: bool = True,
-    ) -> AsyncIterator[MessagesPage]:
+    ) -> AsyncGenerator[MessagesPage, None]:
         """Walk a chat's pages, newest first, following cursors.
 
         ``limit`` is the page size, not a total. Save ``page.next_cursor`` to resume later with
@@ -431,6 +437,11 @@ class Messages:
             raise ValueError(f"direction must be 'older' or 'newer', got {direction!r}")
         if cursor is not None and not isinstance(cursor, str):
             raise TypeError(f"cursor must be a str or None, got {type(cursor).__name__}")
+        if direction == "newer" and not cursor:
+            raise ValueError(
+                "direction='newer' walks up from a saved cursor (a page's prev_cursor); the "
+                "first page is already the newest"
+            )
         return self._walk(listing, cursor=cursor, direction=direction, prefetch=prefetch)
 
     def _walk(
@@ -441,9 +452,13 @@ class Messages:
         direction: Direction = "older",
         prefetch: bool = True,
         max_items: int | None = None,
-    ) -> AsyncIterator[MessagesPage]:
+    ) -> AsyncGenerator[MessagesPage, None]:
         root = self._root()
-        first = cursor_request(root, cursor, listing) if cursor else build_list(root, listing)
+        if cursor:
+            first = cursor_request(root, cursor, listing)
+            check_cursor_chat(first, listing.chat_id)
+        else:
+            first = build_list(root, listing)
         return walk_pages(
             self._page,
             first,
@@ -462,7 +477,7 @@ class Messages:
         period: Period | None = None,
         max_items: int | None = None,
         prefetch: bool = True,
-    ) -> AsyncIterator[Message]:
+    ) -> AsyncGenerator[Message, None]:
         """Every message of a chat, newest first.
 
         ``limit`` is the page size of each request, not a total: use ``max_items`` to stop
@@ -485,7 +500,7 @@ class Messages:
         period: Period | None = ...,
         max_items: int | None = ...,
         on_error: Literal["raise"] = ...,
-    ) -> AsyncIterator[tuple[int, Message]]: ...
+    ) -> AsyncGenerator[tuple[int, Message], None]: ...
 
     @overload
     def iter_many(
@@ -498,7 +513,7 @@ class Messages:
         period: Period | None = ...,
         max_items: int | None = ...,
         on_error: Literal["yield"],
-    ) -> AsyncIterator[tuple[int, Message | ChatFailed]]: ...
+    ) -> AsyncGenerator[tuple[int, Message | ChatFailed], None]: ...
 
     def iter_many(
         self,
@@ -510,7 +525,10 @@ class Messages:
         period: Period | None = None,
         max_items: int | None = None,
         on_error: OnError = "raise",
-    ) -> AsyncIterator[tuple[int, Message | ChatFailed]] | AsyncIterator[tuple[int, Message]]:
+    ) -> (
+        AsyncGenerator[tuple[int, Message | ChatFailed], None]
+        | AsyncGenerator[tuple[int, Message], None]
+    ):
         """Every message of many chats, as ``(chat_id, message)``, walked concurrently.
 
         At most ``concurrency`` chats are walked at once; messages arrive as they come, in
@@ -529,7 +547,7 @@ class Messages:
         ListQuery.checked(0, limit, query, period)  # fail now, not in a worker
         self._root()
 
-        def walk(chat_id: int) -> AsyncIterator[MessagesPage]:
+        def walk(chat_id: int) -> AsyncGenerator[MessagesPage, None]:
             # No prefetch inside a fan-out: the other chats already overlap the network, and
             # in-flight requests stay within ``concurrency``.
             return self.pages(chat_id, limit=limit, query=query, period=period, prefetch=False)

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from typing import Literal
 
 from ._errors import ClientClosedError
 from ._models import ChatFailed, Message, MessagesPage
+from ._pagination import retrieve_outcome
 
 __all__ = ["OnError", "fan_out"]
 
@@ -33,12 +34,12 @@ OnError = Literal["raise", "yield"]
 
 async def fan_out(
     chat_ids: Iterable[int],
-    walk: Callable[[int], AsyncIterator[MessagesPage]],
+    walk: Callable[[int], AsyncGenerator[MessagesPage, None]],
     *,
     concurrency: int,
     on_error: OnError,
     max_items: int | None,
-) -> AsyncIterator[tuple[int, Message | ChatFailed]]:
+) -> AsyncGenerator[tuple[int, Message | ChatFailed], None]:
     """Walk every chat of ``chat_ids`` with ``concurrency`` workers; yield ``(chat_id, item)``.
 
     ``max_items`` bounds each chat. See the module docstring for failures and cleanup.
@@ -69,9 +70,7 @@ async def fan_out(
                 if remaining is not None and remaining <= 0:
                     break
         finally:
-            aclose = getattr(pages, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await pages.aclose()
 
     async def worker() -> None:
         while pending:
@@ -110,15 +109,9 @@ async def fan_out(
                     raise failures[0]
     finally:
         for task in workers:
-            task.add_done_callback(_retrieve)
+            task.add_done_callback(retrieve_outcome)
             task.cancel()
         if workers:
             # Wait, so no worker (nor its connection) outlives the generator. If this wait
             # is itself cancelled, CancelledError goes on up; the callbacks collect the rest.
             await asyncio.wait(workers)
-
-
-def _retrieve(task: asyncio.Task[None]) -> None:
-    # Mark the worker's outcome as seen, so asyncio never reports it as "never retrieved".
-    if not task.cancelled():
-        task.exception()

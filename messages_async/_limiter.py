@@ -134,6 +134,18 @@ class Limiter:
     def in_flight(self) -> int:
         return self._in_flight
 
+    def count_attempt(self, *, retry: bool) -> None:
+        self.requests += 1
+        if retry:
+            self.retries += 1
+
+    def count_rate_limited(self) -> None:
+        self.rate_limited += 1
+
+    def paused_for(self) -> float:
+        """Seconds left in the pause the server asked for (0 when not paused)."""
+        return max(0.0, self._pause_until - self._clock())
+
     def stats(self) -> ClientStats:
         return ClientStats(
             requests=self.requests,
@@ -142,7 +154,7 @@ class Limiter:
             in_flight=self._in_flight,
             concurrency=self.concurrency,
             max_concurrency=self._max,
-            paused_for=max(0.0, self._pause_until - self._clock()),
+            paused_for=self.paused_for(),
             pace=self._rate,
         )
 

@@ -20,7 +20,7 @@ good); a bad page is raised instead of being yielded.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from typing import Any, Literal
 
 from yarl import URL
@@ -29,7 +29,7 @@ from ._errors import PaginationError, UnsafeCursorError
 from ._models import Message, MessagesPage
 from ._wire import ApiRequest
 
-__all__ = ["Direction", "walk_messages", "walk_pages"]
+__all__ = ["Direction", "retrieve_outcome", "walk_messages", "walk_pages"]
 
 Direction = Literal["older", "newer"]
 
@@ -74,7 +74,7 @@ async def walk_pages(
     direction: Direction = "older",
     prefetch: bool = True,
     max_items: int | None = None,
-) -> AsyncIterator[MessagesPage]:
+) -> AsyncGenerator[MessagesPage, None]:
     """Yield pages from ``first`` on, following ``next_cursor`` (older) or ``prev_cursor``.
 
     With ``max_items``, no page is requested (or fetched ahead) once the pages yielded hold
@@ -147,7 +147,7 @@ async def walk_pages(
                 page = await fetch(request)
     finally:
         if ahead is not None:
-            ahead.add_done_callback(_retrieve)
+            ahead.add_done_callback(retrieve_outcome)
             if not ahead.done():
                 ahead.cancel()
                 # Wait, so the connection is back in the pool (or closed) when the walk is
@@ -156,16 +156,16 @@ async def walk_pages(
                 await asyncio.wait([ahead])
 
 
-def _retrieve(task: asyncio.Task[MessagesPage]) -> None:
-    # Nobody will read this page: mark its outcome as seen, so asyncio does not report an
-    # exception that was "never retrieved".
+def retrieve_outcome(task: asyncio.Task[Any]) -> None:
+    """Done-callback for a task whose result nobody will read: mark its outcome as seen, so
+    asyncio does not report an exception that was "never retrieved"."""
     if not task.cancelled():
         task.exception()
 
 
 async def walk_messages(
-    pages: AsyncIterator[MessagesPage], max_items: int | None
-) -> AsyncIterator[Message]:
+    pages: AsyncGenerator[MessagesPage, None], max_items: int | None
+) -> AsyncGenerator[Message, None]:
     """Flatten a page walk into messages, stopping after ``max_items`` if given."""
     try:
         if max_items is not None and max_items <= 0:
@@ -179,6 +179,4 @@ async def walk_messages(
                     if remaining <= 0:
                         return
     finally:
-        aclose = getattr(pages, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await pages.aclose()

@@ -199,12 +199,25 @@ class SessionManager:
         current = self._token
         if current is not None and current is not stale and self._clock() < current.refresh_at:
             return current  # someone else renewed it meanwhile
-        if self._renewal is None:
-            task = asyncio.create_task(self._exchange(current), name="messages_async token renewal")
-            task.add_done_callback(self._renewal_done)
-            self._renewal = task
-        # Shielded: one waiter's cancellation must not cancel the exchange the others wait on.
-        return await asyncio.shield(self._renewal)
+        renewal = self._renewal
+        if renewal is None:
+            renewal = asyncio.create_task(
+                self._exchange(current), name="messages_async token renewal"
+            )
+            renewal.add_done_callback(self._renewal_done)
+            self._renewal = renewal
+        try:
+            # Shielded: one waiter's cancellation must not cancel the exchange the others
+            # wait on.
+            return await asyncio.shield(renewal)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if (task is not None and task.cancelling()) or not renewal.cancelled():
+                raise  # this waiter itself was cancelled
+            # Nobody cancelled this waiter: the client closed and stopped the renewal.
+            raise ClientClosedError(
+                "the client was closed while this call waited for a new access token"
+            ) from None
 
     def _renewal_done(self, task: asyncio.Task[Token]) -> None:
         if self._renewal is task:
@@ -232,11 +245,21 @@ class SessionManager:
             refresh_at = float("inf")  # lives until a 401 says otherwise
         else:
             refresh_at = now + grant.expires_in - min(_REFRESH_MARGIN, grant.expires_in / 2)
-        token = Token(grant.access_token, refresh_at, grant.refresh_token)
+        previous = self._token
+        # A refresh answer may leave out the refresh token, the scopes and the user: each
+        # then stays as it was (RFC 6749 §5.1, §6), never silently widened or forgotten.
+        refresh = grant.refresh_token
+        if refresh is None and previous is not None:
+            refresh = previous.refresh_token
+        token = Token(grant.access_token, refresh_at, refresh)
         self._token = token
-        self._granted = grant.scopes
+        if grant.scopes is not None:
+            self._granted = grant.scopes
+        elif self._granted is None and self._credentials is not None:
+            self._granted = self._credentials.scopes  # absent on the first exchange: as asked
         self._resource_root = grant.resource_uri
-        self._user_id = grant.user_id
+        if grant.user_id is not None:
+            self._user_id = grant.user_id
         return token
 
     async def _request_token(self, credentials: Credentials, refresh: Secret | None) -> TokenGrant:
@@ -264,10 +287,12 @@ class SessionManager:
             except (aiohttp.ClientError, TimeoutError) as exc:
                 logger.debug("token exchange (%s) failed: %s", grant_type, type(exc).__name__)
                 if attempt >= self._max_retries:
+                    # The cause keeps its type and message but not its traceback: aiohttp's
+                    # frames hold the form with the client secret in their locals.
                     raise AuthError(
                         f"could not reach the token endpoint {credentials.token_url.origin()} "
                         f"after {attempt + 1} attempts: {type(exc).__name__}: {exc}"
-                    ) from exc
+                    ) from exc.with_traceback(None)
             else:
                 logger.debug(
                     "POST %s (%s) -> %d (attempt %d, %.1f ms)",
@@ -279,10 +304,7 @@ class SessionManager:
                 )
                 if status not in _TRANSIENT_TOKEN_STATUSES or attempt >= self._max_retries:
                     return parse_token_response(
-                        status,
-                        body,
-                        requested=credentials.scopes,
-                        allow_insecure_http=self._allow_insecure_http,
+                        status, body, allow_insecure_http=self._allow_insecure_http
                     )
             await asyncio.sleep(
                 backoff_delay(

@@ -31,13 +31,21 @@ from yarl import URL
 from ._errors import (
     DecodeError,
     NotFoundError,
+    RateLimitError,
     RequestTimeoutError,
     TransportError,
     UnsafeCursorError,
 )
 from ._limiter import Limiter, Outcome
 from ._session import SessionManager, Token
-from ._wire import ApiRequest, Retry, backoff_delay, error_from_response, same_origin
+from ._wire import (
+    ApiRequest,
+    Retry,
+    backoff_delay,
+    check_inside,
+    error_from_response,
+    same_origin,
+)
 
 __all__ = ["RetryBudget", "RetryPolicy", "Transport"]
 
@@ -160,18 +168,31 @@ class Transport:
                     f"refused to send {request.op} to {url.origin()}: the access token is only "
                     f"sent to {sessions.resource_root.origin()}"
                 )
+            paused_for = self._limiter.paused_for()
+            if paused_for > policy.max_retry_after:
+                # The server asked this client to wait longer than it waits out: say so now,
+                # rather than sending into the pause or sleeping through it.
+                raise RateLimitError(
+                    429,
+                    "rate_limited",
+                    f"the server asked this client to wait {paused_for:.0f} s more",
+                    retry_after=paused_for,
+                    hint="above max_retry_after; nothing was sent",
+                )
             token = await sessions.token()
             ticket = await self._limiter.acquire()
-            self._limiter.requests += 1
-            if retries:
-                self._limiter.retries += 1
+            self._limiter.count_attempt(retry=bool(retries))
             outcome = Outcome.FAILED
             started = self._clock()
             try:
                 answer = await self._attempt(request, url, token, policy)
-            except aiohttp.ClientConnectorError as exc:
-                # Connection refused / not established: nothing was sent, any request may retry.
-                error: BaseException = exc
+            except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as exc:
+                error: BaseException = exc  # a certificate will not fix itself on a retry
+                retryable = False
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                # Not connected (refused, or no connection in time): nothing was sent, so any
+                # request may be retried, an add included.
+                error = exc
                 retryable = True
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
                 error = exc
@@ -197,7 +218,11 @@ class Transport:
                     elapsed,
                 )
                 if not retryable or retries >= policy.max_retries or not self._budget.try_spend():
-                    raise self._transport_error(request, error, retries, maybe_acted) from error
+                    # The cause keeps its type and message but not its traceback: aiohttp's
+                    # frames hold the request headers, the bearer token among them.
+                    raise self._transport_error(
+                        request, error, retries, maybe_acted
+                    ) from error.with_traceback(None)
                 await self._sleep(self._backoff(retries, policy))
                 retries += 1
                 continue
@@ -227,7 +252,7 @@ class Transport:
             exc = error_from_response(
                 status, answer.headers, answer.body, now=datetime.now(UTC), granted=sessions.granted
             )
-            if isinstance(exc, NotFoundError) and request.op == "delete" and maybe_acted:
+            if isinstance(exc, NotFoundError) and request.gone_means_done and maybe_acted:
                 # Our earlier attempt deleted it and the answer was lost: the caller's intent
                 # holds, so this is success, not an error (exactly one deletion happened).
                 return None
@@ -238,11 +263,16 @@ class Transport:
             if status == 429:
                 # Counted for every 429 answered, also the one that ends a call, so that
                 # client.stats agrees with what the server sent (was: only retried ones).
-                self._limiter.rate_limited += 1
+                self._limiter.count_rate_limited()
+            if not shared_pause:
+                # A 5xx may come from a gateway whose upstream did the work.
+                maybe_acted = True
             if request.retry is not Retry.IDEMPOTENT and not shared_pause:
                 raise exc  # a 500 on add: it may have been stored; never post twice
             if retry_after is not None and retry_after > policy.max_retry_after:
-                raise exc from None
+                if shared_pause:
+                    self._limiter.pause(retry_after)  # binds the client's other calls too
+                raise exc
             if retries >= policy.max_retries:
                 if shared_pause and retry_after is not None:
                     # This call gives up, but the server's Retry-After still binds every
@@ -305,12 +335,12 @@ class Transport:
         )
 
     def _redirect_target(self, request: ApiRequest, url: URL, location: str) -> URL:
-        target = url.join(URL(location))
-        if not same_origin(target, self._sessions.resource_root):
-            raise UnsafeCursorError(
-                f"refused a redirect of {request.op} from {url.origin()} to {target.origin()}: "
-                "the access token is only sent to the API's origin; nothing was sent there"
-            )
+        try:
+            target = url.join(URL(location))
+        except ValueError:
+            raise UnsafeCursorError(f"refused an unreadable redirect of {request.op}") from None
+        # The same checks as a cursor URL: the API's origin and path, no user info.
+        check_inside(self._sessions.resource_root, target, what=f"redirect of {request.op}")
         if request.method != "GET":
             raise TransportError(
                 f"{request.op} was answered with a redirect; a write is not re-sent to another "

@@ -5,19 +5,38 @@ The API has no push channel, so a watch polls. What it promises (PROTOCOL §7):
 - **Exactly once, in order.** Per chat it keeps a watermark, the largest id seen there. A poll
   reads the newest page; when every item on it is above the watermark and the page has a
   ``next_cursor``, more arrived than a page holds, so it follows ``next_cursor`` back until it
-  reaches the watermark. Only then are the new messages handed on, oldest first, and only once
-  they are handed on does the poller's watermark move. A poll that fails halfway hands on
-  nothing and moves nothing, so the next poll fetches the same burst again: no message is
-  skipped and none is yielded twice.
-- **Watermarks for chats not seen before.** A chat present when the watch starts begins at its
-  newest id then (or at ``since[chat_id]``). A chat that appears later (when watching every
-  chat) begins at the largest id seen in *any* chat when the watch started: ids grow
-  server-wide (PROTOCOL §2), so everything posted in it after the start is yielded.
+  reaches the watermark. Only then are the new messages handed on, oldest first, and the
+  poller's watermark moves with them. A poll that fails halfway hands on nothing and moves
+  nothing, so the next poll fetches the same burst again: no message is skipped and none is
+  yielded twice.
+- **Where a chat starts.** The watch starts with its first round: one poll of every chat
+  present then. The *start mark* is the largest id those polls saw in any chat. A chat begins
+  at ``since[chat_id]`` when given, else at its newest id in its first poll. If that poll
+  fails, the chat begins at the start mark as known at that moment, not at "newest when it
+  first succeeds", so nothing posted in it during the outage is skipped. Ids grow server-wide
+  (PROTOCOL §2), so every message posted later has a larger id. The price: if that chat held
+  messages newer than every id seen so far, they are yielded as well. If no id was seen yet,
+  the chat is pinned at the first id the first round sees. If the round sees none (every chat
+  empty or failing), the chat begins at its newest id in the first poll that succeeds, as
+  there is nothing to compare with.
+- **Chats that appear later** (when watching every chat) begin at the start mark (PROTOCOL §7),
+  so everything posted in them after the start is yielded. With a start mark of 0 (no chat
+  held a message at the start) that is a new chat's whole history. That is right for a chat
+  created after the start, but it replays the history of an old chat the user is added to later.
+  A chat that was present at the start but never read (its first poll got a 404) is not new:
+  when listed again it begins like a chat whose first poll failed.
+- **Dropped and listed again.** A chat that is dropped (404, or missing from a listing) keeps
+  its watermark. If it is listed again it goes on from there: nothing is repeated, and what
+  was posted in between is yielded.
 - **Cheap.** A quiet chat's interval grows by half per empty poll up to ``max_interval``; one
-  with news goes back to ``interval``. Polls run on at most ``concurrency`` workers and go
-  through the client's normal request path, so they share its rate limiter, its pause on
-  ``Retry-After`` and its bound on requests in flight: a thousand watched chats cost roughly
-  ``chats / max_interval`` requests per second once they are quiet, not ``chats / interval``.
+  with news goes back to ``interval``. A chat that reaches ``max_interval`` first waits a
+  random time up to it (at least ``interval``, or half the cap if that is shorter). Chats
+  that went quiet together then poll evenly spread over the cap, not in one burst per cycle
+  that a rate-limited server would answer with 429s. Polls run on at most ``concurrency``
+  workers and go through the client's normal request path, so they share its rate limiter,
+  its pause on ``Retry-After`` and its bound on requests in flight: a thousand watched chats
+  cost roughly ``chats / max_interval`` requests per second once they are quiet, not
+  ``chats / interval``.
 - **Bounded memory.** Up to ``_MAX_HELD_PAGES`` pages of a burst are held to be handed on
   oldest first. A longer backlog (a ``since=`` far in the past) is walked back to the
   watermark without holding pages, then forward again with ``prev_cursor``, one page at a
@@ -97,10 +116,6 @@ class _Failure:
 _Item = tuple[int, list[Message]] | _Failure | _End
 
 
-class _Dropped(Exception):
-    """The chat is gone; raised inside a poll to stop watching it."""
-
-
 def _transient(exc: BaseException) -> bool:
     """Whether polling that chat again later may well succeed."""
     if isinstance(
@@ -132,11 +147,13 @@ def _number(name: str, value: object) -> float:
 
 
 class _ChatState:
-    __slots__ = ("failures", "interval")
+    __slots__ = ("failures", "interval", "phased")
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
         self.failures = 0
+        # Whether the chat got its random phase since it last reached max_interval.
+        self.phased = False
 
 
 class _Core:
@@ -168,7 +185,8 @@ class _Core:
         self.concurrency = concurrency
         self.rediscover = rediscover
         self.rng = random.Random()
-        # The poller's side: the largest id handed to the queue, per chat being watched.
+        # The poller's side: the largest id handed to the queue, per chat. Kept when a chat is
+        # dropped, so a chat that is listed again goes on from there without repeats.
         self.fetched: dict[int, int] = {}
         # The consumer's side: the largest id handed to the consumer (plus starting points).
         self.public: dict[int, int] = {}
@@ -177,8 +195,15 @@ class _Core:
         # (dropped, then listed again) is skipped, so a chat is never polled twice at once.
         self.heap: list[tuple[float, int, int, _ChatState]] = []
         self.seq = 0
+        # Chats present at the start (explicit, or in the first listing).
+        self.initial: set[int] = set()
+        # Chats whose first poll has not finished yet; the start mark is final once it is empty.
         self.first_round: set[int] = set()
+        # The start mark: the largest id the first polls saw in any chat (PROTOCOL §7).
         self.start_max = 0
+        # Chats present at the start whose first poll failed while no id had been seen yet:
+        # they are pinned at the first start mark the round sees.
+        self.unanchored: set[int] = set()
         self.ready = asyncio.Event()
         self.fatal: BaseException | None = None
         self.wake = asyncio.Event()
@@ -235,25 +260,52 @@ class _Core:
     def _add_chat(self, chat_id: int, watermark: int | None) -> None:
         state = self.chats[chat_id] = _ChatState(self.interval)
         if watermark is not None:
-            self.fetched[chat_id] = watermark
-            self.public[chat_id] = watermark
+            self._pin(chat_id, watermark)
         self._schedule(chat_id, state, 0.0)
+
+    def _pin(self, chat_id: int, watermark: int) -> None:
+        """Give a chat its starting point (never moving a watermark it already has back)."""
+        self.fetched[chat_id] = max(self.fetched.get(chat_id, watermark), watermark)
+        # The consumer may still be handed messages of an earlier stint of the chat (dropped,
+        # listed again); its own watermark moves only when they are.
+        self.public.setdefault(chat_id, watermark)
 
     def _drop(self, chat_id: int, why: str) -> None:
         if self.chats.pop(chat_id, None) is None:
             return
-        self.fetched.pop(chat_id, None)
-        self.public.pop(chat_id, None)
+        # The watermarks stay: should the chat be listed again, it goes on from there.
+        self.unanchored.discard(chat_id)
         logger.warning("watch: stopped watching chat %d: %s", chat_id, why)
-        self._first_polled(chat_id, None)
+        self._first_poll_done(chat_id, None)
+        self._check_ready()
 
-    def _first_polled(self, chat_id: int, newest: int | None) -> None:
+    def _poll_failed(self, chat_id: int) -> None:
+        """A poll failed transiently (maybe the chat's first one)."""
+        if chat_id not in self.fetched:
+            # No starting point yet, and "its newest id when a poll first succeeds" would skip
+            # what is posted during the outage: start at the start mark as known now.
+            if self.start_max > 0:
+                self._pin(chat_id, self.start_max)
+            elif chat_id in self.initial:
+                self.unanchored.add(chat_id)
+        self._first_poll_done(chat_id, None)
+
+    def _first_poll_done(self, chat_id: int, newest: int | None) -> None:
+        """A chat's first poll ended: ``newest`` is its newest id then, None if it failed."""
         if chat_id not in self.first_round:
-            return
+            return  # not a first poll: what it saw came after the start
         self.first_round.discard(chat_id)
-        if newest is not None:
-            self.start_max = max(self.start_max, newest)
-        if not self.first_round:
+        if newest is not None and newest > self.start_max:
+            self.start_max = newest
+            for waiting in self.unanchored:
+                self._pin(waiting, newest)
+            self.unanchored.clear()
+        self._check_ready()
+
+    def _check_ready(self) -> None:
+        # From here on every chat present at the start has a starting point, so every message
+        # posted from now on will be yielded.
+        if self.set_up and not self.first_round and not self.unanchored:
             self.ready.set()
 
     async def _guard(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -271,13 +323,13 @@ class _Core:
             chat_ids = self.explicit
         else:
             chat_ids = await self._list_chats(first=True)
+        self.initial = set(chat_ids)
         self.first_round = set(chat_ids)
         for chat_id in chat_ids:
             self._add_chat(chat_id, self.since.get(chat_id))
         self.set_up = True
         self.wake.set()
-        if not chat_ids:
-            self.ready.set()
+        self._check_ready()
         if self.explicit is None:
             await self._rediscover()
 
@@ -344,12 +396,25 @@ class _Core:
             present = set(listed)
             for chat_id in listed:
                 if chat_id not in self.chats:
-                    # PROTOCOL §7: a chat not seen before starts at the largest id seen in any
-                    # chat when the watch started, so what was posted in it since is yielded.
                     logger.info("watch: new chat %d", chat_id)
-                    self._add_chat(chat_id, self.since.get(chat_id, self.start_max))
+                    self._add_chat(chat_id, self._start_for(chat_id))
             for chat_id in [c for c in self.chats if c not in present]:
                 self._drop(chat_id, "no longer in the chat list")
+
+    def _start_for(self, chat_id: int) -> int | None:
+        """Where a chat listed after the start begins; None: at its newest id when first read."""
+        # Watched before (dropped, now listed again): on from its watermark, so nothing is
+        # repeated. fetched starts at since[chat_id] and only grows, so it covers since too.
+        known = self.fetched.get(chat_id, self.since.get(chat_id))
+        if known is not None:
+            return known
+        if chat_id in self.initial and self.start_max == 0:
+            # Present at the start but never read, and no id seen anywhere: 0 would replay its
+            # whole history, which predates the watch.
+            return None
+        # PROTOCOL §7: a chat not seen before starts at the start mark, so what was posted in
+        # it since the start is yielded (all of it when no chat held a message at the start).
+        return self.start_max
 
     # -- polling ------------------------------------------------------------------------------
 
@@ -373,6 +438,7 @@ class _Core:
             if not _transient(exc):
                 await self._fail(exc)
                 return
+            self._poll_failed(chat_id)
             state.failures += 1
             delay = self._backoff(state.failures, exc)
             log = logger.warning if state.failures == 1 else logger.debug
@@ -389,29 +455,49 @@ class _Core:
         state.failures = 0
         if got_new:
             state.interval = self.interval
+            state.phased = False
         else:
             state.interval = min(self.max_interval, state.interval * _GROWTH)
+        if state.interval >= self.max_interval and not state.phased:
+            # Reaching the cap. Chats that went quiet together would poll in one burst per
+            # cycle from now on (a small jitter takes many cycles to spread them): a random
+            # phase within the cap spreads them evenly at once.
+            state.phased = True
+            delay = self.rng.uniform(min(self.interval, self.max_interval / 2), self.max_interval)
+        else:
+            # A little jitter keeps the phases from drifting back together.
+            delay = state.interval * self.rng.uniform(0.9, 1.1)
         if self.chats.get(chat_id) is state:
-            # A little jitter, so chats that started together do not poll in lockstep forever.
-            self._schedule(chat_id, state, state.interval * self.rng.uniform(0.9, 1.1))
+            self._schedule(chat_id, state, delay)
 
     async def _emit(self, chat_id: int, state: _ChatState, batch: list[Message]) -> None:
-        if not batch or self.chats.get(chat_id) is not state:
+        if self.chats.get(chat_id) is not state:
+            return  # dropped meanwhile: if listed again, it is read again from its watermark
+        mark = self.fetched.get(chat_id, -1)
+        batch = [m for m in batch if m.id > mark]
+        if not batch:
             return
-        await self.out.put((chat_id, batch))
-        # Only now: had the put been cancelled, the next poll fetches the batch again.
+        # The watermark moves before the put, while this poll is still the chat's current one:
+        # a put that waits for a slow consumer may outlast a drop and a new listing of the
+        # chat, and the new poll must not fetch this batch again. A put is only ever cancelled
+        # when the whole watch stops, so moving the mark early never loses a batch.
         self.fetched[chat_id] = batch[-1].id
+        await self.out.put((chat_id, batch))
 
     async def _fetch(self, chat_id: int, state: _ChatState) -> bool:
         """Poll one chat; hand on what is new, oldest first. Whether anything was new."""
         watermark = self.fetched.get(chat_id)
         if watermark is None:
-            # A chat seen for the first time without a starting point: it starts now.
+            # A chat present at the start, read for the first time: it starts at its newest
+            # id. (Only a first poll gets here; one that failed pinned the chat at the start
+            # mark, unless no id has been seen anywhere: see the module docs.)
             page = await self.messages.list(chat_id, limit=1)
             newest = page.items[0].id if page.items else 0
-            self.fetched[chat_id] = newest
-            self.public.setdefault(chat_id, newest)
-            self._first_polled(chat_id, newest)
+            if self.chats.get(chat_id) is state:
+                self._pin(chat_id, newest)
+                self.unanchored.discard(chat_id)
+            self._first_poll_done(chat_id, newest)
+            self._check_ready()
             return False
 
         held: list[list[Message]] = []
@@ -422,7 +508,7 @@ class _Core:
         try:
             async for page in pages:
                 if last is None:
-                    self._first_polled(chat_id, page.items[0].id if page.items else None)
+                    self._first_poll_done(chat_id, page.items[0].id if page.items else None)
                 last = page
                 last_new = [m for m in page.items if m.id > watermark]
                 reached = len(last_new) < len(page.items) or not page.next_cursor
@@ -435,7 +521,7 @@ class _Core:
                         overflow = True
                         held = []
         finally:
-            await pages.aclose()  # type: ignore[attr-defined]
+            await pages.aclose()
         if last is None:
             return False
         if not overflow:
@@ -455,10 +541,9 @@ class _Core:
             async for page in forward:
                 if self.chats.get(chat_id) is not state:
                     break
-                mark = self.fetched.get(chat_id, watermark)
-                await self._emit(chat_id, state, [m for m in reversed(page.items) if m.id > mark])
+                await self._emit(chat_id, state, page.items[::-1])
         finally:
-            await forward.aclose()  # type: ignore[attr-defined]
+            await forward.aclose()
         return True
 
 
@@ -549,10 +634,12 @@ class Watch(AsyncIterator[tuple[int, Message]]):
 
     @property
     def watermarks(self) -> dict[int, int]:
-        """A copy of ``{chat_id: largest message id handed to you}`` for every watched chat.
+        """A copy of ``{chat_id: largest message id handed to you}`` per chat.
 
-        A chat with nothing yielded yet shows where the watch started it. Pass the dict back
-        as ``since=`` to resume right after the last message you received.
+        A chat with nothing yielded yet shows where the watch started it. A chat whose first
+        poll has not succeeded yet may be missing. A chat the watch stopped watching (gone,
+        or no longer listed) keeps its entry. Pass the dict back as ``since=`` to resume
+        right after the last message you received.
         """
         return dict(self._core.public)
 
@@ -569,10 +656,11 @@ class Watch(AsyncIterator[tuple[int, Message]]):
             self._core.start()
 
     async def ready(self) -> None:
-        """Start polling if needed, and wait until every chat has been polled once.
+        """Start polling if needed, and wait until every chat has its starting point.
 
-        From then on, every message posted is yielded. Raises the watch's error if it failed
-        before getting there.
+        That is once every chat present at the start has been polled once. For a chat whose
+        first poll failed, a start mark from the others is enough. From then on, every message
+        posted is yielded. Raises the watch's error if it failed before getting there.
         """
         self._start()
         await self._core.ready.wait()

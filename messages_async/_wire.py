@@ -63,6 +63,8 @@ __all__ = [
     "build_list",
     "build_token_form",
     "check_chat_id",
+    "check_cursor_chat",
+    "check_inside",
     "check_limit",
     "check_secure_url",
     "cursor_request",
@@ -102,6 +104,8 @@ class ApiRequest:
     scope: str
     retry: Retry
     body: bytes | None = None
+    #: A 404 after an attempt that may have reached the server means our attempt did it.
+    gone_means_done: bool = False
 
 
 # --- URLs and origins --------------------------------------------------------------------------
@@ -271,8 +275,10 @@ def cursor_request(root: URL, cursor: str, listing: ListQuery) -> ApiRequest:
         if not target.scheme:  # relative, or protocol-relative ("//host/...")
             target = root.join(target)
         if target.scheme not in ("http", "https") or not target.host:
-            raise UnsafeCursorError(f"refused a cursor URL with scheme {target.scheme!r}")
-        _check_inside(root, target, what="cursor URL")
+            raise UnsafeCursorError(
+                f"refused a cursor URL without an http(s) scheme and host ({target.scheme!r})"
+            )
+        check_inside(root, target, what="cursor URL")
         return ApiRequest("list", "GET", target, READ, Retry.IDEMPOTENT)
     params = listing.params()
     params["cursor"] = cursor
@@ -281,14 +287,29 @@ def cursor_request(root: URL, cursor: str, listing: ListQuery) -> ApiRequest:
 
 
 def _looks_like_url(cursor: str) -> bool:
-    # Opaque tokens are URL-safe strings without a scheme, path or query; anything with one of
-    # those is treated as a URL, so it goes through the origin check rather than around it.
-    return (
-        "://" in cursor or cursor.startswith(("/", "./", "../")) or "?" in cursor or ":" in cursor
-    )
+    # PROTOCOL §3: a cursor is an absolute URL or an opaque token, and tokens may hold any
+    # character ("1700000000:42", standard base64 with "/" and "+"). So only a scheme
+    # ("https://…"), a network path ("//host/…") or a path with a query ("/api/v1/messages/?…",
+    # "messages/?…") makes a URL; everything else is sent as ``cursor=`` to the API's own
+    # origin, where a misread token can do no harm.
+    if "://" in cursor or cursor.startswith("//"):
+        return True
+    path, query_mark, _ = cursor.partition("?")
+    return bool(query_mark) and "/" in path
 
 
-def _check_inside(root: URL, target: URL, *, what: str) -> None:
+def check_cursor_chat(request: ApiRequest, chat_id: int) -> None:
+    """A caller's cursor URL must belong to the chat the caller names (it carries its own)."""
+    named = request.url.query.get("chat_id")
+    if named is not None and named != str(chat_id):
+        raise ValueError(
+            f"the cursor belongs to chat {named}, not chat {chat_id}; pass the chat_id the "
+            "cursor came from"
+        )
+
+
+def check_inside(root: URL, target: URL, *, what: str) -> None:
+    """Raise :class:`UnsafeCursorError` unless ``target`` is on the API's origin and path."""
     if target.user is not None or target.password is not None:
         raise UnsafeCursorError(
             f"refused a {what} with user info on {_show(target.origin())}; nothing was sent"
@@ -354,7 +375,7 @@ def build_edit(
 def build_delete(root: URL, message_id: object) -> ApiRequest:
     mid = _check_int_id("message_id", message_id)
     url = root.join(URL(f"messages/{mid}/delete/"))
-    return ApiRequest("delete", "POST", url, WRITE, Retry.IDEMPOTENT)
+    return ApiRequest("delete", "POST", url, WRITE, Retry.IDEMPOTENT, gone_means_done=True)
 
 
 # --- Reading answers ---------------------------------------------------------------------------
@@ -437,7 +458,7 @@ _HINTS = {
 }
 
 
-def _error_body(body: bytes, content_type: str | None) -> tuple[str | None, str | None]:
+def _error_body(body: bytes) -> tuple[str | None, str | None]:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -476,7 +497,7 @@ def error_from_response(
 ) -> Exception:
     """Map an error answer to the library's exception (it is returned, not raised)."""
     content_type = headers.get("Content-Type")
-    code, message = _error_body(body, content_type)
+    code, message = _error_body(body)
     if message is None:
         message = (
             f"non-JSON error body ({content_type or 'no content type'}, {len(body)} bytes); "
@@ -564,9 +585,7 @@ def build_token_form(
     }
 
 
-def parse_token_response(
-    status: int, body: bytes, *, requested: frozenset[str], allow_insecure_http: bool
-) -> TokenGrant:
+def parse_token_response(status: int, body: bytes, *, allow_insecure_http: bool) -> TokenGrant:
     """Read the token endpoint's answer; a failure raises :class:`AuthError`."""
     try:
         data = orjson.loads(body)
@@ -615,7 +634,8 @@ def parse_token_response(
         expires_in = None
     refresh = data.get("refresh_token")
     scope = data.get("scope")
-    scopes = frozenset(scope.split()) if isinstance(scope, str) else requested
+    # Absent: as asked (a first exchange) or unchanged (a refresh, RFC 6749 §5.1, §6).
+    scopes = frozenset(scope.split()) if isinstance(scope, str) else None
     user_id = data.get("user_id")
     if isinstance(user_id, str) and user_id.isdigit():
         user_id = int(user_id)

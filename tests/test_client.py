@@ -630,7 +630,7 @@ def _frames_hold(exc: BaseException, needles: list[str]) -> list[str]:
         for text in (repr(current), str(current)):
             found += [n for n in needles if n in text]
         for frame, _ in traceback.walk_tb(current.__traceback__):
-            if frame.f_globals.get("__name__", "").startswith("messages_async"):
+            if frame.f_globals.get("__name__", "").startswith(("messages_async", "aiohttp")):
                 for value in frame.f_locals.values():
                     found += [n for n in needles if n in repr(value)]
         todo += [current.__cause__, current.__context__]
@@ -753,3 +753,134 @@ async def test_declared_and_compressed_oversized_answers_are_cut_off(
         with pytest.raises(ma.DecodeError, match="max_response_bytes"):
             await c.messages.chats()
         assert len(await c.messages.chats()) == 4
+
+
+# --- found in review ---------------------------------------------------------------------------
+
+
+async def test_a_cursor_of_another_chat_is_refused(
+    server: MessagesServer, client: ma.Client
+) -> None:
+    first, second = server.chat_ids()[:2]
+    page = await client.messages.list(first, limit=5)
+    assert page.next_cursor is not None
+    with pytest.raises(ValueError, match="belongs to chat"):
+        await client.messages.list(second, cursor=page.next_cursor)
+    with pytest.raises(ValueError, match="belongs to chat"):
+        client.messages.pages(second, cursor=page.next_cursor)
+    with pytest.raises(ValueError, match="newer"):
+        client.messages.pages(first, direction="newer")
+    assert len(server.resource_requests()) == 1
+
+
+async def test_a_refresh_answer_without_user_or_scope_keeps_them(server: MessagesServer) -> None:
+    # A token endpoint of our own (loopback) whose refresh answers leave out user_id and scope,
+    # as RFC 6749 allows: neither may be forgotten nor widened.
+    from aiohttp import web
+
+    grants: list[str] = []
+
+    async def token(request: web.Request) -> web.Response:
+        form = await request.post()
+        grants.append(str(form["grant_type"]))
+        body: dict[str, Any] = {
+            "access_token": server.issue_token(["messages_read"], user_id=77),
+            "token_type": "Bearer",
+            "expires_in": 3600,
+            "refresh_token": f"rt-{len(grants)}",
+            "resource_uri": server.resource_uri,
+        }
+        if form["grant_type"] == "client_credentials":
+            body |= {"scope": "messages_read", "user_id": 77}
+        return web.json_response(body)
+
+    app = web.Application()
+    app.router.add_post("/token", token)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with make_client(server, token_url=f"http://127.0.0.1:{port}/token") as c:
+            assert (c.user_id, c.scopes) == (77, frozenset({"messages_read"}))
+            server.expire_tokens()
+            await c.messages.chats()  # a 401, then a refresh that omits user_id and scope
+            assert grants == ["client_credentials", "refresh_token"]
+            assert (c.user_id, c.scopes) == (77, frozenset({"messages_read"}))
+            with pytest.raises(ma.ScopeError):
+                await c.messages.add(server.chat_ids()[0], "still read-only")
+    finally:
+        await runner.cleanup()
+
+
+async def test_closing_during_a_renewal_ends_waiters_with_client_closed(
+    server: MessagesServer, client: ma.Client
+) -> None:
+    server.expire_tokens()
+    server.inject(Fault.delay(2.0), path="oauth/token")
+    calls = [asyncio.create_task(client.messages.chats()) for _ in range(3)]
+    while not server.token_requests[1:]:
+        await asyncio.sleep(0.01)
+    await client.aclose()
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert all(isinstance(r, ma.ClientClosedError) for r in results), results
+
+
+async def test_a_delete_done_behind_a_gateway_error_is_success(server: MessagesServer) -> None:
+    async with make_client(server, backoff_base=0.3, backoff_max=0.3) as c:
+        chat_id = server.chat_ids()[0]
+        mine = await c.messages.add(chat_id, "to delete")
+        server.reset_stats()
+        server.inject(Fault.status(504), path=f"messages/{mine.id}/delete/")
+
+        async def upstream_deletes_anyway() -> None:
+            while not server.resource_requests():
+                await asyncio.sleep(0.005)
+            server.delete_message(mine.id)  # the gateway timed out; the upstream did the work
+
+        helper = asyncio.create_task(upstream_deletes_anyway())
+        await c.messages.delete(mine.id)
+        await helper
+    assert statuses(server) == [504, 404]
+
+
+async def test_a_retry_after_beyond_the_cap_holds_later_calls_too(server: MessagesServer) -> None:
+    server.inject(Fault.rate_limited(retry_after="120"))
+    async with make_client(server, max_retry_after=10) as c:
+        with pytest.raises(ma.RateLimitError):
+            await c.messages.chats()
+        with pytest.raises(ma.RateLimitError, match="nothing was sent") as info:
+            await c.messages.chats()
+        assert info.value.retry_after is not None
+        assert info.value.retry_after > 100
+    assert len(server.resource_requests()) == 1
+
+
+@pytest.mark.parametrize(
+    "location",
+    ["http://user:pw@{host}/api/v1/messages/chats/", "http://{host}/elsewhere/"],
+)
+async def test_same_origin_redirects_outside_the_api_are_refused(
+    server: MessagesServer, client: ma.Client, location: str
+) -> None:
+    host = server.resource_origin.split("://")[1]
+    server.inject(Fault.redirect(location.format(host=host)))
+    with pytest.raises(ma.UnsafeCursorError):
+        await client.messages.chats()
+    assert len(server.resource_requests()) == 1
+
+
+def test_configuration_errors_keep_secrets_out_of_tracebacks() -> None:
+    for kwargs in (
+        {"token_url": "http://auth.example.test/t", "client_id": "a", "client_secret": "S3CR3T-1"},
+        {"access_token": "S3CR3T-2", "resource_uri": "http://api.example.test/"},
+    ):
+        with pytest.raises(ma.ConfigurationError) as info:
+            ma.Client(**kwargs)
+        assert not _frames_hold(info.value, ["S3CR3T-1", "S3CR3T-2"])
+        # A formatter that shows locals (and so reprs the half-built client) works too.
+        summary = traceback.TracebackException.from_exception(info.value, capture_locals=True)
+        library = [f for f in summary.stack if "messages_async" in f.filename]
+        assert library
+        assert not ["" for f in library for v in (f.locals or {}).values() if "S3CR3T" in v]

@@ -192,6 +192,31 @@ async def test_long_backlog_from_since_is_read_forward_in_order(server: Messages
     assert sum(1 for c in cursors if c) >= 2 * 13
 
 
+async def test_message_posted_while_a_chats_first_poll_backs_off_is_yielded(
+    server: MessagesServer,
+) -> None:
+    a, x = server.chat_ids()[:2]
+    # Chat a holds the largest id on the server when the watch starts: the start mark.
+    server.post_message(a, "before the watch", uid=OTHER)
+    # x's first three polls fail; the fourth is its first success.
+    outage = server.inject(Fault.status(503), path="messages/", chat_id=x, times=3)
+    async with (
+        make_client(server, max_retries=0) as client,
+        client.messages.watch([a, x], interval=0.02) as watch,
+    ):
+        async with asyncio.timeout(10):
+            while outage.hits < 1:
+                await asyncio.sleep(0.002)
+        # After the watch started and before x was ever read successfully.
+        meanwhile = server.post_message(x, "while x backs off", uid=OTHER)
+        await watch.ready()
+        sentinels = post_sentinels(server, [a, x])
+        seen = await until_sentinels(watch, sentinels)
+    assert outage.hits == 3
+    assert [m.id for m in seen[x]] == [meanwhile["id"], sentinels[x]]
+    assert [m.id for m in seen[a]] == [sentinels[a]]
+
+
 # --- chats appearing and disappearing --------------------------------------------------------
 
 
@@ -246,6 +271,78 @@ async def test_fatal_error_is_raised_and_stops_everything(server: MessagesServer
             await drain(watch)
         await no_watch_tasks_left()
     assert server.resource_requests() == []  # refused before sending
+
+
+async def test_chat_dropped_after_a_404_and_listed_again_is_not_repeated(
+    server: MessagesServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="messages_async.watch")
+    x = server.chat_ids()[0]
+    async with (
+        make_client(server, max_retries=0) as client,
+        client.messages.watch(interval=0.02, rediscover=0.05) as watch,
+    ):
+        await watch.ready()
+        before = server.post_message(x, "before the 404", uid=OTHER)
+        assert (await until_sentinels(watch, {x: before["id"]}))[x][-1].id == before["id"]
+        gone = server.inject(Fault.status(404), path="messages/", chat_id=x)
+        async with asyncio.timeout(10):
+            while gone.hits < 1:
+                await asyncio.sleep(0.002)
+        # Posted while x is not watched: yielded once it is listed again.
+        while_gone = server.post_message(x, "while dropped", uid=OTHER)
+        sentinels = post_sentinels(server, [x])
+        seen = await until_sentinels(watch, sentinels)
+        assert x in watch.chat_ids
+        assert watch.watermarks[x] == sentinels[x]
+    assert [m.id for m in seen[x]] == [while_gone["id"], sentinels[x]]
+    assert any(f"stopped watching chat {x}" in r.getMessage() for r in caplog.records)
+    assert any(f"new chat {x}" in r.getMessage() for r in caplog.records)
+
+
+async def test_chat_present_at_start_listed_again_after_a_404_does_not_replay_history() -> None:
+    # One chat, with history; its first poll gets a 404, so the watch saw no id at the start.
+    async with MessagesServer(chats=1, messages_per_chat=12, seed=3) as server:
+        (x,) = server.chat_ids()
+        gone = server.inject(Fault.status(404), path="messages/", chat_id=x)
+        async with (
+            make_client(server, max_retries=0) as client,
+            client.messages.watch(interval=0.02, rediscover=0.05) as watch,
+        ):
+            await watch.ready()
+            assert gone.hits == 1
+            assert watch.chat_ids == []
+            # Wait until x is listed again and read once more: that is where it starts.
+            async with asyncio.timeout(10):
+                while not [
+                    r
+                    for r in server.resource_requests()
+                    if r.path == "messages/" and r.status == 200
+                ]:
+                    await asyncio.sleep(0.002)
+            sentinels = post_sentinels(server, [x])
+            seen = await until_sentinels(watch, sentinels)
+    assert [m.id for m in seen[x]] == [sentinels[x]]
+
+
+async def test_without_any_message_at_the_start_a_new_chat_is_yielded_from_its_first() -> None:
+    # No message anywhere when the watch starts: every message of a chat created later was
+    # added after the start, so all of it is yielded (PROTOCOL §7 with a start mark of 0).
+    async with MessagesServer(chats=2, messages_per_chat=0, seed=4) as server:
+        empty = server.chat_ids()[0]
+        async with (
+            make_client(server) as client,
+            client.messages.watch(interval=0.02, rediscover=0.05) as watch,
+        ):
+            await watch.ready()
+            assert watch.watermarks == dict.fromkeys(server.chat_ids(), 0)
+            new_chat = server.add_chat(name="later")
+            first = server.post_message(new_chat, "first ever", uid=OTHER)
+            in_empty = server.post_message(empty, "hello", uid=OTHER)
+            sentinels = post_sentinels(server, [new_chat, empty])
+            seen = await until_sentinels(watch, sentinels)
+    assert [m.id for m in seen[new_chat]] == [first["id"], sentinels[new_chat]]
+    assert [m.id for m in seen[empty]] == [in_empty["id"], sentinels[empty]]
 
 
 # --- resuming ----------------------------------------------------------------------------------
@@ -403,6 +500,38 @@ async def test_quiet_chats_are_polled_far_less_than_naively(
     assert len(per_chat) == chats  # still watching every chat
     assert per_chat[str(busy)] > 2 * quiet[len(quiet) // 2]
     assert server.max_in_flight <= concurrency
+
+
+async def test_quiet_chats_do_not_poll_in_lockstep(capsys: pytest.CaptureFixture[str]) -> None:
+    # All chats start together and go quiet together; once they are at max_interval, their
+    # polls must be spread over it, not arrive in one burst per cycle.
+    chats, interval, max_interval, concurrency = 100, 0.05, 0.5, 8
+    async with (
+        MessagesServer(chats=chats, messages_per_chat=1, seed=11) as server,
+        make_client(server) as client,
+        client.messages.watch(
+            interval=interval, max_interval=max_interval, concurrency=concurrency
+        ) as watch,
+    ):
+        await watch.ready()
+        # Quiet chats reach the cap after about 1 s (0.05 s growing by half per poll).
+        await asyncio.sleep(2.0)
+        start = time.monotonic()
+        await asyncio.sleep(4 * max_interval)
+    bin_width = max_interval / 5
+    counts = [0] * 20
+    for r in server.resource_requests():
+        if r.path == "messages/" and r.started >= start:
+            slot = int((r.started - start) / bin_width)
+            if slot < len(counts):
+                counts[slot] += 1
+    mean = sum(counts) / len(counts)
+    with capsys.disabled():
+        print(f"\nwatch polling spread: {bin_width:.2f}s windows: mean {mean:.1f}, {counts}")
+    # About chats / max_interval * bin_width = 20 per window; in lockstep most windows are
+    # nearly empty and one or two hold most of a cycle's polls.
+    assert mean > chats / max_interval * bin_width / 2  # every chat is still being polled
+    assert max(counts) <= 2 * mean
 
 
 # --- arguments -----------------------------------------------------------------------------------

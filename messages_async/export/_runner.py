@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from datetime import datetime
 
 import attrs
@@ -291,7 +291,7 @@ class Exporter:
         self.stats.chats_failed += 1
         self.stats.failures.append(ChatFailure(chat_id, error))
 
-    def _pages(self, state: ChatState) -> AsyncIterator[MessagesPage]:
+    def _pages(self, state: ChatState) -> AsyncGenerator[MessagesPage, None]:
         options = self._options
         try:
             return self._client.messages.pages(
@@ -353,9 +353,7 @@ class Exporter:
                 raise  # the newest page itself was refused: nothing to restart from
             raise _Restart(str(exc)) from None
         finally:
-            aclose = getattr(pages, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await pages.aclose()
 
 
 @attrs.define

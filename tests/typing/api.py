@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from datetime import UTC, datetime
 
 import messages_async as ma
@@ -33,6 +34,9 @@ async def typical_use() -> None:
         async for _chat_id, result in client.messages.iter_many([1, 2], on_error="yield"):
             if isinstance(result, ma.ChatFailed):
                 _err: BaseException = result.error
+        async with contextlib.aclosing(client.messages.iter(chats[0].chat_id)) as messages:
+            async for _first in messages:
+                break
         stats: ma.ClientStats = client.stats
         watch: ma.Watch = client.messages.watch([1], since={1: 5})
         async with watch:
