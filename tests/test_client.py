@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from helpers import make_client
 
 import messages_async as ma
 from messages_async.testing import Fault, MessagesServer, OriginRecorder
@@ -25,18 +26,6 @@ from messages_async.testing import Fault, MessagesServer, OriginRecorder
 async def server() -> AsyncIterator[MessagesServer]:
     async with MessagesServer(chats=4, messages_per_chat=30, seed=3) as srv:
         yield srv
-
-
-def make_client(server: MessagesServer, **kwargs: Any) -> ma.Client:
-    options: dict[str, Any] = {
-        "token_url": server.token_url,
-        "client_id": server.client_id,
-        "client_secret": server.client_secret,
-        "backoff_base": 0.01,
-        "backoff_max": 0.05,
-    }
-    options.update(kwargs)
-    return ma.Client(**options)
 
 
 @pytest.fixture

@@ -14,59 +14,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from helpers import assert_nothing_left as _assert_nothing_left
+from helpers import client_for as _client
+from helpers import listings as _listings
 
 import messages_async as ma
-from messages_async.testing import Fault, MessagesServer, RequestRecord
+from messages_async.testing import Fault, MessagesServer
 
 UNKNOWN_CHAT = 987_654_321
-
-
-@contextlib.asynccontextmanager
-async def _client(server: MessagesServer, **options: Any) -> AsyncIterator[ma.Client]:
-    options.setdefault("backoff_base", 0.01)
-    async with ma.Client(
-        token_url=server.token_url,
-        client_id=server.client_id,
-        client_secret=server.client_secret,
-        **options,
-    ) as client:
-        yield client
-
-
-def _listings(server: MessagesServer) -> list[RequestRecord]:
-    return [r for r in server.resource_requests() if r.path == "messages/"]
-
-
-def _acquired(client: ma.Client) -> int:
-    # Private on purpose: aiohttp's TCPConnector keeps the connections handed out to requests
-    # in ``_acquired``; zero means every connection went back to the pool or was closed.
-    connector = client._sessions.session.connector
-    assert connector is not None
-    return len(connector._acquired)
-
-
-def _client_side_tasks() -> set[asyncio.Task[Any]]:
-    """Tasks besides this one, leaving out the emulator's own per-connection server tasks."""
-    return {
-        task
-        for task in asyncio.all_tasks() - {asyncio.current_task()}
-        if "aiohttp/web_" not in getattr(task.get_coro(), "cr_code", _NO_CODE).co_filename
-    }
-
-
-_NO_CODE = _client_side_tasks.__code__
-
-
-async def _assert_nothing_left(client: ma.Client, *, rounds: int = 0) -> None:
-    # ``rounds``: loop steps for asyncio's finalizer to run the aclose() of an abandoned
-    # generator (plain ``break``); with aclose()/aclosing no step is needed.
-    for _ in range(rounds):
-        if not _client_side_tasks():
-            break
-        await asyncio.sleep(0)
-    others = _client_side_tasks()
-    assert not others, f"still running: {others}"
-    assert _acquired(client) == 0
 
 
 def _expected(server: MessagesServer, chat_ids: list[int]) -> dict[int, list[int]]:

@@ -18,64 +18,17 @@ from datetime import datetime
 from typing import Any, Literal
 
 import pytest
+from helpers import assert_nothing_left as _assert_nothing_left
+from helpers import client_for as _client
+from helpers import client_side_tasks as _client_side_tasks
+from helpers import listings as _listings
 from yarl import URL
 
 import messages_async as ma
-from messages_async.testing import Fault, MessagesServer, OriginRecorder, RequestRecord
+from messages_async.testing import Fault, MessagesServer, OriginRecorder
 
 CursorMode = Literal["url", "token"]
 CURSOR_MODES: list[CursorMode] = ["url", "token"]
-
-
-@contextlib.asynccontextmanager
-async def _client(server: MessagesServer, **options: Any) -> AsyncIterator[ma.Client]:
-    options.setdefault("backoff_base", 0.01)
-    async with ma.Client(
-        token_url=server.token_url,
-        client_id=server.client_id,
-        client_secret=server.client_secret,
-        **options,
-    ) as client:
-        yield client
-
-
-def _listings(server: MessagesServer) -> list[RequestRecord]:
-    return [r for r in server.resource_requests() if r.path == "messages/"]
-
-
-def _acquired(client: ma.Client) -> int:
-    # Private on purpose: aiohttp's TCPConnector keeps the connections handed out to requests
-    # in ``_acquired``; zero means every connection went back to the pool or was closed.
-    connector = client._sessions.session.connector
-    assert connector is not None
-    return len(connector._acquired)
-
-
-async def _assert_nothing_left(client: ma.Client, *, rounds: int = 0) -> None:
-    """No task besides this one, and no connection still handed out.
-
-    ``rounds`` lets the event loop run a few steps first: a generator left by ``break`` is
-    closed by asyncio's finalizer, which schedules its ``aclose()`` at once but as a task.
-    """
-    for _ in range(rounds):
-        if not _client_side_tasks():
-            break
-        await asyncio.sleep(0)
-    others = _client_side_tasks()
-    assert not others, f"still running: {others}"
-    assert _acquired(client) == 0
-
-
-def _client_side_tasks() -> set[asyncio.Task[Any]]:
-    """Tasks besides this one, leaving out the emulator's own per-connection server tasks."""
-    return {
-        task
-        for task in asyncio.all_tasks() - {asyncio.current_task()}
-        if "aiohttp/web_" not in getattr(task.get_coro(), "cr_code", _NO_CODE).co_filename
-    }
-
-
-_NO_CODE = _client_side_tasks.__code__
 
 
 def _ids(messages: list[dict[str, Any]]) -> list[int]:

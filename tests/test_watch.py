@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from helpers import make_client
 
 import messages_async as ma
 from messages_async._watch import Watch
@@ -28,18 +29,6 @@ OTHER = 7  # a user id that is not the client's
 async def server() -> AsyncIterator[MessagesServer]:
     async with MessagesServer(chats=4, messages_per_chat=12, seed=5) as srv:
         yield srv
-
-
-def make_client(server: MessagesServer, **kwargs: Any) -> ma.Client:
-    options: dict[str, Any] = {
-        "token_url": server.token_url,
-        "client_id": server.client_id,
-        "client_secret": server.client_secret,
-        "backoff_base": 0.01,
-        "backoff_max": 0.05,
-    }
-    options.update(kwargs)
-    return ma.Client(**options)
 
 
 @pytest.fixture
