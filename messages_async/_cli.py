@@ -243,8 +243,10 @@ def _client(args: argparse.Namespace, **options: object) -> Client:
             )
             if not v
         ]
+    given = len(missing) < (2 if access_token or resource_uri else 3)
     raise _UsageError(
-        f"no credentials: set {ENV_TOKEN_URL}, {ENV_CLIENT_ID} and {ENV_CLIENT_SECRET} (or "
+        f"{'incomplete' if given else 'no'} credentials: set {ENV_TOKEN_URL}, {ENV_CLIENT_ID} "
+        f"and {ENV_CLIENT_SECRET} (or "
         f"{ENV_ACCESS_TOKEN} and {ENV_RESOURCE_URI}) in the environment; missing: "
         f"{', '.join(missing)}. To try the command without a server: {PROG} export --demo"
     )

@@ -36,8 +36,8 @@ def progress_line(stats: ExportStats, client: ClientStats) -> str:
     line = (
         f"chats {stats.chats_done + stats.chats_failed}/{stats.chats_total}"
         f" ({stats.chats_failed} failed), {stats.messages:,} new messages,"
-        f" {stats.rate:,.0f} msg/s, concurrency {client.concurrency}/{client.max_concurrency}"
-        f" ({client.in_flight} in flight), {client.retries} retries,"
+        f" {stats.rate:,.0f} msg/s, requests in flight {client.in_flight}"
+        f" (limit {client.concurrency}/{client.max_concurrency}), {client.retries} retries,"
         f" {client.rate_limited} rate-limited"
     )
     pause = _pause(stats, client)
@@ -61,8 +61,8 @@ def _render(stats: ExportStats, client: ClientStats, target: str) -> Group:
     )
     counts = Text(
         f"messages {stats.messages:,} new  {stats.rate:,.0f}/s  "
-        f"concurrency {client.concurrency}/{client.max_concurrency} "
-        f"({client.in_flight} in flight)  retries {client.retries}  "
+        f"requests in flight {client.in_flight} "
+        f"(limit {client.concurrency}/{client.max_concurrency})  retries {client.retries}  "
         f"429s {client.rate_limited}"
     )
     parts: list[Text | ProgressBar] = [head, bar, chats, counts]
