@@ -88,6 +88,34 @@ def _optional(hook: Callable[[object, object], T]) -> Callable[[object, object],
     return structure
 
 
+_ATTACHMENT_SLOTS = tuple(
+    Attachment.__dict__[name].__set__ for name in ("type", "url", "name", "size")
+)
+
+
+def _fast_attachment(data: Mapping[str, Any], _type: Any = None) -> Attachment:
+    """The generated Attachment hook's rules, written out (see _fast_hooks for why)."""
+    set_type, set_url, set_name, set_size = _ATTACHMENT_SLOTS
+    kind = data["type"]
+    if type(kind) is not str:
+        kind = _str(kind)
+    url = data["url"]
+    if type(url) is not str:
+        url = _str(url)
+    name = data.get("name")
+    if name is not None and type(name) is not str:
+        name = _str(name)
+    size = data.get("size")
+    if size is not None and type(size) is not int:
+        size = _int(size)
+    attachment = object.__new__(Attachment)
+    set_type(attachment, kind)
+    set_url(attachment, url)
+    set_name(attachment, name)
+    set_size(attachment, size)
+    return attachment
+
+
 def _fast_hooks(
     attachments: Callable[[object, object], list[Attachment]],
 ) -> tuple[Callable[[Mapping[str, Any], Any], Message], Callable[[Mapping[str, Any], Any], Any]]:
@@ -100,8 +128,15 @@ def _fast_hooks(
     the rest goes). A property test (tests/test_converter.py) keeps the two in agreement on
     arbitrary input.
     """
-    new = Message
     optional_int = _optional(_int)
+    # A frozen attrs __init__ sets each slot through object.__setattr__; the slots' own
+    # descriptors do the same work in about half the time (0.58 vs 1.03 us per Message).
+    # Every field is set, so the object is exactly what __init__ would build.
+    blank = object.__new__
+    slots = Message.__dict__
+    set_id, set_uid, set_text, set_attachments, set_created, set_raw = (
+        slots[name].__set__ for name in ("id", "uid", "message", "attachments", "created_at", "raw")
+    )
 
     def message(data: Mapping[str, Any], _type: Any = None) -> Message:
         mid = data["id"]
@@ -115,14 +150,14 @@ def _fast_hooks(
             text = _message_text(text)
         found = data.get("attachments")
         created = data.get("created_at")
-        return new(
-            mid,
-            uid,
-            text,
-            [] if found is None else attachments(found, None),
-            None if created is None else _datetime(created),
-            raw=data,
-        )
+        message = blank(Message)
+        set_id(message, mid)
+        set_uid(message, uid)
+        set_text(message, text)
+        set_attachments(message, [] if found is None else attachments(found, None))
+        set_created(message, None if created is None else _datetime(created))
+        set_raw(message, data)
+        return message
 
     def page(data: Mapping[str, Any], _type: Any = None) -> MessagesPage:
         items = data["items"]
@@ -152,7 +187,10 @@ def _make_converter(*, detailed_validation: bool) -> cattrs.Converter:
     conv.register_structure_hook(str | None, _optional(_str))
     conv.register_structure_hook(datetime | None, _optional(_datetime))
     conv.register_structure_hook(
-        Attachment, make_dict_structure_fn(Attachment, conv, _cattrs_detailed_validation=False)
+        Attachment,
+        make_dict_structure_fn(Attachment, conv, _cattrs_detailed_validation=False)
+        if detailed_validation
+        else _fast_attachment,
     )
     attachment = conv.get_structure_hook(Attachment)
     attachment_list = conv.get_structure_hook(list[Attachment])

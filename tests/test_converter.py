@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from messages_async._converter import _converter, _diagnostic_converter
-from messages_async._models import Message, MessagesPage
+from messages_async._models import Attachment, Message, MessagesPage
 
 scalars = st.one_of(
     st.none(),
@@ -63,3 +63,18 @@ def test_pages_agree(items: list[dict[str, Any]], cursor: Any) -> None:
     assert _outcome(_converter, data, MessagesPage) == _outcome(
         _diagnostic_converter, data, MessagesPage
     )
+
+
+def test_the_fast_hook_sets_every_field_of_message() -> None:
+    # The fast hook fills a blank Message slot by slot; a new field must be added there too.
+    import attrs
+
+    assert [f.name for f in attrs.fields(Message)] == [
+        "id",
+        "uid",
+        "message",
+        "attachments",
+        "created_at",
+        "raw",
+    ]
+    assert [f.name for f in attrs.fields(Attachment)] == ["type", "url", "name", "size"]
