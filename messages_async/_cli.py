@@ -315,7 +315,8 @@ class _Signals:
 
 
 async def _export(args: argparse.Namespace, argv: Sequence[str], err: Console) -> int:
-    say = lambda line: err.print(line, markup=False, highlight=False)  # noqa: E731
+    # soft_wrap: a log line stays one line whatever the width (logs are read by tools too).
+    say = lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
     options = ExportOptions(
         chat_ids=tuple(args.chats) if args.chats else None,
         concurrency=args.concurrency,

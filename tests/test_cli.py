@@ -15,6 +15,7 @@ import pytest
 from test_export import assert_exact, cli_env, listings, start_cli
 
 from messages_async import _cli
+from messages_async.export import _progress
 from messages_async.testing import MessagesServer
 
 SECRET = "s3cr3t-must-never-be-printed"
@@ -229,10 +230,15 @@ def test_demo_exports_the_built_in_dataset(
     # A small dataset: the command's path is the same, only the size differs.
     monkeypatch.setattr(_cli, "DEMO_CHATS", 6)
     monkeypatch.setattr(_cli, "DEMO_MESSAGES_PER_CHAT", (10, 120))
+    monkeypatch.setattr(_progress, "LOG_INTERVAL", 0.001)
     out = tmp_path / "demo.sqlite"
     assert _cli.main(["export", "--demo", "--out", str(out)]) == 0
     captured = capsys.readouterr()
     assert "Export done" in captured.out
+    # Off a terminal, progress is one whole log line at a time, never wrapped.
+    progress = [line for line in captured.err.splitlines() if "requests in flight" in line]
+    assert progress, captured.err
+    assert all(line.startswith("chats ") and "rate-limited" in line for line in progress)
     assert "0 failed" in captured.out
     db = sqlite3.connect(out)
     try:
