@@ -128,10 +128,10 @@ def _parser() -> argparse.ArgumentParser:
         prog="messages-async serve",
         description="Run the Messages API emulator (token endpoint and API on two ports).",
     )
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
     p.add_argument("--port", type=int, default=0, help="API port (0: any free port)")
     p.add_argument("--token-port", type=int, default=0, help="token endpoint port (0: any)")
-    p.add_argument("--chats", type=int, default=20)
+    p.add_argument("--chats", type=int, default=20, help="number of chats to generate")
     p.add_argument(
         "--messages-per-chat",
         type=_messages_per_chat,
@@ -139,12 +139,19 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N|MIN-MAX",
         help="messages in each chat, or a random size per chat in MIN-MAX",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="same seed, same dataset")
     p.add_argument("--latency", type=float, default=0.0, help="seconds added to each API call")
     p.add_argument("--rate-limit", type=float, default=None, help="API requests per second")
     p.add_argument("--burst", type=int, default=None, help="rate limiter bucket size")
-    p.add_argument("--cursor-mode", choices=("url", "token"), default="url")
-    p.add_argument("--token-ttl", type=float, default=3600.0)
+    p.add_argument(
+        "--cursor-mode",
+        choices=("url", "token"),
+        default="url",
+        help="cursors as absolute URLs (default) or bare tokens",
+    )
+    p.add_argument(
+        "--token-ttl", type=float, default=3600.0, help="access token lifetime in seconds"
+    )
     p.add_argument("--extra-fields", action="store_true", help="send fields clients must ignore")
     p.add_argument("--no-compress", action="store_true", help="never gzip responses")
     p.add_argument("--ready-file", metavar="PATH", help="write connection details here as JSON")
