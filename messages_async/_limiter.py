@@ -231,7 +231,15 @@ class Limiter:
         elif outcome is Outcome.OK:
             if self._limit < self._max:
                 self._limit = min(float(self._max), self._limit + 1.0 / self._limit)
-            self._successes.append(self._clock())
+            now = self._clock()
+            successes = self._successes
+            successes.append(now)
+            # Only one window is ever read: the last one, or while a lesson is pending the one
+            # before the pause. Keep no more, or a client that never meets a 429 would keep a
+            # timestamp for every request it ever made.
+            horizon = (self._stretch[1] if self._learn_pending else now) - _WINDOW
+            while successes[0] < horizon:
+                successes.popleft()
             self._probe()
         self._wake()
 

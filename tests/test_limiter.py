@@ -254,3 +254,14 @@ async def test_closing_fails_the_waiters_instead_of_leaving_them_hanging() -> No
         await asyncio.wait_for(waiter, 5)
     with pytest.raises(ma.ClientClosedError):
         await limiter.acquire()
+
+
+async def test_success_history_stays_within_the_window() -> None:
+    # A client that never meets a 429 must not keep a timestamp per request forever.
+    now = [0.0]
+    limiter = Limiter(4, clock=lambda: now[0])
+    for _ in range(10_000):
+        limiter.release(await limiter.acquire(), Outcome.OK)
+        now[0] += 0.01
+    # Private on purpose: the window is 2 s, so about 200 successes at 100 a second.
+    assert len(limiter._successes) <= 202
