@@ -155,10 +155,6 @@ class SessionManager:
     def user_id(self) -> int | None:
         return self._user_id
 
-    @property
-    def can_renew(self) -> bool:
-        return self._credentials is not None
-
     # --- scopes ---------------------------------------------------------------------------------
 
     def check_scope(self, required: str) -> None:
