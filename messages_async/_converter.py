@@ -133,6 +133,7 @@ def _fast_hooks(
     # descriptors do the same work in about half the time (0.58 vs 1.03 us per Message).
     # Every field is set, so the object is exactly what __init__ would build.
     blank = object.__new__
+    from_iso = datetime.fromisoformat
     slots = Message.__dict__
     set_id, set_uid, set_text, set_attachments, set_created, set_raw = (
         slots[name].__set__ for name in ("id", "uid", "message", "attachments", "created_at", "raw")
@@ -150,12 +151,20 @@ def _fast_hooks(
             text = _message_text(text)
         found = data.get("attachments")
         created = data.get("created_at")
+        if created is not None:
+            # _datetime written out: one call less per message is 15% of this hook.
+            if type(created) is not str:
+                created = _datetime(created)
+            else:
+                created = from_iso(created)
+                if created.tzinfo is None:
+                    created = created.replace(tzinfo=UTC)
         message = blank(Message)
         set_id(message, mid)
         set_uid(message, uid)
         set_text(message, text)
         set_attachments(message, [] if found is None else attachments(found, None))
-        set_created(message, None if created is None else _datetime(created))
+        set_created(message, created)
         set_raw(message, data)
         return message
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
@@ -10,7 +11,13 @@ import orjson
 
 import messages_async as ma
 
-__all__ = ["count_library", "library_client", "raw_aiohttp_walk", "raw_httpx_walk"]
+__all__ = [
+    "count_library",
+    "library_client",
+    "raw_aiohttp_fan_out",
+    "raw_aiohttp_walk",
+    "raw_httpx_walk",
+]
 
 
 def library_client(info: dict[str, Any], **options: Any) -> ma.Client:
@@ -44,6 +51,26 @@ async def raw_aiohttp_walk(
         n += len(data["items"])
         url = data["next_cursor"] or ""
     return n
+
+
+async def raw_aiohttp_fan_out(
+    session: aiohttp.ClientSession,
+    root: str,
+    headers: dict[str, str],
+    chat_ids: list[int],
+    concurrency: int,
+) -> int:
+    """The fastest fan-out a user could write by hand: ``concurrency`` tasks, each taking the
+    next chat and walking it with :func:`raw_aiohttp_walk`; no models, no checks, no queue."""
+    pending = list(reversed(chat_ids))
+    counts: list[int] = []
+
+    async def worker() -> None:
+        while pending:
+            counts.append(await raw_aiohttp_walk(session, root, headers, pending.pop()))
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return sum(counts)
 
 
 async def raw_httpx_walk(
