@@ -177,6 +177,7 @@ class Exporter:
             OSError: the store could not be written.
         """
         stats = self.stats
+        committed_before = self._store.committed_messages
         try:
             ids = await self._select()
             stats.chats_total = len(ids)
@@ -187,6 +188,10 @@ class Exporter:
             ]
             await self._supervise(workers)
         finally:
+            # A worker stopped while its page was being committed never counted that page,
+            # but the page is stored: the summary takes the store's own count.
+            await self._store.settle()
+            stats.messages = self._store.committed_messages - committed_before
             stats.finished = time.monotonic()
         return stats
 

@@ -300,6 +300,7 @@ class SqliteStore(Store):
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             raise OSError(f"SQLite error in {self.path}: {exc}") from exc
+        self._count(len(rows))
 
     def _commit(self, state: ChatState, messages: list[Message], update: bool) -> ChatState:
         self._commit_batch([(state, messages)])
@@ -310,11 +311,11 @@ class SqliteStore(Store):
         self._write_state(state)  # autocommit: a single statement is its own transaction
         return state
 
-    async def close(self) -> None:
-        """Finish the queued commits, then close the database. Safe to call twice."""
+    async def settle(self) -> None:
+        """Wait for the queued commits too: the writer stores them after their walks stop."""
         if self._writer is not None:
             await asyncio.gather(self._writer, return_exceptions=True)
-        await super().close()
+        await super().settle()
 
     def _close(self) -> None:
         if self._db is not None:

@@ -12,8 +12,9 @@ import abc
 import asyncio
 import functools
 import logging
+import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from .._models import Message
@@ -40,10 +41,38 @@ class Store(abc.ABC):
         self.path = path
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="export-io")
         self._closed = False
+        # Work handed to the threads and not finished yet. A caller cancelled while waiting
+        # does not stop its thread: the write still happens, and settle() waits for it.
+        self._running: set[Future[Any]] = set()
+        self._committed = 0
+        self._committed_lock = threading.Lock()
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+        future = self._executor.submit(fn, *args)
+        self._running.add(future)
+        future.add_done_callback(self._running.discard)
+        return await asyncio.wrap_future(future)
+
+    def _count(self, messages: int) -> None:
+        """Called on a store thread once ``messages`` new messages are durably stored."""
+        with self._committed_lock:
+            self._committed += messages
+
+    @property
+    def committed_messages(self) -> int:
+        """Messages this store has durably stored since it was created.
+
+        Counted where the commit happens, so a page whose walk was stopped while its commit
+        ran is counted too; exact once :meth:`settle` (or :meth:`close`) has returned.
+        """
+        with self._committed_lock:
+            return self._committed
+
+    async def settle(self) -> None:
+        """Wait until every write already started has finished (its caller may be gone)."""
+        running = [asyncio.wrap_future(f) for f in list(self._running)]
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
 
     async def open(self, meta: ExportMeta, *, fresh: bool) -> None:
         """Create the output, or check that the one there is this export and repair it.
@@ -85,8 +114,8 @@ class Store(abc.ABC):
         self._closed = True
         loop = asyncio.get_running_loop()
         try:
-            # Queued behind any commit still running (the SQLite store has one thread): a
-            # commit that was under way when its worker was cancelled completes first.
+            # A commit that was under way when its worker was cancelled completes first.
+            await self.settle()
             await loop.run_in_executor(self._executor, self._close)
         finally:
             await loop.run_in_executor(None, functools.partial(self._executor.shutdown, wait=True))
