@@ -7,6 +7,7 @@ decodes the answer with pure functions again. Walks and fan-outs reuse exactly t
 
 from __future__ import annotations
 
+import copy
 import enum
 import random
 from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
@@ -67,6 +68,15 @@ class _State(enum.Enum):
     CLOSED = "closed"
 
 
+class _Lifecycle:
+    """Whether a client is open; shared with its ``with_options`` views."""
+
+    __slots__ = ("state",)
+
+    def __init__(self) -> None:
+        self.state = _State.UNOPENED
+
+
 def _positive(name: str, value: object, *, allow_zero: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
@@ -123,6 +133,9 @@ class Client:
         session: A caller-owned ``aiohttp.ClientSession`` to use; the client never closes it.
         timeout: Seconds allowed for each attempt of a request, from connecting to the last
             byte of the answer.
+        deadline: Seconds a whole call may take, every attempt and wait included (``None``:
+            no limit beyond the attempts' own timeouts). A wait that would outlast it is not
+            begun: the error that caused it is raised instead.
         max_retries: Retries after the first attempt (0 disables retrying).
         max_concurrency: Most requests this client has in flight at once (the adaptive bound
             starts here and never exceeds it).
@@ -148,6 +161,7 @@ class Client:
         resource_uri: str | None = None,
         session: aiohttp.ClientSession | None = None,
         timeout: float = 30.0,
+        deadline: float | None = None,
         max_retries: int = 3,
         max_concurrency: int = 32,
         backoff_base: float = 0.5,
@@ -157,7 +171,7 @@ class Client:
         retry_budget: int = 50,
         allow_insecure_http: bool = False,
     ) -> None:
-        self._state = _State.UNOPENED
+        self._life = _Lifecycle()
         self._client_id = client_id if isinstance(client_id, str) else None
         # The secrets are wrapped first and the plain strings dropped from this frame, so a
         # traceback that shows locals (a configuration error raised below) cannot show them.
@@ -206,6 +220,7 @@ class Client:
             backoff_base=_positive("backoff_base", backoff_base, allow_zero=True),
             backoff_max=_positive("backoff_max", backoff_max, allow_zero=True),
             max_retry_after=_positive("max_retry_after", max_retry_after, allow_zero=True),
+            deadline=None if deadline is None else _positive("deadline", deadline),
         )
         rng = random.Random()
         self._sessions = SessionManager(
@@ -244,6 +259,33 @@ class Client:
         check_secure_url(url, what=what, allow_insecure_http=allow_insecure_http)
         return url
 
+    def with_options(
+        self,
+        *,
+        timeout: float | _NotGiven = NOT_GIVEN,
+        deadline: float | _NotGiven | None = NOT_GIVEN,
+        max_retries: int | _NotGiven = NOT_GIVEN,
+    ) -> Client:
+        """This client with other retry settings for the calls made through what it returns.
+
+        The view shares everything else with this client: connections, token, rate limiter,
+        counters, and whether it is open (closing either closes both). Cheap: make one per
+        call site if you like::
+
+            page = await client.with_options(deadline=2, max_retries=0).messages.list(chat_id)
+        """
+        changes: dict[str, object] = {}
+        if timeout is not NOT_GIVEN:
+            changes["timeout"] = _positive("timeout", timeout)
+        if deadline is not NOT_GIVEN:
+            changes["deadline"] = None if deadline is None else _positive("deadline", deadline)
+        if max_retries is not NOT_GIVEN:
+            changes["max_retries"] = _count("max_retries", max_retries, minimum=0)
+        view = copy.copy(self)
+        view._policy = self._policy.replace(**changes)
+        view.messages = Messages(view)
+        return view
+
     # --- lifecycle ------------------------------------------------------------------------------
 
     async def open(self) -> None:
@@ -260,15 +302,15 @@ class Client:
         except BaseException:
             await self._sessions.close()
             self._limiter.close()
-            self._state = _State.CLOSED
+            self._life.state = _State.CLOSED
             raise
-        self._state = _State.OPEN
+        self._life.state = _State.OPEN
 
     async def aclose(self) -> None:
         """Close the client and the HTTP session it opened. Closing twice does nothing."""
         if self._state is _State.CLOSED:
             return
-        self._state = _State.CLOSED
+        self._life.state = _State.CLOSED
         self._limiter.close()
         await self._sessions.close()
 
@@ -283,6 +325,10 @@ class Client:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+    @property
+    def _state(self) -> _State:
+        return self._life.state
 
     def _require_open(self) -> None:
         if self._state is not _State.OPEN:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -92,7 +93,15 @@ class RetryBudget:
 class RetryPolicy:
     """Retry settings of one client (or of one ``with_options`` view of it)."""
 
-    __slots__ = ("backoff_base", "backoff_max", "max_retries", "max_retry_after", "timeout")
+    __slots__ = (
+        "backoff_base",
+        "backoff_max",
+        "deadline",
+        "max_retries",
+        "max_retry_after",
+        "timeout",
+        "timeouts",
+    )
 
     def __init__(
         self,
@@ -102,12 +111,22 @@ class RetryPolicy:
         backoff_base: float,
         backoff_max: float,
         max_retry_after: float,
+        deadline: float | None = None,
     ) -> None:
         self.max_retries = max_retries
         self.timeout = timeout
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.max_retry_after = max_retry_after
+        self.deadline = deadline
+        # Built once: every attempt that has its whole timeout left uses this one.
+        self.timeouts = aiohttp.ClientTimeout(total=timeout)
+
+    def replace(self, **changes: object) -> RetryPolicy:
+        """A copy with some settings changed (for ``Client.with_options``)."""
+        fields = {name: getattr(self, name) for name in self.__slots__ if name != "timeouts"}
+        fields.update(changes)
+        return RetryPolicy(**fields)
 
 
 class _Answer:
@@ -162,14 +181,21 @@ class Transport:
         maybe_acted = False
         url = request.url
         redirects = 0
+        # The whole call, retries and waits included, ends by ``deadline`` when one is set.
+        ends_at = None if policy.deadline is None else self._clock() + policy.deadline
+        left = math.inf
         while True:
             if not same_origin(url, sessions.resource_root):
                 raise UnsafeCursorError(
                     f"refused to send {request.op} to {url.origin()}: the access token is only "
                     f"sent to {sessions.resource_root.origin()}"
                 )
+            if ends_at is not None:
+                left = ends_at - self._clock()
+                if left <= 0:
+                    raise self._past_deadline(request, policy, retries, "before an attempt")
             paused_for = self._limiter.paused_for()
-            if paused_for > policy.max_retry_after:
+            if paused_for > min(policy.max_retry_after, left):
                 # The server asked this client to wait longer than it waits out: say so now,
                 # rather than sending into the pause or sleeping through it.
                 raise RateLimitError(
@@ -177,15 +203,30 @@ class Transport:
                     "rate_limited",
                     f"the server asked this client to wait {paused_for:.0f} s more",
                     retry_after=paused_for,
-                    hint="above max_retry_after; nothing was sent",
+                    hint=(
+                        "above max_retry_after; nothing was sent"
+                        if paused_for > policy.max_retry_after
+                        else "beyond the call's deadline; nothing was sent"
+                    ),
                 )
-            token = await sessions.token()
-            ticket = await self._limiter.acquire()
+            if ends_at is None:
+                token = await sessions.token()
+                ticket = await self._limiter.acquire()
+            else:
+                try:
+                    async with asyncio.timeout_at(self._loop_time_at(ends_at)):
+                        token = await sessions.token()
+                        ticket = await self._limiter.acquire()
+                except TimeoutError:
+                    raise self._past_deadline(
+                        request, policy, retries, "waiting for a token or a free slot"
+                    ) from None
+                left = ends_at - self._clock()
             self._limiter.count_attempt(retry=bool(retries))
             outcome = Outcome.FAILED
             started = self._clock()
             try:
-                answer = await self._attempt(request, url, token, policy)
+                answer = await self._attempt(request, url, token, policy, left)
             except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as exc:
                 error: BaseException = exc  # a certificate will not fix itself on a retry
                 retryable = False
@@ -217,13 +258,19 @@ class Transport:
                     retries + 1,
                     elapsed,
                 )
-                if not retryable or retries >= policy.max_retries or not self._budget.try_spend():
+                delay = self._backoff(retries, policy)
+                if (
+                    not retryable
+                    or retries >= policy.max_retries
+                    or not self._fits(ends_at, delay)
+                    or not self._budget.try_spend()
+                ):
                     # The cause keeps its type and message but not its traceback: aiohttp's
                     # frames hold the request headers, the bearer token among them.
                     raise self._transport_error(
                         request, error, retries, maybe_acted
                     ) from error.with_traceback(None)
-                await self._sleep(self._backoff(retries, policy))
+                await self._sleep(delay)
                 retries += 1
                 continue
 
@@ -279,14 +326,39 @@ class Transport:
                     # other request of the client (PROTOCOL §7).
                     self._limiter.pause(retry_after)
                 raise exc
+            delay = retry_after if retry_after is not None else self._backoff(retries, policy)
+            if not self._fits(ends_at, delay):
+                if shared_pause:
+                    self._limiter.pause(delay)  # this call stops; the others still wait
+                raise exc  # the wait would outlast the call's deadline: the error as it is
             if not shared_pause and not self._budget.try_spend():
                 raise exc  # the retry budget is spent: the server is failing, not blipping
-            delay = retry_after if retry_after is not None else self._backoff(retries, policy)
             if shared_pause:
                 self._limiter.pause(delay)  # everyone waits; acquire() holds us too
             else:
                 await self._sleep(delay)
             retries += 1
+
+    def _fits(self, ends_at: float | None, delay: float) -> bool:
+        """Whether waiting ``delay`` still leaves time for an attempt before the deadline."""
+        return ends_at is None or self._clock() + delay < ends_at
+
+    def _loop_time_at(self, ends_at: float) -> float:
+        # ``ends_at`` is on this transport's clock; asyncio.timeout_at wants the loop's.
+        return asyncio.get_running_loop().time() + (ends_at - self._clock())
+
+    @staticmethod
+    def _past_deadline(
+        request: ApiRequest, policy: RetryPolicy, retries: int, when: str
+    ) -> RequestTimeoutError:
+        sent = (
+            f"after {retries} attempt{'s' if retries != 1 else ''}; nothing more was sent"
+            if retries
+            else "nothing was sent"
+        )
+        return RequestTimeoutError(
+            f"{request.op} ran out of its {policy.deadline:g} s deadline {when} ({sent})"
+        )
 
     def _backoff(self, retries: int, policy: RetryPolicy) -> float:
         return backoff_delay(
@@ -294,7 +366,7 @@ class Transport:
         )
 
     async def _attempt(
-        self, request: ApiRequest, url: URL, token: Token, policy: RetryPolicy
+        self, request: ApiRequest, url: URL, token: Token, policy: RetryPolicy, left: float
     ) -> _Answer:
         # The headers are built in the call expression, never bound to a local of this frame:
         # a traceback formatter that prints locals must not find the token here.
@@ -305,7 +377,9 @@ class Transport:
             headers=_headers(token, json_body=request.body is not None),
             allow_redirects=False,
             raise_for_status=False,
-            timeout=aiohttp.ClientTimeout(total=policy.timeout),
+            timeout=policy.timeouts
+            if left >= policy.timeout
+            else aiohttp.ClientTimeout(total=left),
         ) as response:
             length = response.content_length
             if length is not None and length > self._max_response_bytes:

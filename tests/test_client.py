@@ -427,6 +427,75 @@ async def test_timeout_is_retried_then_raised(server: MessagesServer) -> None:
     assert isinstance(info.value, TimeoutError)
 
 
+async def test_a_deadline_bounds_the_whole_call_across_retries(server: MessagesServer) -> None:
+    server.inject(Fault.delay(1.0), path="messages/chats/", times=None)
+    async with make_client(server, timeout=0.3, max_retries=10, deadline=0.8) as c:
+        with pytest.raises(ma.RequestTimeoutError):
+            await c.messages.chats()
+    sent = server.resource_requests()
+    # Each attempt gets at most what is left of the 0.8 s: two whole ones and a shorter one,
+    # not the eleven that max_retries alone would allow.
+    assert 2 <= len(sent) <= 4
+    assert sent[-1].started - sent[0].started < 0.8
+
+
+async def test_a_wait_beyond_the_deadline_raises_the_servers_error_at_once(
+    server: MessagesServer,
+) -> None:
+    server.inject(Fault.rate_limited(retry_after="5"), path="messages/chats/")
+    async with make_client(server, deadline=1.0, max_retry_after=60) as c:
+        with pytest.raises(ma.RateLimitError) as info:
+            await c.messages.chats()
+        assert info.value.retry_after == 5
+        assert len(server.resource_requests()) == 1
+        # The pause still binds the client: the next call sends nothing and says why.
+        with pytest.raises(ma.RateLimitError, match="deadline"):
+            await c.messages.chats()
+    assert len(server.resource_requests()) == 1
+
+
+async def test_with_options_overrides_retries_per_call_and_shares_the_rest(
+    server: MessagesServer, client: ma.Client
+) -> None:
+    once = client.with_options(max_retries=0)
+    server.inject(Fault.status(503), path="messages/chats/")
+    with pytest.raises(ma.ServerError):
+        await once.messages.chats()
+    assert len(server.resource_requests()) == 1
+    server.inject(Fault.status(503), path="messages/chats/")
+    assert len(await client.messages.chats()) == 4  # the client's own 3 retries still apply
+    assert len(server.resource_requests()) == 3
+    # One limiter, one set of counters, one token, one lifecycle.
+    assert once.stats.requests == client.stats.requests == 3
+    assert client.token_exchanges == 1
+    assert repr(once) == repr(client)
+    await client.aclose()
+    with pytest.raises(ma.ClientClosedError):
+        await once.messages.chats()
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"timeout": 0}, ValueError),
+        ({"timeout": "5"}, TypeError),
+        ({"deadline": -1}, ValueError),
+        ({"deadline": float("nan")}, ValueError),
+        ({"max_retries": -1}, ValueError),
+        ({"max_retries": 1.5}, TypeError),
+    ],
+)
+async def test_with_options_checks_its_arguments(
+    server: MessagesServer, client: ma.Client, options: dict[str, Any], error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        client.with_options(**options)
+    if "deadline" in options:
+        with pytest.raises(error):
+            make_client(server, **options)
+    assert server.resource_requests() == []
+
+
 # --- writes are never repeated where the server may have acted ---------------------------------
 
 
