@@ -133,9 +133,10 @@ class Client:
         session: A caller-owned ``aiohttp.ClientSession`` to use; the client never closes it.
         timeout: Seconds allowed for each attempt of a request, from connecting to the last
             byte of the answer.
-        deadline: Seconds a whole call may take, every attempt and wait included (``None``:
-            no limit beyond the attempts' own timeouts). A wait that would outlast it is not
-            begun: the error that caused it is raised instead.
+        deadline: Seconds each request may take in all: every attempt, wait and token renewal
+            (``None``: no limit beyond the attempts' own timeouts). For a walk it applies to
+            each page; bound a whole walk with ``asyncio.timeout()``. A wait that would leave
+            less than a tenth of it is not begun: the error that caused it is raised instead.
         max_retries: Retries after the first attempt (0 disables retrying).
         max_concurrency: Most requests this client has in flight at once (the adaptive bound
             starts here and never exceeds it).
@@ -172,6 +173,7 @@ class Client:
         allow_insecure_http: bool = False,
     ) -> None:
         self._life = _Lifecycle()
+        self._is_view = False
         self._client_id = client_id if isinstance(client_id, str) else None
         # The secrets are wrapped first and the plain strings dropped from this frame, so a
         # traceback that shows locals (a configuration error raised below) cannot show them.
@@ -265,14 +267,22 @@ class Client:
         timeout: float | _NotGiven = NOT_GIVEN,
         deadline: float | _NotGiven | None = NOT_GIVEN,
         max_retries: int | _NotGiven = NOT_GIVEN,
-    ) -> Client:
-        """This client with other retry settings for the calls made through what it returns.
+    ) -> Self:
+        """A view of this client whose requests use other retry settings.
 
         The view shares everything else with this client: connections, token, rate limiter,
-        counters, and whether it is open (closing either closes both). Cheap: make one per
-        call site if you like::
+        counters, and being open or closed. It does not own them: open and close the client
+        itself (``async with`` on a view raises ``TypeError``). Cheap to make, so make one
+        per call site if you like::
 
             page = await client.with_options(deadline=2, max_retries=0).messages.list(chat_id)
+
+        Token exchanges keep the client's own settings.
+
+        Args:
+            timeout: Seconds for each attempt of a request.
+            deadline: Seconds for each request in all (every attempt and wait), or ``None``.
+            max_retries: Retries after the first attempt.
         """
         changes: dict[str, object] = {}
         if timeout is not NOT_GIVEN:
@@ -283,8 +293,16 @@ class Client:
             changes["max_retries"] = _count("max_retries", max_retries, minimum=0)
         view = copy.copy(self)
         view._policy = self._policy.replace(**changes)
+        view._is_view = True
         view.messages = Messages(view)
         return view
+
+    def _check_owner(self, what: str) -> None:
+        if self._is_view:
+            raise TypeError(
+                f"{what} on a with_options() view: the view does not own the client it was "
+                "made from; open and close that client instead"
+            )
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -293,6 +311,7 @@ class Client:
 
         ``async with Client(...)`` calls this for you.
         """
+        self._check_owner("open()")
         if self._state is _State.OPEN:
             return
         if self._state is _State.CLOSED:
@@ -308,6 +327,7 @@ class Client:
 
     async def aclose(self) -> None:
         """Close the client and the HTTP session it opened. Closing twice does nothing."""
+        self._check_owner("aclose()")
         if self._state is _State.CLOSED:
             return
         self._life.state = _State.CLOSED
@@ -315,6 +335,7 @@ class Client:
         await self._sessions.close()
 
     async def __aenter__(self) -> Self:
+        self._check_owner("async with")
         await self.open()
         return self
 
@@ -375,7 +396,13 @@ class Client:
 
     def __repr__(self) -> str:
         who = f"client_id={self._client_id!r}, " if self._client_id else ""
-        return f"<Client {who}resource_uri={self.resource_uri!r} state={self._state.value}>"
+        view = ""
+        if self._is_view:
+            p = self._policy
+            view = (
+                f" view(timeout={p.timeout:g}, deadline={p.deadline}, max_retries={p.max_retries})"
+            )
+        return f"<Client {who}resource_uri={self.resource_uri!r} state={self._state.value}{view}>"
 
 
 class Messages:

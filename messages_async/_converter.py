@@ -152,7 +152,7 @@ def _fast_hooks(
         found = data.get("attachments")
         created = data.get("created_at")
         if created is not None:
-            # _datetime written out: one call less per message is 15% of this hook.
+            # _datetime written out: one call less per message, about a tenth of a page's decode.
             if type(created) is not str:
                 created = _datetime(created)
             else:

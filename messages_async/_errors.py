@@ -93,7 +93,8 @@ class TransportError(MessagesError, ConnectionError):
 
 
 class RequestTimeoutError(TransportError, TimeoutError):
-    """No complete answer arrived within the configured ``timeout`` (after any retries)."""
+    """No complete answer arrived within the ``timeout`` of an attempt (after any retries), or
+    the request ran out of its ``deadline``."""
 
 
 class ApiError(MessagesError):

@@ -18,6 +18,7 @@ applies them to real attempts. What may be retried (PROTOCOL §6, §7):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
@@ -53,6 +54,8 @@ __all__ = ["RetryBudget", "RetryPolicy", "Transport"]
 logger = logging.getLogger("messages_async")
 
 _RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+#: A wait is begun only if the attempt after it would still have this share of the deadline.
+_DEADLINE_SHARE = 0.1
 _MAX_REDIRECTS = 5
 
 
@@ -94,13 +97,13 @@ class RetryPolicy:
     """Retry settings of one client (or of one ``with_options`` view of it)."""
 
     __slots__ = (
+        "attempt_timeout",
         "backoff_base",
         "backoff_max",
         "deadline",
         "max_retries",
         "max_retry_after",
         "timeout",
-        "timeouts",
     )
 
     def __init__(
@@ -119,12 +122,12 @@ class RetryPolicy:
         self.backoff_max = backoff_max
         self.max_retry_after = max_retry_after
         self.deadline = deadline
-        # Built once: every attempt that has its whole timeout left uses this one.
-        self.timeouts = aiohttp.ClientTimeout(total=timeout)
+        # Built once per policy rather than once per attempt.
+        self.attempt_timeout = aiohttp.ClientTimeout(total=timeout)
 
     def replace(self, **changes: object) -> RetryPolicy:
         """A copy with some settings changed (for ``Client.with_options``)."""
-        fields = {name: getattr(self, name) for name in self.__slots__ if name != "timeouts"}
+        fields = {name: getattr(self, name) for name in self.__slots__ if name != "attempt_timeout"}
         fields.update(changes)
         return RetryPolicy(**fields)
 
@@ -181,19 +184,18 @@ class Transport:
         maybe_acted = False
         url = request.url
         redirects = 0
-        # The whole call, retries and waits included, ends by ``deadline`` when one is set.
+        attempts = 0
+        # With a deadline, this request (every attempt, wait and token renewal) ends by then.
         ends_at = None if policy.deadline is None else self._clock() + policy.deadline
-        left = math.inf
         while True:
             if not same_origin(url, sessions.resource_root):
                 raise UnsafeCursorError(
                     f"refused to send {request.op} to {url.origin()}: the access token is only "
                     f"sent to {sessions.resource_root.origin()}"
                 )
-            if ends_at is not None:
-                left = ends_at - self._clock()
-                if left <= 0:
-                    raise self._past_deadline(request, policy, retries, "before an attempt")
+            left = math.inf if ends_at is None else ends_at - self._clock()
+            if left <= 0:
+                raise self._past_deadline(request, policy, attempts, "before an attempt")
             paused_for = self._limiter.paused_for()
             if paused_for > min(policy.max_retry_after, left):
                 # The server asked this client to wait longer than it waits out: say so now,
@@ -209,24 +211,24 @@ class Transport:
                         else "beyond the call's deadline; nothing was sent"
                     ),
                 )
-            if ends_at is None:
-                token = await sessions.token()
-                ticket = await self._limiter.acquire()
-            else:
-                try:
-                    async with asyncio.timeout_at(self._loop_time_at(ends_at)):
-                        token = await sessions.token()
-                        ticket = await self._limiter.acquire()
-                except TimeoutError:
-                    raise self._past_deadline(
-                        request, policy, retries, "waiting for a token or a free slot"
-                    ) from None
-                left = ends_at - self._clock()
+            try:
+                async with self._until(ends_at):
+                    token = await sessions.token()
+                    ticket = await self._limiter.acquire()
+            except TimeoutError:
+                raise self._past_deadline(
+                    request, policy, attempts, "waiting for a token or a free slot"
+                ) from None
             self._limiter.count_attempt(retry=bool(retries))
+            attempts += 1
             outcome = Outcome.FAILED
             started = self._clock()
             try:
-                answer = await self._attempt(request, url, token, policy, left)
+                # The deadline cuts the attempt short through asyncio (exact, and at once if it
+                # has already passed) rather than through aiohttp's timeout, which treats a
+                # total of zero as none and rounds long ones up to whole seconds.
+                async with self._until(ends_at):
+                    answer = await self._attempt(request, url, token, policy)
             except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as exc:
                 error: BaseException = exc  # a certificate will not fix itself on a retry
                 retryable = False
@@ -255,20 +257,21 @@ class Transport:
                     request.method,
                     url.raw_path,
                     type(error).__name__,
-                    retries + 1,
+                    attempts,
                     elapsed,
                 )
-                delay = self._backoff(retries, policy)
-                if (
-                    not retryable
-                    or retries >= policy.max_retries
-                    or not self._fits(ends_at, delay)
-                    or not self._budget.try_spend()
-                ):
+                delay = (
+                    self._backoff(retries, policy)
+                    if retryable and retries < policy.max_retries
+                    else None
+                )
+                late = delay is not None and not self._fits(ends_at, delay, policy)
+                if delay is None or late or not self._budget.try_spend():
                     # The cause keeps its type and message but not its traceback: aiohttp's
                     # frames hold the request headers, the bearer token among them.
+                    why = self._too_late(policy) if late else ""
                     raise self._transport_error(
-                        request, error, retries, maybe_acted
+                        request, error, attempts, maybe_acted, why
                     ) from error.with_traceback(None)
                 await self._sleep(delay)
                 retries += 1
@@ -280,7 +283,7 @@ class Transport:
                 request.method,
                 url.raw_path,
                 status,
-                retries + 1,
+                attempts,
                 elapsed,
             )
             if 200 <= status < 300:
@@ -293,7 +296,13 @@ class Transport:
                     raise TransportError(f"{request.op}: more than {_MAX_REDIRECTS} redirects")
                 continue
             if status == 401 and not renewed:
-                await sessions.renew_after_401(token)
+                try:
+                    async with self._until(ends_at):
+                        await sessions.renew_after_401(token)
+                except TimeoutError:
+                    raise self._past_deadline(
+                        request, policy, attempts, "renewing the refused token"
+                    ) from None
                 renewed = True
                 continue
             exc = error_from_response(
@@ -327,10 +336,11 @@ class Transport:
                     self._limiter.pause(retry_after)
                 raise exc
             delay = retry_after if retry_after is not None else self._backoff(retries, policy)
-            if not self._fits(ends_at, delay):
+            if not self._fits(ends_at, delay, policy):
                 if shared_pause:
                     self._limiter.pause(delay)  # this call stops; the others still wait
-                raise exc  # the wait would outlast the call's deadline: the error as it is
+                exc.add_note(self._too_late(policy))
+                raise exc  # the server's own error, not a timeout: it says what went wrong
             if not shared_pause and not self._budget.try_spend():
                 raise exc  # the retry budget is spent: the server is failing, not blipping
             if shared_pause:
@@ -339,21 +349,37 @@ class Transport:
                 await self._sleep(delay)
             retries += 1
 
-    def _fits(self, ends_at: float | None, delay: float) -> bool:
-        """Whether waiting ``delay`` still leaves time for an attempt before the deadline."""
-        return ends_at is None or self._clock() + delay < ends_at
+    def _fits(self, ends_at: float | None, delay: float, policy: RetryPolicy) -> bool:
+        """Whether an attempt after waiting ``delay`` would still have a tenth of the deadline.
 
-    def _loop_time_at(self, ends_at: float) -> float:
-        # ``ends_at`` is on this transport's clock; asyncio.timeout_at wants the loop's.
-        return asyncio.get_running_loop().time() + (ends_at - self._clock())
+        An attempt with only milliseconds left could not succeed; it would spend a retry and
+        hide the server's error behind a timeout.
+        """
+        if ends_at is None or policy.deadline is None:
+            return True
+        return self._clock() + delay + policy.deadline * _DEADLINE_SHARE <= ends_at
+
+    @staticmethod
+    def _too_late(policy: RetryPolicy) -> str:
+        return (
+            f"not retried: the wait before the next attempt would leave less than a tenth of "
+            f"the request's {policy.deadline:g} s deadline"
+        )
+
+    def _until(self, ends_at: float | None) -> contextlib.AbstractAsyncContextManager[object]:
+        """A scope that raises TimeoutError at ``ends_at`` (this transport's clock), if set."""
+        if ends_at is None:
+            return contextlib.nullcontext()
+        loop_time = asyncio.get_running_loop().time() + (ends_at - self._clock())
+        return asyncio.timeout_at(loop_time)
 
     @staticmethod
     def _past_deadline(
-        request: ApiRequest, policy: RetryPolicy, retries: int, when: str
+        request: ApiRequest, policy: RetryPolicy, attempts: int, when: str
     ) -> RequestTimeoutError:
         sent = (
-            f"after {retries} attempt{'s' if retries != 1 else ''}; nothing more was sent"
-            if retries
+            f"after {attempts} attempt{'s' if attempts != 1 else ''}; nothing more was sent"
+            if attempts
             else "nothing was sent"
         )
         return RequestTimeoutError(
@@ -366,7 +392,7 @@ class Transport:
         )
 
     async def _attempt(
-        self, request: ApiRequest, url: URL, token: Token, policy: RetryPolicy, left: float
+        self, request: ApiRequest, url: URL, token: Token, policy: RetryPolicy
     ) -> _Answer:
         # The headers are built in the call expression, never bound to a local of this frame:
         # a traceback formatter that prints locals must not find the token here.
@@ -377,9 +403,7 @@ class Transport:
             headers=_headers(token, json_body=request.body is not None),
             allow_redirects=False,
             raise_for_status=False,
-            timeout=policy.timeouts
-            if left >= policy.timeout
-            else aiohttp.ClientTimeout(total=left),
+            timeout=policy.attempt_timeout,
         ) as response:
             length = response.content_length
             if length is not None and length > self._max_response_bytes:
@@ -424,16 +448,16 @@ class Transport:
 
     @staticmethod
     def _transport_error(
-        request: ApiRequest, error: BaseException, retries: int, maybe_acted: bool
+        request: ApiRequest, error: BaseException, attempts: int, maybe_acted: bool, why: str
     ) -> TransportError:
-        attempts = f"after {retries + 1} attempt{'s' if retries else ''}"
+        tried = f"after {attempts} attempt{'s' if attempts != 1 else ''}"
         detail = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-        note = ""
+        note = f"; {why}" if why else ""
         if maybe_acted and request.retry is Retry.UNSENT_ONLY:
-            note = (
+            note += (
                 "; the server may have stored it, so it was not re-sent: check the chat "
                 "before adding it again"
             )
         if isinstance(error, TimeoutError):
-            return RequestTimeoutError(f"{request.op} timed out {attempts} ({detail}){note}")
-        return TransportError(f"{request.op} failed {attempts} ({detail}){note}")
+            return RequestTimeoutError(f"{request.op} timed out {tried} ({detail}){note}")
+        return TransportError(f"{request.op} failed {tried} ({detail}){note}")

@@ -427,16 +427,57 @@ async def test_timeout_is_retried_then_raised(server: MessagesServer) -> None:
     assert isinstance(info.value, TimeoutError)
 
 
-async def test_a_deadline_bounds_the_whole_call_across_retries(server: MessagesServer) -> None:
+async def test_a_deadline_bounds_a_request_across_retries(server: MessagesServer) -> None:
     server.inject(Fault.delay(1.0), path="messages/chats/", times=None)
     async with make_client(server, timeout=0.3, max_retries=10, deadline=0.8) as c:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         with pytest.raises(ma.RequestTimeoutError):
             await c.messages.chats()
+        took = loop.time() - started
     sent = server.resource_requests()
-    # Each attempt gets at most what is left of the 0.8 s: two whole ones and a shorter one,
-    # not the eleven that max_retries alone would allow.
+    # Two whole attempts and a shorter one, not the eleven that max_retries alone allows.
     assert 2 <= len(sent) <= 4
     assert sent[-1].started - sent[0].started < 0.8
+    assert took < 0.8 + 0.4  # the deadline, and a generous margin for a busy machine
+
+
+async def test_a_deadline_cuts_an_attempt_short_of_its_own_timeout(
+    server: MessagesServer,
+) -> None:
+    server.inject(Fault.delay(3.0), path="messages/chats/")
+    async with make_client(server, timeout=10, deadline=0.5) as c:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(ma.RequestTimeoutError, match="not retried"):
+            await c.messages.chats()
+        assert loop.time() - started < 0.5 + 0.4
+    assert len(server.resource_requests()) == 1
+
+
+async def test_a_deadline_bounds_the_token_renewal_after_a_401(server: MessagesServer) -> None:
+    async with make_client(server, deadline=0.5) as c:
+        server.inject(Fault.expire_token(), path="messages/chats/")
+        server.inject(Fault.delay(3.0), path="oauth/token")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(ma.RequestTimeoutError, match="renewing the refused token") as info:
+            await c.messages.chats()
+        assert loop.time() - started < 0.5 + 0.4
+    assert "after 1 attempt; nothing more was sent" in str(info.value)
+    assert len(server.resource_requests()) == 1
+
+
+async def test_a_deadline_bounds_the_wait_for_a_free_slot(server: MessagesServer) -> None:
+    server.inject(Fault.delay(1.0), path="messages/chats/")
+    async with make_client(server, max_concurrency=1) as c:
+        slow = asyncio.create_task(c.messages.chats())  # holds the client's only slot
+        await asyncio.sleep(0.1)
+        hurried = c.with_options(deadline=0.3)
+        with pytest.raises(ma.RequestTimeoutError, match=r"free slot.*nothing was sent"):
+            await hurried.messages.chats()
+        assert len(server.resource_requests()) == 1  # only the slow one reached the server
+        assert len(await slow) == 4
 
 
 async def test_a_wait_beyond_the_deadline_raises_the_servers_error_at_once(
@@ -468,7 +509,14 @@ async def test_with_options_overrides_retries_per_call_and_shares_the_rest(
     # One limiter, one set of counters, one token, one lifecycle.
     assert once.stats.requests == client.stats.requests == 3
     assert client.token_exchanges == 1
-    assert repr(once) == repr(client)
+    assert "view(timeout=30, deadline=None, max_retries=0)" in repr(once)
+    # A view does not own the client: it can neither close it nor be used to scope it.
+    with pytest.raises(TypeError, match="does not own"):
+        async with once:
+            pass
+    with pytest.raises(TypeError, match="does not own"):
+        await once.aclose()
+    assert len(await once.messages.chats()) == 4  # still open
     await client.aclose()
     with pytest.raises(ma.ClientClosedError):
         await once.messages.chats()

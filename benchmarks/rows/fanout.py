@@ -147,7 +147,7 @@ async def _main(
         ),
         Line(
             NAME,
-            f"{ms}: one request's round trip here vs the latency (bound at it: "
+            f"{ms}: one request's round trip here, one at a time, vs the latency (bound at it: "
             f"{fmt_seconds(rounds * rtt)}, iter_many at {measured / (rounds * rtt):.2f}×)",
             fmt_seconds(rtt),
             fmt_seconds(latency),

@@ -274,13 +274,11 @@ class JsonlStore(Store):
             state.merging = True
             self._write_state(state)
             _fsync_dir(self._p(_STATE))
-            self._count(len(messages))  # stored from here on: a crash finishes the merge
             return self._finish_merge(state)
         if update and finished:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._pending(chat_id))
         self._write_state(state)
-        self._count(len(messages))
         return state
 
     def _finish_merge(self, state: ChatState) -> ChatState:

@@ -266,7 +266,7 @@ class SqliteStore(Store):
         while self._queue:
             batch, self._queue = self._queue, []
             try:
-                await self._call(self._commit_batch, [(s, m) for s, m, _ in batch])
+                await self._call(self._commit_queued, [(s, m) for s, m, _ in batch])
             except BaseException as exc:
                 for _, _, done in batch:
                     if not done.done():
@@ -278,7 +278,12 @@ class SqliteStore(Store):
                     if not done.done():
                         done.set_result(state)
 
-    def _commit_batch(self, batch: list[tuple[ChatState, list[Message]]]) -> None:
+    def _commit_queued(self, batch: list[tuple[ChatState, list[Message]]]) -> None:
+        # Counted here, on the store's thread, whether or not a walk still waits for it.
+        self._count(self._commit_batch(batch))
+
+    def _commit_batch(self, batch: list[tuple[ChatState, list[Message]]]) -> int:
+        """Commit the pages and their checkpoints in one transaction; the new rows stored."""
         db = self.db
         now = _now()
         rows: list[tuple[Any, ...]] = []
@@ -289,11 +294,12 @@ class SqliteStore(Store):
             # only guards the file against a server that repeats itself.
             state.messages += len(messages)
             states.append(_state_row(state, now))
+        inserted = 0
         try:
             db.execute("BEGIN")
             try:
                 if rows:
-                    db.execute(_INSERT_MESSAGES, (orjson.dumps(rows),))
+                    inserted = db.execute(_INSERT_MESSAGES, (orjson.dumps(rows),)).rowcount
                 db.execute(_UPSERT_STATES, (orjson.dumps(states),))
             except BaseException:
                 db.execute("ROLLBACK")
@@ -301,10 +307,14 @@ class SqliteStore(Store):
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             raise OSError(f"SQLite error in {self.path}: {exc}") from exc
-        self._count(len(rows))
+        return inserted
 
     def _commit(self, state: ChatState, messages: list[Message], update: bool) -> ChatState:
         self._commit_batch([(state, messages)])
+        return state
+
+    def _commit_counted(self, state: ChatState, messages: list[Message], update: bool) -> ChatState:
+        self._commit_queued([(state, messages)])  # rows inserted, not rows offered
         return state
 
     def _fail(self, state: ChatState, error: str) -> ChatState:
@@ -315,7 +325,7 @@ class SqliteStore(Store):
     async def settle(self) -> None:
         """Wait for the queued commits too: the writer stores them after their walks stop."""
         if self._writer is not None:
-            await asyncio.gather(self._writer, return_exceptions=True)
+            await asyncio.wait([self._writer])  # waiting, not cancelling, if we are cancelled
         await super().settle()
 
     def _close(self) -> None:

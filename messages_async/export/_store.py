@@ -41,8 +41,9 @@ class Store(abc.ABC):
         self.path = path
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="export-io")
         self._closed = False
-        # Work handed to the threads and not finished yet. A caller cancelled while waiting
-        # does not stop its thread: the write still happens, and settle() waits for it.
+        # Work handed to the threads and not finished yet. A caller cancelled while its work
+        # runs does not stop the thread: the write still happens, and settle() waits for it.
+        # (Work that had not started yet is dropped with its caller: nothing is written.)
         self._running: set[Future[Any]] = set()
         self._committed = 0
         self._committed_lock = threading.Lock()
@@ -54,25 +55,29 @@ class Store(abc.ABC):
         return await asyncio.wrap_future(future)
 
     def _count(self, messages: int) -> None:
-        """Called on a store thread once ``messages`` new messages are durably stored."""
+        """Called on a store thread once ``messages`` new messages are committed."""
         with self._committed_lock:
             self._committed += messages
 
     @property
     def committed_messages(self) -> int:
-        """Messages this store has durably stored since it was created.
+        """New messages this store has committed since it was created.
 
-        Counted where the commit happens, so a page whose walk was stopped while its commit
-        ran is counted too; exact once :meth:`settle` (or :meth:`close`) has returned.
+        Counted on the store's thread as each commit completes, so a page whose walk was
+        stopped while its commit ran is counted too; exact once :meth:`settle` (or
+        :meth:`close`) has returned.
         """
         with self._committed_lock:
             return self._committed
 
     async def settle(self) -> None:
-        """Wait until every write already started has finished (its caller may be gone)."""
+        """Wait until every write already started has finished (its caller may be gone).
+
+        Cancelling the wait does not cancel the writes.
+        """
         running = [asyncio.wrap_future(f) for f in list(self._running)]
         if running:
-            await asyncio.gather(*running, return_exceptions=True)
+            await asyncio.wait(running)
 
     async def open(self, meta: ExportMeta, *, fresh: bool) -> None:
         """Create the output, or check that the one there is this export and repair it.
@@ -101,7 +106,14 @@ class Store(abc.ABC):
             update: Whether the walk is an update of a chat exported before (its messages are
                 newer than everything stored).
         """
-        return await self._call(self._commit, state, list(messages), update)
+        return await self._call(self._commit_counted, state, list(messages), update)
+
+    def _commit_counted(self, state: ChatState, messages: list[Message], update: bool) -> ChatState:
+        # On the store's thread: counted as soon as the backend's commit returns, whether or
+        # not the caller is still waiting for it.
+        stored = self._commit(state, messages, update)
+        self._count(len(messages))
+        return stored
 
     async def fail(self, state: ChatState, error: str) -> ChatState:
         """Record that the chat failed with ``error`` (its stored data is kept)."""

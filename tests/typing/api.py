@@ -10,7 +10,10 @@ import messages_async as ma
 
 async def typical_use() -> None:
     async with ma.Client(
-        token_url="https://auth.example.test/token", client_id="id", client_secret="secret"
+        token_url="https://auth.example.test/token",
+        client_id="id",
+        client_secret="secret",
+        deadline=10.0,
     ) as client:
         scopes: frozenset[str] | None = client.scopes
         chats: list[ma.Chat] = await client.messages.chats()
@@ -37,6 +40,8 @@ async def typical_use() -> None:
         async with contextlib.aclosing(client.messages.iter(chats[0].chat_id)) as messages:
             async for _first in messages:
                 break
+        hurried: ma.Client = client.with_options(deadline=2.0, max_retries=1, timeout=1.0)
+        _again: ma.MessagesPage = await hurried.with_options(deadline=None).messages.list(1)
         stats: ma.ClientStats = client.stats
         watch: ma.Watch = client.messages.watch([1], since={1: 5})
         async with watch:
