@@ -39,6 +39,7 @@ __all__ = [
     "median",
     "paired_ratio",
     "print_table",
+    "timed",
 ]
 
 
@@ -135,6 +136,21 @@ async def ainterleave(
         for name, fn in variants.items():
             results[name].append(await fn())
     return results
+
+
+def timed(walk: Callable[[], Awaitable[int]], expected: int) -> Callable[[], Awaitable[float]]:
+    """A measurement for :func:`ainterleave`: the seconds ``walk`` takes, after checking that
+    it walked ``expected`` messages (a fast walk that misses some must not look good)."""
+
+    async def measure() -> float:
+        start = time.perf_counter()
+        n = await walk()
+        elapsed = time.perf_counter() - start
+        if n != expected:
+            raise RuntimeError(f"walked {n} messages, expected {expected}")
+        return elapsed
+
+    return measure
 
 
 def fmt_rate(per_second: float, unit: str) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -26,10 +25,12 @@ from .._harness import (
     Line,
     ServerProcess,
     Target,
+    ainterleave,
     fetch_token,
     fmt_seconds,
     median,
     paired_ratio,
+    timed,
 )
 from ._clients import count_library, library_client, raw_aiohttp_fan_out
 
@@ -40,18 +41,6 @@ TARGET = Target("<=", 1.15)
 LATENCIES = (0.02, 0.05)
 CONCURRENCY = 20
 ROUND_TRIPS = 20
-
-
-def _timed(walk: Callable[[], Awaitable[int]], expected: int) -> Callable[[], Awaitable[float]]:
-    async def measure() -> float:
-        start = time.perf_counter()
-        n = await walk()
-        elapsed = time.perf_counter() - start
-        if n != expected:
-            raise RuntimeError(f"the fan-out yielded {n} messages, expected {expected}")
-        return elapsed
-
-    return measure
 
 
 async def _round_trip(session: aiohttp.ClientSession, url: str, headers: dict[str, str]) -> float:
@@ -98,23 +87,19 @@ async def _main(
             return sum([await count_library(client, c) for c in chat_ids[: subset or 0]])
 
         variants = {
-            "fan_out": _timed(fan_out, total),
-            "raw": _timed(
+            "fan_out": timed(fan_out, total),
+            "raw": timed(
                 lambda: raw_aiohttp_fan_out(session, root, headers, chat_ids, CONCURRENCY), total
             ),
         }
         if subset:
-            variants["naive"] = _timed(naive, total)
-            variants["sequential"] = _timed(sequential, subset * per_chat)
-        for measure in variants.values():  # warm-up: connections, the server's page cache
-            await measure()
+            variants["naive"] = timed(naive, total)
+            variants["sequential"] = timed(sequential, subset * per_chat)
+        # Warmed up first (connections, the server's page cache), then interleaved.
+        results = await ainterleave(variants, min(ctx.repeats, 3))
         rtt = await _round_trip(
             session, f"{root}messages/?chat_id={chat_ids[0]}&limit=100", headers
         )
-        results: dict[str, list[float]] = {name: [] for name in variants}
-        for _ in range(min(ctx.repeats, 3)):
-            for name, measure in variants.items():
-                results[name].append(await measure())
         if subset:
             results["sequential"] = [t * chats / subset for t in results["sequential"]]
 
@@ -122,6 +107,16 @@ async def _main(
     bound = rounds * latency
     measured = median(results["fan_out"])
     ms = f"{latency * 1000:g} ms"
+
+    def versus(other: str, label: str) -> Line:
+        return Line(
+            NAME,
+            f"{ms}: iter_many vs {label}",
+            fmt_seconds(measured),
+            fmt_seconds(median(results[other])),
+            paired_ratio(results["fan_out"], results[other]),
+        )
+
     lines = [
         Line(
             NAME,
@@ -138,13 +133,7 @@ async def _main(
             fmt_seconds(bound),
             median(results["raw"]) / bound,
         ),
-        Line(
-            NAME,
-            f"{ms}: iter_many vs the hand-written aiohttp fan-out",
-            fmt_seconds(measured),
-            fmt_seconds(median(results["raw"])),
-            paired_ratio(results["fan_out"], results["raw"]),
-        ),
+        versus("raw", "the hand-written aiohttp fan-out"),
         Line(
             NAME,
             f"{ms}: one request's round trip here, one at a time, vs the latency (bound at it: "
@@ -156,20 +145,9 @@ async def _main(
     ]
     if subset:
         lines += [
-            Line(
-                NAME,
-                f"{ms}: iter_many vs naive gather of iter() over all chats, no bound",
-                fmt_seconds(measured),
-                fmt_seconds(median(results["naive"])),
-                paired_ratio(results["fan_out"], results["naive"]),
-            ),
-            Line(
-                NAME,
-                f"{ms}: iter_many vs sequential iter() (estimated: {subset} chats × "
-                f"{chats // subset})",
-                fmt_seconds(measured),
-                fmt_seconds(median(results["sequential"])),
-                paired_ratio(results["fan_out"], results["sequential"]),
+            versus("naive", "naive gather of iter() over all chats, no bound"),
+            versus(
+                "sequential", f"sequential iter() (estimated: {subset} chats × {chats // subset})"
             ),
         ]
     return lines

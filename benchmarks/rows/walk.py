@@ -6,8 +6,6 @@ reader can see the server is not what is being measured."""
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable
 
 import aiohttp
 import httpx
@@ -22,6 +20,7 @@ from .._harness import (
     fmt_rate,
     median,
     paired_ratio,
+    timed,
 )
 from ._clients import count_library, library_client, raw_aiohttp_walk, raw_httpx_walk
 
@@ -29,18 +28,6 @@ __all__ = ["NAME", "run"]
 
 NAME = "walk"
 TARGET = Target(">=", 0.8)
-
-
-def _rate(count: Callable[[], Awaitable[int]], expected: int) -> Callable[[], Awaitable[float]]:
-    async def measure() -> float:
-        start = time.perf_counter()
-        n = await count()
-        elapsed = time.perf_counter() - start
-        if n != expected:
-            raise RuntimeError(f"walked {n} messages, expected {expected}")
-        return n / elapsed
-
-    return measure
 
 
 async def _main(ctx: Context, server: ServerProcess, messages: int) -> list[Line]:
@@ -54,16 +41,17 @@ async def _main(ctx: Context, server: ServerProcess, messages: int) -> list[Line
         headers = {"Authorization": "Bearer " + await fetch_token(session, info)}
         (chat,) = await client.messages.chats()
         chat_id = chat.chat_id
-        r = await ainterleave(
+        seconds = await ainterleave(
             {
-                "library": _rate(lambda: count_library(client, chat_id), messages),
-                "aiohttp": _rate(
+                "library": timed(lambda: count_library(client, chat_id), messages),
+                "aiohttp": timed(
                     lambda: raw_aiohttp_walk(session, root, headers, chat_id), messages
                 ),
-                "httpx": _rate(lambda: raw_httpx_walk(hclient, root, headers, chat_id), messages),
+                "httpx": timed(lambda: raw_httpx_walk(hclient, root, headers, chat_id), messages),
             },
             ctx.repeats,
         )
+    r = {name: [messages / t for t in times] for name, times in seconds.items()}
     lib = median(r["library"])
     return [
         Line(
