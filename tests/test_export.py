@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import attrs
 import orjson
 import pytest
 
@@ -275,6 +276,47 @@ async def test_a_stop_during_a_commit_counts_what_was_stored(
     saved = sum(len(messages) for messages in stored.values())
     assert saved > 0  # the commit under way when the stop came was finished ...
     assert stats.messages == saved  # ... and counted, though its worker was cancelled
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+async def test_cancelling_settle_does_not_cancel_the_writes_it_waits_for(
+    server: MessagesServer, fmt: str, tmp_path: Path
+) -> None:
+    out = _out(tmp_path, fmt)
+    # One thread each, so the second page waits behind the first, which is held up.
+    store = SqliteStore(str(out)) if fmt == "sqlite" else JsonlStore(str(out), threads=1)
+    name = "_commit_batch" if fmt == "sqlite" else "_commit"
+    original = getattr(store, name)
+
+    def slow(*args: Any) -> Any:
+        time.sleep(0.2)
+        return original(*args)
+
+    setattr(store, name, slow)
+    async with _client(server) as client:
+        await store.open(_meta(server, ExportOptions()), fresh=True)
+        await store.save_chats([chat.raw for chat in await client.messages.chats()])
+        chat_ids = server.chat_ids()[:2]
+        states = [await store.load(chat_id) for chat_id in chat_ids]
+        lists = [await client.messages.list(chat_id, limit=10) for chat_id in chat_ids]
+        sent = sum(len(page.items) for page in lists)
+        pages = [
+            asyncio.create_task(
+                store.commit(attrs.evolve(state, cursor=p.next_cursor), p.items, update=False)
+            )
+            for state, p in zip(states, lists, strict=True)
+        ]
+        await asyncio.sleep(0.05)  # the first commit runs, the second waits for it
+        settling = asyncio.create_task(store.settle())
+        await asyncio.sleep(0.05)
+        settling.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await settling
+        await asyncio.gather(*pages)  # neither commit was cancelled with it
+        await store.close()
+    _, stored = read(fmt, out)
+    assert sent > 0
+    assert sum(len(m) for m in stored.values()) == store.committed_messages == sent
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
