@@ -137,7 +137,8 @@ def _parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "exit status: 0 done; 1 some chats failed or the export could not go on; "
-            "2 bad usage, credentials or --out; 130 interrupted (resume by running it again)"
+            "2 bad usage, credentials or --out; 130 interrupted by Ctrl-C, 143 by SIGTERM "
+            "(resume by running it again)"
         ),
         allow_abbrev=False,
     )
@@ -146,7 +147,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="the SQLite file (default export.sqlite) or the JSONL directory (default export)",
     )
-    export.add_argument("--format", choices=("sqlite", "jsonl"), default="sqlite")
+    export.add_argument(
+        "--format",
+        choices=("sqlite", "jsonl"),
+        default="sqlite",
+        help="sqlite: one file; jsonl: a directory with a file per chat (default sqlite)",
+    )
     export.add_argument(
         "--chat",
         dest="chats",
@@ -160,7 +166,8 @@ def _parser() -> argparse.ArgumentParser:
         type=_concurrency,
         default=8,
         metavar="N",
-        help="chats exported at once (default 8)",
+        help="chats exported at once (default 8); each may have a second page in flight, so "
+        "up to 2N requests",
     )
     export.add_argument("--query", metavar="TEXT", help="only messages whose text contains TEXT")
     export.add_argument(
