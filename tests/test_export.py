@@ -319,6 +319,38 @@ async def test_cancelling_settle_does_not_cancel_the_writes_it_waits_for(
     assert sum(len(m) for m in stored.values()) == store.committed_messages == sent
 
 
+async def test_an_export_in_the_earlier_sqlite_layout_resumes(
+    server: MessagesServer, tmp_path: Path
+) -> None:
+    out = _out(tmp_path, "sqlite")
+    first = await export(server, "sqlite", out, concurrency=2, tap=stop_after_commits(3))
+    assert first.interrupted
+    # The layout before message rows were appended: the message id as the table's key.
+    db = sqlite3.connect(out)
+    try:
+        db.executescript(
+            """
+            BEGIN;
+            CREATE TABLE old_messages (
+                id INTEGER PRIMARY KEY, chat_id INTEGER NOT NULL, raw TEXT NOT NULL,
+                uid INTEGER, message TEXT, created_at TEXT
+            );
+            INSERT INTO old_messages SELECT * FROM messages;
+            DROP TABLE messages;
+            ALTER TABLE old_messages RENAME TO messages;
+            CREATE INDEX messages_chat_id ON messages (chat_id, id);
+            COMMIT;
+            """
+        )
+    finally:
+        db.close()
+
+    second = await export(server, "sqlite", out)
+
+    assert second.failures == []
+    assert_exact(server, "sqlite", out)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 async def test_expired_cursor_on_resume_restarts_without_duplicate_or_gap(
     fmt: str, tmp_path: Path

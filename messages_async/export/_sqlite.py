@@ -5,10 +5,16 @@ included, as JSON text)::
 
     meta(key TEXT PRIMARY KEY, value TEXT)                       -- what this export is
     chats(chat_id INTEGER PRIMARY KEY, raw TEXT)
-    messages(id INTEGER PRIMARY KEY, chat_id INTEGER NOT NULL, raw TEXT NOT NULL,
+    messages(id INTEGER NOT NULL UNIQUE, chat_id INTEGER NOT NULL, raw TEXT NOT NULL,
              uid INTEGER, message TEXT, created_at TEXT)         -- index on (chat_id, id)
     export_state(chat_id INTEGER PRIMARY KEY, done, newest_id, cursor, walk_top, walk_low,
                  error, messages, updated_at)                    -- see _state.py
+
+Message rows are stored in the order they arrive, and found through the unique index on ``id``
+and the index on ``(chat_id, id)``. Ids grow across all chats, so a table keyed on ``id`` put
+each page's rows on as many different table pages as it had messages, and every commit wrote
+all of them again: appending is about twice as fast to export (benchmarks/README.md), and an
+export made with the older layout still resumes as before.
 
 A page's messages and the chat's new checkpoint go in one transaction, so the file always
 holds exactly the pages its checkpoints say; ``INSERT OR IGNORE`` on the message id makes a
@@ -39,7 +45,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS chats (chat_id INTEGER PRIMARY KEY, raw TEXT);
 CREATE TABLE IF NOT EXISTS messages (
-    id INTEGER PRIMARY KEY,
+    id INTEGER NOT NULL UNIQUE,
     chat_id INTEGER NOT NULL,
     raw TEXT NOT NULL,
     uid INTEGER,
@@ -76,14 +82,14 @@ _UPSERT_STATE = (
     "ON CONFLICT (chat_id) DO UPDATE SET "
     + ", ".join(f"{c} = excluded.{c}" for c in (*_STATE_COLUMNS[1:], "updated_at"))
 )
-# Each statement below takes a whole batch as one JSON array. With executemany the writer
-# thread would bind each row separately and have to win the GIL back from the event loop
-# after every row (CPython hands it over only every few milliseconds), and a commit then
-# waited tens of milliseconds under load. The raw object travels as a JSON string inside the
-# array, so SQLite stores exactly the text orjson produced.
+# Each statement below takes a whole batch as one JSON array, so SQLite unpacks the rows
+# without holding the GIL (executemany binds each row in Python and, under load, waited for
+# the GIL back from the event loop after every one). The raw object travels inside the array
+# as an object and ``value -> 2`` stores its compact JSON text: one encoding per message,
+# where a string holding JSON would be encoded, escaped and unescaped again.
 _INSERT_MESSAGES = """
 INSERT OR IGNORE INTO messages (id, chat_id, raw, uid, message, created_at)
-SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5
+SELECT value ->> 0, value ->> 1, value -> 2, value ->> 3, value ->> 4, value ->> 5
 FROM json_each(?)
 """
 _UPSERT_STATES = (
@@ -108,7 +114,7 @@ def _message_rows(chat_id: int, messages: list[Message], into: list[tuple[Any, .
             (
                 message.id,
                 chat_id,
-                orjson.dumps(raw).decode(),
+                raw,
                 message.uid,
                 message.message,
                 created if isinstance(created, str) else None,
