@@ -32,6 +32,8 @@ logger = logging.getLogger("messages_async")
 
 #: Refresh this long before expiry at most; short-lived tokens refresh at half their life.
 _REFRESH_MARGIN = 60.0
+#: Longest time a failed renewal's error is given to callers without asking again.
+_REFUSAL_HOLD_MAX = 30.0
 _TRANSIENT_TOKEN_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
@@ -55,11 +57,18 @@ class Credentials:
 class Token:
     """An access token and what came with it. Identity matters: a 401 names the token it hit."""
 
-    __slots__ = ("access_token", "refresh_at", "refresh_token")
+    __slots__ = ("access_token", "expires_at", "refresh_at", "refresh_token")
 
-    def __init__(self, access_token: Secret, refresh_at: float, refresh_token: Secret | None):
+    def __init__(
+        self,
+        access_token: Secret,
+        refresh_at: float,
+        refresh_token: Secret | None,
+        expires_at: float = float("inf"),
+    ):
         self.access_token = access_token
-        self.refresh_at = refresh_at
+        self.refresh_at = refresh_at  # renewal starts here, ahead of expiry
+        self.expires_at = expires_at  # and the token is of no use from here on
         self.refresh_token = refresh_token
 
     def __repr__(self) -> str:
@@ -104,6 +113,11 @@ class SessionManager:
         self._rng = rng
         self._clock = clock
         self._renewal: asyncio.Task[Token] | None = None
+        # The last renewal's failure, and until when it stands: callers that need a new
+        # token meanwhile get that error at once instead of each asking the endpoint again.
+        self._refusal: AuthError | None = None
+        self._refused_until = 0.0
+        self._refusals = 0
         self.exchanges = 0
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -175,9 +189,26 @@ class SessionManager:
         token = self._token
         if token is None:
             raise ClientClosedError("the client is not open")
-        if self._credentials is not None and self._clock() >= token.refresh_at:
+        now = self._clock()
+        if self._credentials is None or now < token.refresh_at:
+            return token
+        if now >= token.expires_at:
             return await self._renew(token)
-        return token
+        # Renewing ahead of expiry: a token endpoint that fails now must not fail calls that
+        # the current token still serves. Its error surfaces once the token has expired.
+        if now < self._refused_until:
+            return token
+        try:
+            return await self._renew(token)
+        except AuthError as exc:
+            logger.warning(
+                "renewing the access token failed (%s); the current one is still valid for "
+                "%.0f s and stays in use, and renewal is tried again in %.0f s",
+                exc,
+                token.expires_at - now,
+                max(0.0, self._refused_until - self._clock()),
+            )
+            return token
 
     async def renew_after_401(self, rejected: Token) -> Token:
         """The server refused ``rejected``: get a new token (once, for every caller)."""
@@ -196,6 +227,11 @@ class SessionManager:
         if current is not None and current is not stale and self._clock() < current.refresh_at:
             return current  # someone else renewed it meanwhile
         renewal = self._renewal
+        if renewal is None and self._refusal is not None and self._clock() < self._refused_until:
+            # The endpoint refused moments ago: the same error, at once (a copy, so that
+            # concurrent callers do not share one traceback).
+            refusal = self._refusal
+            raise AuthError(str(refusal), error=refusal.error, status=refusal.status)
         if renewal is None:
             renewal = asyncio.create_task(
                 self._exchange(current), name="messages_async token renewal"
@@ -218,8 +254,16 @@ class SessionManager:
     def _renewal_done(self, task: asyncio.Task[Token]) -> None:
         if self._renewal is task:
             self._renewal = None
-        if not task.cancelled():
-            task.exception()  # retrieved here so a failure nobody awaits is not logged
+        if task.cancelled():
+            return
+        exc = task.exception()  # retrieved here so a failure nobody awaits is not logged
+        if exc is None:
+            self._refusal, self._refusals = None, 0
+        elif isinstance(exc, AuthError):
+            # Held for 1 s, then 2, 4, ... up to 30 s while the endpoint keeps failing.
+            self._refusal = exc
+            self._refused_until = self._clock() + min(_REFUSAL_HOLD_MAX, 2.0**self._refusals)
+            self._refusals += 1
 
     async def _exchange(self, current: Token | None) -> Token:
         credentials = self._credentials
@@ -247,7 +291,8 @@ class SessionManager:
         refresh = grant.refresh_token
         if refresh is None and previous is not None:
             refresh = previous.refresh_token
-        token = Token(grant.access_token, refresh_at, refresh)
+        expires_at = float("inf") if grant.expires_in is None else now + grant.expires_in
+        token = Token(grant.access_token, refresh_at, refresh, expires_at)
         self._token = token
         if grant.scopes is not None:
             self._granted = grant.scopes

@@ -253,6 +253,37 @@ async def test_refresh_failure_reaches_every_waiter(
     assert server.token_request_count == 2  # the first exchange, then one failed refresh
 
 
+async def test_a_refused_renewal_is_not_asked_again_by_later_callers(
+    server: MessagesServer, client: ma.Client
+) -> None:
+    # More callers than the client's 32 slots: the later ones meet their 401 only after the
+    # renewal has failed, and must get its error rather than ask the endpoint again.
+    server.expire_tokens()
+    server.inject(Fault.status(400, "invalid_client"), path="oauth/token", times=None)
+    results = await asyncio.wait_for(
+        asyncio.gather(*(client.messages.chats() for _ in range(200)), return_exceptions=True),
+        timeout=20,
+    )
+    assert all(isinstance(r, ma.AuthError) and r.error == "invalid_client" for r in results)
+    assert server.token_request_count == 2  # the first exchange, then one failed refresh
+
+
+async def test_a_failed_early_renewal_keeps_the_valid_token_in_use() -> None:
+    async with MessagesServer(chats=1, messages_per_chat=3, token_ttl=2.0) as srv:
+        async with make_client(srv) as c:
+            await c.messages.chats()
+            await asyncio.sleep(1.1)  # past half of the token's life, not past its end
+            srv.inject(Fault.status(503), path="oauth/token", times=None)
+            await c.messages.chats()  # the renewal fails, the call does not
+            failed_renewals = srv.token_request_count - 1
+            await c.messages.chats()  # and the next call does not try again at once
+        assert failed_renewals == 4  # the token endpoint's own retries (max_retries=3)
+        assert srv.token_request_count == 1 + failed_renewals
+        sent = srv.resource_requests()
+        assert [r.status for r in sent] == [200, 200, 200]
+        assert len({r.token for r in sent}) == 1  # the first token throughout
+
+
 async def test_cancelled_waiter_does_not_cancel_the_refresh(
     server: MessagesServer, client: ma.Client
 ) -> None:

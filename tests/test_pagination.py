@@ -291,6 +291,19 @@ async def test_empty_pages_with_a_cursor_are_followed(cursor_mode: CursorMode) -
         assert all(p.next_cursor for p in empties)
 
 
+async def test_a_long_run_of_empty_pages_does_not_end_the_walk() -> None:
+    # A filtered walk over a long history can see hundreds of empty pages in a row; only an
+    # empty cursor ends a walk (PROTOCOL §3).
+    async with MessagesServer(chats=1, messages_per_chat=30, seed=6) as server:
+        chat_id = server.chat_ids()[0]
+        expected = _ids(server.messages(chat_id))
+        server.inject(Fault.empty_page(), path="messages/", after=2, times=250)
+        async with _client(server) as client:
+            got = [m.id async for m in client.messages.iter(chat_id, limit=10)]
+        assert got == expected
+        assert len(_listings(server)) == 3 + 250
+
+
 # --- faults in the middle of a walk --------------------------------------------------------------
 
 

@@ -85,16 +85,19 @@ _UPSERT_STATE = (
 # Each statement below takes a whole batch as one JSON array, so SQLite unpacks the rows
 # without holding the GIL (executemany binds each row in Python and, under load, waited for
 # the GIL back from the event loop after every one). The raw object travels inside the array
-# as an object and ``value -> 2`` stores its compact JSON text: one encoding per message,
-# where a string holding JSON would be encoded, escaped and unescaped again.
+# as an object, and json_extract gives back its compact JSON text: one encoding per message,
+# where a string holding JSON would be encoded, escaped and unescaped again. (json_extract
+# rather than the ->> operators, which need SQLite 3.38; many systems' Pythons have older.)
 _INSERT_MESSAGES = """
 INSERT OR IGNORE INTO messages (id, chat_id, raw, uid, message, created_at)
-SELECT value ->> 0, value ->> 1, value -> 2, value ->> 3, value ->> 4, value ->> 5
+SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'),
+       json_extract(value, '$[3]'), json_extract(value, '$[4]'), json_extract(value, '$[5]')
 FROM json_each(?)
 """
+_STATE_VALUES = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(_STATE_COLUMNS) + 1))
 _UPSERT_STATES = (
     f"INSERT INTO export_state ({', '.join(_STATE_COLUMNS)}, updated_at) "
-    f"SELECT {', '.join(f'value ->> {i}' for i in range(len(_STATE_COLUMNS) + 1))} "
+    f"SELECT {_STATE_VALUES} "
     "FROM json_each(?) WHERE true "  # WHERE: lets SQLite parse the ON CONFLICT that follows
     "ON CONFLICT (chat_id) DO UPDATE SET "
     + ", ".join(f"{c} = excluded.{c}" for c in (*_STATE_COLUMNS[1:], "updated_at"))
@@ -170,6 +173,14 @@ class SqliteStore(Store):
         except sqlite3.DatabaseError as exc:
             db.close()
             raise StoreError(f"{self.path} is not an SQLite export ({exc})") from None
+        try:
+            db.execute("SELECT json_extract(value, '$[0]') FROM json_each('[[1]]')").fetchall()
+        except sqlite3.OperationalError:
+            db.close()
+            raise StoreError(
+                f"this Python's SQLite ({sqlite3.sqlite_version}) has no JSON functions, which "
+                "the SQLite export needs; use --format jsonl"
+            ) from None
         return db
 
     def _stored_meta(self, db: sqlite3.Connection) -> ExportMeta | None:

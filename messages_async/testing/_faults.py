@@ -17,7 +17,7 @@ __all__ = ["LISTING_ONLY", "Fault", "FaultHandle", "FaultQueue"]
 _MIB: Final = 1024 * 1024
 
 #: Faults that rewrite a listing's answer; they only ever match ``GET messages/``.
-LISTING_ONLY: Final = frozenset({"repeat_cursor", "foreign_cursor", "backwards_page"})
+LISTING_ONLY: Final = frozenset({"repeat_cursor", "foreign_cursor", "backwards_page", "empty_page"})
 #: Faults acted out before the request is handled (the server state is left alone).
 _BEFORE: Final = frozenset(
     {
@@ -125,6 +125,12 @@ class Fault:
     ) -> Fault:
         """200 with a body that is not valid JSON (or any bytes given)."""
         return cls("malformed", http_status=200, body=body, content_type=content_type)
+
+    @classmethod
+    def empty_page(cls) -> Fault:
+        """A listing answered with no items and a cursor to the same position: a stretch the
+        server filtered out, or ran out of time on (PROTOCOL §3)."""
+        return cls("empty_page", http_status=200)
 
     @classmethod
     def wrong_shape(cls) -> Fault:

@@ -1136,7 +1136,7 @@ class MessagesServer:
         boundary = cursor.boundary if cursor is not None else None
         self._pages_served += 1
         every = self.empty_page_every
-        empty = every > 0 and self._pages_served % every == 0
+        empty = (every > 0 and self._pages_served % every == 0) or fault == "empty_page"
         # Plain pages (no filter, no fault) are cached encoded and compressed, keyed on the
         # chat's version: a benchmark that walks the data again costs the server a dict lookup.
         # The cursors inside a cached page keep their nonce; they stand for the same positions.
