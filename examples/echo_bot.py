@@ -8,9 +8,12 @@ Run it with the credentials in the environment:
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 
 import messages_async as ma
+
+logger = logging.getLogger("echo_bot")
 
 
 async def run_bot(
@@ -18,17 +21,27 @@ async def run_bot(
 ) -> None:
     """Echo other users' messages (and their attachments); stop after ``stop_after`` replies."""
     replies = 0
-    async for chat_id, msg in client.messages.watch(interval=interval):
-        if msg.uid == client.user_id:
-            continue  # our own replies come back through the watch too
-        await client.messages.add(
-            chat_id,
-            f"echo: {msg.message}"[:4096],
-            attachments=[ma.NewAttachment(a.type, a.url, a.name) for a in msg.attachments],
-        )
-        replies += 1
-        if stop_after is not None and replies >= stop_after:
-            break
+    # async with: leaving the block (break, an error) stops every poll and waits for it.
+    async with client.messages.watch(interval=interval) as watch:
+        async for chat_id, msg in watch:
+            if msg.uid == client.user_id:
+                continue  # our own replies come back through the watch too
+            try:
+                await client.messages.add(
+                    chat_id,
+                    f"echo: {msg.message}"[:4096],
+                    attachments=[ma.NewAttachment(a.type, a.url, a.name) for a in msg.attachments],
+                )
+            except (ma.AuthError, ma.ScopeError):
+                raise  # the bot cannot answer anywhere: stop, and say why
+            except ma.MessagesError as exc:
+                # This one reply failed (a chat we may no longer write to; a 5xx, after
+                # which add is never sent again, so it is not posted twice): go on.
+                logger.warning("could not answer in chat %d: %s", chat_id, exc)
+                continue
+            replies += 1
+            if stop_after is not None and replies >= stop_after:
+                break
 
 
 async def main() -> None:

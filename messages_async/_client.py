@@ -657,7 +657,9 @@ class Messages:
                 ``rediscover`` seconds and picking up new ones.
             interval: Seconds between polls of a chat with news (the shortest interval).
             since: ``{chat_id: message_id}`` to resume after (exclusive), e.g. a saved
-                :attr:`Watch.watermarks`; other chats start from now.
+                :attr:`Watch.watermarks`. A chat missing from it appeared after it was
+                saved: it starts after the largest id in it, so nothing posted while the
+                bot was down is lost.
             limit: Page size of each poll.
             max_interval: Longest interval for a quiet chat (default ``15 * interval``).
             concurrency: Most chats polled at once.

@@ -11,7 +11,8 @@ The API has no push channel, so a watch polls. What it promises (PROTOCOL §7):
   yielded twice.
 - **Where a chat starts.** The watch starts with its first round: one poll of every chat
   present then. The *start mark* is the largest id those polls saw in any chat. A chat begins
-  at ``since[chat_id]`` when given, else at its newest id in its first poll. If that poll
+  at ``since[chat_id]`` when given (a chat missing from a given ``since`` appeared after it
+  was saved, and begins after its largest id), else at its newest id in its first poll. If that poll
   fails, the chat begins at the start mark as known at that moment, not at "newest when it
   first succeeds", so nothing posted in it during the outage is skipped. Ids grow server-wide
   (PROTOCOL §2), so every message posted later has a larger id. The price: if that chat held
@@ -324,9 +325,19 @@ class _Core:
         else:
             chat_ids = await self._list_chats(first=True)
         self.initial = set(chat_ids)
-        self.first_round = set(chat_ids)
-        for chat_id in chat_ids:
-            self._add_chat(chat_id, self.since.get(chat_id))
+        if self.since:
+            # A resumed watch: every chat has its starting point already. A chat missing from
+            # since appeared after it was saved, so it starts after the largest id saved:
+            # what was posted in it meanwhile is yielded, and nothing can be a repeat.
+            self.start_max = max(self.start_max, *self.since.values())
+            for chat_id in chat_ids:
+                self._add_chat(chat_id, self.since.get(chat_id, self.start_max))
+        else:
+            # Readiness waits for these first polls only; none of them hands anything on, so
+            # a consumer that has not started reading cannot hold them up.
+            self.first_round = set(chat_ids)
+            for chat_id in chat_ids:
+                self._add_chat(chat_id, None)
         self.set_up = True
         self.wake.set()
         self._check_ready()
@@ -552,8 +563,10 @@ class Watch(AsyncIterator[tuple[int, Message]]):
 
     Iterate it with ``async for``; each message posted after the watch started is yielded
     once, oldest first within its chat. Polling starts at the first iteration (or on entering
-    ``async with``, or at :meth:`ready`). Stop it with ``break``, :meth:`aclose` or by leaving
-    ``async with``: every polling task is cancelled and waited for.
+    ``async with``, or at :meth:`ready`). Stop it with :meth:`aclose` or by leaving
+    ``async with``: every polling task is cancelled and waited for. A bare ``break`` out of
+    ``async for`` cancels them once the watch is freed (at once in CPython) but cannot wait
+    for them, so prefer ``async with``.
 
     :attr:`watermarks` tells where each chat stands; save it after handling a message and pass
     it back as ``since=`` to resume after a restart without repeats.

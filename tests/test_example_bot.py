@@ -85,6 +85,38 @@ async def test_echo_bot_answers_others_once_and_never_itself(server: MessagesSer
         assert chat_replies[1]["uid"] != server.user_id
 
 
+async def test_echo_bot_goes_on_after_a_reply_fails(server: MessagesServer) -> None:
+    bot = load_example()
+    chats = server.chat_ids()
+    async with ma.Client(
+        token_url=server.token_url,
+        client_id=server.client_id,
+        client_secret=server.client_secret,
+        backoff_base=0.01,
+    ) as client:
+        task = asyncio.create_task(bot.run_bot(client, interval=0.02, stop_after=1))
+        try:
+            await polled_every_chat(server)
+            # The first reply meets a 500: add is never sent twice, so that reply is lost,
+            # and the bot must go on to answer the next message.
+            server.inject(Fault.status(500), path="messages/add/")
+            server.post_message(chats[0], "first", uid=42)
+            async with asyncio.timeout(5):
+                while not any(r.path == "messages/add/" for r in server.resource_requests()):
+                    await asyncio.sleep(0.01)
+            second = server.post_message(chats[1], "second", uid=43)
+            async with asyncio.timeout(15):
+                await task
+        finally:
+            task.cancel()
+    assert [m["message"] for m in server.messages(chats[1]) if m["id"] >= second["id"]] == [
+        "echo: second",
+        "second",
+    ]
+    adds = [r.status for r in server.resource_requests() if r.path == "messages/add/"]
+    assert adds == [500, 200]
+
+
 def test_main_reads_credentials_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     bot = load_example()
     for name in ("MESSAGES_TOKEN_URL", "MESSAGES_CLIENT_ID", "MESSAGES_CLIENT_SECRET"):

@@ -95,8 +95,14 @@ async def test_bursts_across_chats_with_faults_are_yielded_once_in_order(
         # A burst of 35 in one chat: 4 pages of 10, so the poll must follow next_cursor back.
         for i in range(35):
             expected[chats[0]].append(server.post_message(chats[0], f"burst {i}", uid=OTHER)["id"])
-        # The first page of the burst comes back, the cursor walk then fails halfway.
+        # The first page of the burst comes back, the cursor walk then fails halfway. No
+        # other fault is live until it has struck, so it is a cursor request that fails.
         mid_walk = server.inject(Fault.status(503), path="messages/", chat_id=chats[0], after=1)
+        async with asyncio.timeout(5):
+            while mid_walk.hits == 0:
+                await asyncio.sleep(0.01)
+        (failed,) = [r for r in server.resource_requests() if r.status == 503]
+        assert "cursor" in failed.query
         for round_ in range(3):
             for chat_id in chats:
                 msg = server.post_message(chat_id, f"round {round_}", uid=OTHER)
@@ -357,6 +363,38 @@ async def test_since_resumes_after_the_last_message_handed_over(
         seen = await until_sentinels(watch, sentinels)
     assert [m.id for m in seen[a]] == [*first[2:], sentinels[a]]
     assert [m.id for m in seen[b]] == [*down, sentinels[b]]
+
+
+async def test_a_resumed_watch_is_ready_before_anyone_reads() -> None:
+    # More chats with news than workers: their polls wait for a consumer, and readiness
+    # must not wait for them (it used to hang here).
+    async with MessagesServer(chats=20, messages_per_chat=3, seed=5) as srv:
+        chats = srv.chat_ids()
+        saved = {c: srv.messages(c)[0]["id"] for c in chats}
+        for c in chats:
+            srv.post_message(c, "while the bot was down", uid=OTHER)
+        async with (
+            make_client(srv) as c,
+            c.messages.watch(since=saved, interval=0.02, concurrency=2) as watch,
+        ):
+            async with asyncio.timeout(5):
+                await watch.ready()
+
+
+async def test_a_chat_created_while_the_bot_was_down_loses_nothing(
+    server: MessagesServer, client: ma.Client
+) -> None:
+    async with client.messages.watch(interval=0.02) as watch:
+        await watch.ready()
+        server.post_message(server.chat_ids()[0], "before the restart", uid=OTHER)
+        await anext(watch)
+        saved = watch.watermarks
+    new_chat = server.add_chat(type="group", name="made while down")
+    missed = server.post_message(new_chat, "hello bot, are you there?", uid=OTHER)["id"]
+    async with client.messages.watch(since=saved, interval=0.02) as watch:
+        sentinels = post_sentinels(server, [new_chat])
+        seen = await until_sentinels(watch, sentinels)
+    assert [m.id for m in seen[new_chat]] == [missed, sentinels[new_chat]]
 
 
 # --- stopping ----------------------------------------------------------------------------------
