@@ -31,6 +31,7 @@ from messages_async.export import (
     SqliteStore,
     Store,
     StoreError,
+    _runner,
     progress_line,
 )
 from messages_async.export._state import ChatState
@@ -349,6 +350,46 @@ async def test_an_export_in_the_earlier_sqlite_layout_resumes(
 
     assert second.failures == []
     assert_exact(server, "sqlite", out)
+
+
+def fail_after_each_commit(server: MessagesServer, chat_id: int, times: int) -> Any:
+    """After each of the first ``times`` commits, the chat's next listing gets a 503."""
+
+    def tap(store: Store, stop: asyncio.Event) -> None:
+        original = store.commit
+        left = times
+
+        async def commit(state: ChatState, messages: Any, *, update: bool) -> ChatState:
+            nonlocal left
+            result = await original(state, messages, update=update)
+            if left > 0 and messages:
+                left -= 1
+                server.inject(Fault.status(503, retry_after="1"), path="messages/", chat_id=chat_id)
+            return result
+
+        store.commit = commit  # type: ignore[method-assign]
+
+    return tap
+
+
+async def test_failures_that_each_follow_progress_do_not_fail_a_long_chat(
+    tmp_path: Path,
+) -> None:
+    async with MessagesServer(chats=1, messages_per_chat=90, seed=2) as srv:
+        chat = srv.chat_ids()[0]
+        out = _out(tmp_path, "sqlite")
+        rounds = _runner.MAX_TRANSIENT_ROUNDS + 1  # more than a chat may fail in a row
+        stats = await export(
+            srv,
+            "sqlite",
+            out,
+            page_size=10,
+            client_options={"max_retries": 0},
+            tap=fail_after_each_commit(srv, chat, rounds),
+        )
+        assert stats.failures == []
+        assert stats.resumed_rounds == rounds
+        assert_exact(srv, "sqlite", out)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -245,11 +245,16 @@ class Exporter:
         # run (or began again after an expired cursor) may be long out of date when it ends,
         # so it is followed by an update: a finished run leaves every chat current.
         catch_up = job.state.in_progress
+        # Failures in a row: a walk that stored anything since the last one starts the
+        # count again, so a long chat on a flaky network is not failed for its length.
         restarts = rounds = 0
         while True:
+            stored = job.state.messages
             try:
                 await self._walk(job)
             except _Restart as exc:
+                if job.state.messages > stored:
+                    restarts = 0
                 catch_up = True
                 restarts += 1
                 if restarts > MAX_CURSOR_RESTARTS:
@@ -264,9 +269,11 @@ class Exporter:
                 stats.resumed_rounds += 1
                 await self._wait(exc.retry_after or 5.0)
             except (ServerError, TransportError) as exc:
+                if job.state.messages > stored:
+                    rounds = 0
                 rounds += 1
                 if rounds > MAX_TRANSIENT_ROUNDS:
-                    await self._fail(job, str(exc))
+                    await self._fail(job, f"failed {rounds} times in a row: {exc}")
                     return
                 stats.resumed_rounds += 1
                 retry_after = getattr(exc, "retry_after", None)
