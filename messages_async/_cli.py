@@ -41,6 +41,7 @@ from .export import (
     show_progress,
     summary_lines,
 )
+from .export._runner import unless_stopped
 
 __all__ = ["main"]
 
@@ -390,12 +391,21 @@ async def _run(
     signals = _Signals(stop, say)
     signals.install()
     try:
-        try:
+
+        async def sign_in() -> bool:
             await client.open()
+            return True
+
+        try:
+            # Signing in may wait out retries and a Retry-After: Ctrl-C must not wait for it.
+            signed_in = await unless_stopped(sign_in(), stop)
         except (AuthError, ScopeError) as exc:
             raise _UsageError(f"the server refused the credentials: {exc}") from None
         except TransportError as exc:
             raise _UsageError(f"could not sign in: {exc}") from None
+        if not signed_in:
+            say("interrupted while signing in: nothing was exported")
+            return EXIT_TERMINATED if signals.received == signal.SIGTERM else EXIT_INTERRUPTED
         try:
             return await _run_open(client, source, args, argv, options, stop, signals, err, say)
         finally:

@@ -16,7 +16,7 @@ from test_export import assert_exact, cli_env, listings, start_cli
 
 from messages_async import _cli
 from messages_async.export import _progress
-from messages_async.testing import MessagesServer
+from messages_async.testing import Fault, MessagesServer
 
 SECRET = "s3cr3t-must-never-be-printed"
 
@@ -222,6 +222,20 @@ async def test_ctrl_c_stops_cleanly_with_130_and_a_resume_hint(tmp_path: Path) -
         stdout, stderr = await proc.communicate()
         assert proc.returncode == 0, stderr.decode()
         assert_exact(srv, "sqlite", out)
+
+
+async def test_ctrl_c_while_signing_in_ends_at_once(tmp_path: Path) -> None:
+    async with MessagesServer(chats=2, messages_per_chat=5) as srv:
+        srv.inject(Fault.delay(30.0), path="oauth/token")  # a token endpoint that hangs
+        proc = await start_cli(srv, "--out", str(tmp_path / "out.sqlite"))
+        while proc.returncode is None and srv.token_request_count == 0:
+            await asyncio.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(10):  # not the 30 s the token endpoint takes
+            _, stderr = await proc.communicate()
+        assert proc.returncode == 130, stderr.decode()
+        assert "interrupted while signing in" in stderr.decode()
+        assert "Traceback" not in stderr.decode()
 
 
 def test_demo_exports_the_built_in_dataset(

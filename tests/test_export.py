@@ -352,6 +352,23 @@ async def test_an_export_in_the_earlier_sqlite_layout_resumes(
     assert_exact(server, "sqlite", out)
 
 
+async def test_a_stop_while_listing_the_chats_does_not_wait_out_a_retry_after(
+    server: MessagesServer, tmp_path: Path
+) -> None:
+    server.inject(Fault.rate_limited(retry_after="30"), path="messages/chats/")
+
+    def stop_soon(store: Store, stop: asyncio.Event) -> None:
+        asyncio.get_running_loop().call_later(0.2, stop.set)
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    stats = await export(server, "sqlite", _out(tmp_path, "sqlite"), tap=stop_soon)
+    assert stats.interrupted
+    assert stats.chats_total == 0
+    assert loop.time() - started < 5  # not the 30 s the server asked for
+    assert len(server.resource_requests()) == 1
+
+
 def fail_after_each_commit(server: MessagesServer, chat_id: int, times: int) -> Any:
     """After each of the first ``times`` commits, the chat's next listing gets a 503."""
 

@@ -29,8 +29,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Coroutine, Iterator
 from datetime import datetime
+from typing import Any, TypeVar
 
 import attrs
 
@@ -47,6 +48,8 @@ from .._errors import (
 from .._models import MessagesPage, Period
 from ._state import ChatState
 from ._store import Store
+
+T = TypeVar("T")
 
 __all__ = ["ChatFailure", "ExportOptions", "ExportStats", "Exporter"]
 
@@ -179,7 +182,11 @@ class Exporter:
         stats = self.stats
         committed_before = self._store.committed_messages
         try:
-            ids = await self._select()
+            # Listing the chats may wait out a long Retry-After: a stop must not wait for it.
+            ids = await unless_stopped(self._select(), self._stop)
+            if ids is None:
+                stats.interrupted = True
+                return stats
             stats.chats_total = len(ids)
             self._ids = iter(ids)
             n = min(self._options.concurrency, len(ids))
@@ -366,6 +373,22 @@ class Exporter:
             raise _Restart(str(exc)) from None
         finally:
             await pages.aclose()
+
+
+async def unless_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T | None:
+    """``await work``, unless ``stop`` is set first: then ``work`` is cancelled, and None."""
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (task, stopper):
+            pending.cancel()
+        # Not gather: this wait must not cancel them again if it is itself cancelled.
+        await asyncio.wait({task, stopper})
+    if task.cancelled():
+        return None
+    return task.result()
 
 
 @attrs.define
