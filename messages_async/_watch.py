@@ -452,12 +452,18 @@ class _Core:
             self._poll_failed(chat_id)
             state.failures += 1
             delay = self._backoff(state.failures, exc)
-            log = logger.warning if state.failures == 1 else logger.debug
+            # Warned at the 1st, 10th, 100th... failure in a row: a blip is said once, and a
+            # chat that stays unreadable keeps being said, without a line per poll.
+            count = state.failures
+            log = logger.warning if count == 10 ** (len(str(count)) - 1) else logger.debug
             log(
-                "watch: polling chat %d failed (%s: %s); trying again in %.2f s",
+                "watch: polling chat %d failed (%s: %s), %d time%s in a row; trying again "
+                "in %.2f s",
                 chat_id,
                 type(exc).__name__,
                 exc,
+                count,
+                "" if count == 1 else "s",
                 delay,
             )
             if self.chats.get(chat_id) is state:
