@@ -85,6 +85,28 @@ async def test_bot(messages_server, messages_client, messages_wait_polled, messa
         bot.cancel()
 
 
+async def slow_starting_bot(client):
+    await asyncio.sleep(0.3)  # sets itself up before it watches
+    await pong_once(client)
+
+
+async def test_wait_polled_waits_for_the_bots_watch(
+    messages_server, messages_client, messages_wait_polled, messages_wait_for
+):
+    # The test's own listings must not count as the bot having polled.
+    for chat in messages_server.chat_ids():
+        await messages_client.messages.list(chat, limit=1)
+    bot = asyncio.create_task(slow_starting_bot(messages_client))
+    try:
+        await messages_wait_polled()
+        chat = messages_server.chat_ids()[0]
+        messages_server.post_message(chat, "ping", uid=99)
+        await messages_wait_for(chat, lambda m: m["message"] == "pong")
+        await asyncio.wait_for(bot, 10)
+    finally:
+        bot.cancel()
+
+
 CLIENTS = []
 
 
@@ -137,13 +159,13 @@ def write_bot_tests(tmp_path: Path, *, strict: bool = False) -> str:
 def test_fixtures_with_the_plugin_loaded_explicitly(tmp_path: Path) -> None:
     result = run_pytest(tmp_path, write_bot_tests(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "6 passed" in result.stdout
+    assert "7 passed" in result.stdout
 
 
 def test_fixtures_in_pytest_asyncio_strict_mode(tmp_path: Path) -> None:
     result = run_pytest(tmp_path, write_bot_tests(tmp_path, strict=True), mode="strict")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "6 passed" in result.stdout
+    assert "7 passed" in result.stdout
 
 
 def test_a_failing_bot_test_is_reported_as_failing(tmp_path: Path) -> None:
@@ -167,4 +189,4 @@ def test_the_readme_example_test_passes(tmp_path: Path) -> None:
 def test_fixtures_through_the_installed_entry_point(tmp_path: Path) -> None:
     result = run_pytest(tmp_path, write_bot_tests(tmp_path), autoload=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "6 passed" in result.stdout
+    assert "7 passed" in result.stdout

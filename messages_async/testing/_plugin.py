@@ -11,9 +11,10 @@ Installed with the package and loaded by pytest through the ``pytest11`` entry p
   ``messages_server_options`` fixture; both take :class:`MessagesServer` keyword arguments.
 - ``messages_client``: an open :class:`messages_async.Client` connected to it, closed after
   the test; ``messages_client_options`` overrides its keyword arguments.
-- ``messages_wait_polled``: ``await messages_wait_polled(chat_ids=None)`` waits until every
-  given chat (default: every chat) has been listed successfully, e.g. by a bot's watch, so
-  what a test posts next counts as new.
+- ``messages_wait_polled``: ``await messages_wait_polled(chat_ids=None)`` waits until the
+  bot's ``watch()`` has its starting point in every chat (it awaits ``Watch.ready()``; for a
+  bot that polls by itself, until each chat has been listed), so what a test posts next
+  counts as new.
 - ``messages_wait_for``: ``await messages_wait_for(chat_id, predicate)`` waits until the chat
   holds a message (a raw dict, as the server sends it) for which ``predicate`` is true.
 
@@ -117,27 +118,60 @@ WaitFor = Callable[..., Awaitable[dict[str, Any]]]
 
 
 @pytest.fixture
-def messages_wait_polled(messages_server: MessagesServer) -> WaitPolled:
+def messages_wait_polled(
+    messages_server: MessagesServer, monkeypatch: pytest.MonkeyPatch
+) -> WaitPolled:
     """``await messages_wait_polled(chat_ids=None)``.
 
-    Waits until each chat (default: every chat of the server) has had a listing answered
-    with 200. A watch takes the newest message of that answer as its starting point, so any
-    message posted afterwards is new to it. ``TimeoutError`` after ``WAIT_TIMEOUT`` seconds
-    (wrap the call in ``asyncio.timeout(...)`` to give up sooner).
+    Waits until the bot's watch has its starting point in every chat, so any message posted
+    afterwards is new to it. Exact for bots that use ``client.messages.watch()``: every watch
+    made during the test is awaited with :meth:`Watch.ready` (and ``LookupError`` if one of
+    ``chat_ids`` is watched by none). For a bot that polls by itself, it waits until each chat
+    (default: every chat of the server) has had a listing answered with 200 after the call.
+    ``TimeoutError`` after ``WAIT_TIMEOUT`` seconds, saying which chats are missing.
     """
+    watches: list[ma.Watch] = []
+    original = ma.Messages.watch
+
+    def recording_watch(self: ma.Messages, *args: Any, **kwargs: Any) -> ma.Watch:
+        watch = original(self, *args, **kwargs)
+        watches.append(watch)
+        return watch
+
+    monkeypatch.setattr(ma.Messages, "watch", recording_watch)
 
     async def wait(chat_ids: Iterable[int] | None = None) -> None:
-        wanted = {str(c) for c in (messages_server.chat_ids() if chat_ids is None else chat_ids)}
-        async with asyncio.timeout(WAIT_TIMEOUT):
-            while True:
-                polled = {
-                    r.query.get("chat_id")
-                    for r in messages_server.resource_requests()
-                    if r.path == "messages/" and r.status == 200
-                }
-                if wanted <= polled:
-                    return
+        wanted = set(messages_server.chat_ids() if chat_ids is None else chat_ids)
+        missing = wanted
+        # Without a watch, only listings answered from now on count: the test's own calls
+        # made before it started the bot must not pass for the bot's polls.
+        since = len(messages_server.resource_requests())
+        try:
+            async with asyncio.timeout(WAIT_TIMEOUT):
+                # One step first: a bot task created just before this call makes its watch now.
                 await asyncio.sleep(_POLL)
+                while not watches:
+                    polled = {
+                        int(r.query["chat_id"])
+                        for r in messages_server.resource_requests()[since:]
+                        if r.path == "messages/" and r.status == 200 and "chat_id" in r.query
+                    }
+                    missing = wanted - polled
+                    if not missing:
+                        return
+                    await asyncio.sleep(_POLL)
+                for watch in list(watches):
+                    await watch.ready()
+        except TimeoutError:
+            raise TimeoutError(
+                f"chats {sorted(missing)} were not polled within {WAIT_TIMEOUT:g} s: is the "
+                "bot running, and does it watch these chats? (pass chat_ids=... for a subset)"
+            ) from None
+
+        if chat_ids is not None:
+            missing = wanted - {c for w in watches for c in w.watermarks}
+            if missing:
+                raise LookupError(f"the bot's watch does not watch chats {sorted(missing)}")
 
     return wait
 
@@ -152,11 +186,18 @@ def messages_wait_for(messages_server: MessagesServer) -> WaitFor:
     """
 
     async def wait(chat_id: int, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-        async with asyncio.timeout(WAIT_TIMEOUT):
-            while True:
-                for message in messages_server.messages(chat_id):
-                    if predicate(message):
-                        return message
-                await asyncio.sleep(_POLL)
+        try:
+            async with asyncio.timeout(WAIT_TIMEOUT):
+                while True:
+                    for message in messages_server.messages(chat_id):
+                        if predicate(message):
+                            return message
+                    await asyncio.sleep(_POLL)
+        except TimeoutError:
+            newest = [m.get("message") for m in messages_server.messages(chat_id)[:3]]
+            raise TimeoutError(
+                f"no message in chat {chat_id} matched within {WAIT_TIMEOUT:g} s; its newest "
+                f"texts: {newest}"
+            ) from None
 
     return wait
