@@ -404,6 +404,7 @@ async def _run(
         except TransportError as exc:
             raise _UsageError(f"could not sign in: {exc}") from None
         if not signed_in:
+            await client.aclose()  # already closed by the cancelled sign-in; to be sure
             say("interrupted while signing in: nothing was exported")
             return EXIT_TERMINATED if signals.received == signal.SIGTERM else EXIT_INTERRUPTED
         try:

@@ -321,9 +321,9 @@ class Client:
         try:
             await self._sessions.open()
         except BaseException:
-            await self._sessions.close()
-            self._limiter.close()
             self._life.state = _State.CLOSED
+            self._limiter.close()
+            await self._sessions.close()
             raise
         self._life.state = _State.OPEN
 
@@ -659,9 +659,10 @@ class Messages:
                 ``rediscover`` seconds and picking up new ones.
             interval: Seconds between polls of a chat with news (the shortest interval).
             since: ``{chat_id: message_id}`` to resume after (exclusive), e.g. a saved
-                :attr:`Watch.watermarks`. A chat missing from it appeared after it was
-                saved: it starts after the largest id in it, so nothing posted while the
-                bot was down is lost.
+                :attr:`Watch.watermarks`. Watching every chat (``chat_ids=None``), a chat
+                missing from it appeared after it was saved: it starts after the largest
+                id in it, so nothing posted there while the bot was down is lost. With
+                ``chat_ids``, chats missing from it start from now.
             limit: Page size of each poll.
             max_interval: Longest interval for a quiet chat (default ``15 * interval``).
             concurrency: Most chats polled at once.

@@ -8,9 +8,11 @@ the page being fetched ahead. The checks that keep a misbehaving server from tra
 - a page whose ids are not strictly beyond the previous page's (older walks go down, newer walks
   go up) raises :class:`PaginationError`; together with strictly ordered ids within a page this
   guarantees no id is yielded twice, with O(1) memory;
-- an empty page that still carries a cursor is followed, however many come in a row: only an
-  empty cursor ends a walk (PROTOCOL §3), and a filtered walk over a long history may well see
-  hundreds of them. A server that repeats itself is caught as a cycle above;
+- an empty page that still carries a cursor is followed: only an empty cursor ends a walk
+  (PROTOCOL §3), and a filtered walk over a long history may well see hundreds of them in a
+  row. Only ``MAX_EMPTY_PAGES`` in a row (a million filtered-out messages at the largest page
+  size) raise :class:`PaginationError`, so a server stuck handing out new cursors to the same
+  position (each with a fresh nonce, so no cycle shows) cannot keep a walk spinning forever;
 - a cursor URL that leaves the API's origin raises :class:`UnsafeCursorError` *before* the next
   request is built (``_wire.cursor_request``).
 
@@ -33,6 +35,9 @@ from ._wire import ApiRequest
 __all__ = ["Direction", "retrieve_outcome", "walk_messages", "walk_pages"]
 
 Direction = Literal["older", "newer"]
+
+#: Empty pages with a cursor, in a row, after which a walk is taken to be stuck.
+MAX_EMPTY_PAGES = 10_000
 
 
 def _check_page(page: MessagesPage, boundary: int | None, direction: Direction) -> int | None:
@@ -90,12 +95,19 @@ async def walk_pages(
     # position, and the walk's own first request (a resumed cursor) counts as seen too.
     seen: set[URL] = {first.url}
     boundary: int | None = None
+    empty_run = 0
     ahead: asyncio.Task[MessagesPage] | None = None
     wanted = max_items
     try:
         page = await fetch(first)
         while True:
             boundary = _check_page(page, boundary, direction)
+            empty_run = 0 if page.items else empty_run + 1
+            if empty_run >= MAX_EMPTY_PAGES:
+                raise PaginationError(
+                    f"the server sent {MAX_EMPTY_PAGES} empty pages in a row, each with a new "
+                    "cursor; stopped the walk as stuck"
+                )
             cursor = page.next_cursor if direction == "older" else page.prev_cursor
             if wanted is not None:
                 wanted -= len(page.items)

@@ -136,16 +136,19 @@ class SessionManager:
 
     async def close(self) -> None:
         renewal, self._renewal = self._renewal, None
-        if renewal is not None and not renewal.done():
-            renewal.cancel()
-            try:
-                await renewal
-            except (asyncio.CancelledError, Exception):
-                if (task := asyncio.current_task()) is not None and task.cancelling():
-                    raise
-        if self._owns_session and self._session is not None:
-            await self._session.close()
-        self._session = None
+        try:
+            if renewal is not None and not renewal.done():
+                renewal.cancel()
+                try:
+                    await renewal
+                except (asyncio.CancelledError, Exception):
+                    if (task := asyncio.current_task()) is not None and task.cancelling():
+                        raise
+        finally:
+            # Closed even when this close is itself cancelled (Ctrl-C while signing in).
+            session, self._session = self._session, None
+            if self._owns_session and session is not None:
+                await session.close()
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -194,21 +197,12 @@ class SessionManager:
             return token
         if now >= token.expires_at:
             return await self._renew(token)
-        # Renewing ahead of expiry: a token endpoint that fails now must not fail calls that
-        # the current token still serves. Its error surfaces once the token has expired.
-        if now < self._refused_until:
-            return token
-        try:
-            return await self._renew(token)
-        except AuthError as exc:
-            logger.warning(
-                "renewing the access token failed (%s); the current one is still valid for "
-                "%.0f s and stays in use, and renewal is tried again in %.0f s",
-                exc,
-                token.expires_at - now,
-                max(0.0, self._refused_until - self._clock()),
-            )
-            return token
+        # Renewing ahead of expiry: in the background, so no call waits for the exchange,
+        # and a token endpoint that fails then fails no call the current token still serves.
+        # Its error surfaces only if the token expires before a renewal succeeds.
+        if self._renewal is None and now >= self._refused_until:
+            self._start_renewal(token)
+        return token
 
     async def renew_after_401(self, rejected: Token) -> Token:
         """The server refused ``rejected``: get a new token (once, for every caller)."""
@@ -224,20 +218,18 @@ class SessionManager:
 
     async def _renew(self, stale: Token | None) -> Token:
         current = self._token
-        if current is not None and current is not stale and self._clock() < current.refresh_at:
-            return current  # someone else renewed it meanwhile
-        renewal = self._renewal
-        if renewal is None and self._refusal is not None and self._clock() < self._refused_until:
+        if current is not None and current is not stale and self._clock() < current.expires_at:
+            return current  # someone else renewed it meanwhile (a renewal ahead of expiry runs)
+        if (
+            self._renewal is None
+            and self._refusal is not None
+            and self._clock() < self._refused_until
+        ):
             # The endpoint refused moments ago: the same error, at once (a copy, so that
             # concurrent callers do not share one traceback).
             refusal = self._refusal
             raise AuthError(str(refusal), error=refusal.error, status=refusal.status)
-        if renewal is None:
-            renewal = asyncio.create_task(
-                self._exchange(current), name="messages_async token renewal"
-            )
-            renewal.add_done_callback(self._renewal_done)
-            self._renewal = renewal
+        renewal = self._renewal or self._start_renewal(current)
         try:
             # Shielded: one waiter's cancellation must not cancel the exchange the others
             # wait on.
@@ -251,6 +243,12 @@ class SessionManager:
                 "the client was closed while this call waited for a new access token"
             ) from None
 
+    def _start_renewal(self, current: Token | None) -> asyncio.Task[Token]:
+        renewal = asyncio.create_task(self._exchange(current), name="messages_async token renewal")
+        renewal.add_done_callback(self._renewal_done)
+        self._renewal = renewal
+        return renewal
+
     def _renewal_done(self, task: asyncio.Task[Token]) -> None:
         if self._renewal is task:
             self._renewal = None
@@ -261,9 +259,19 @@ class SessionManager:
             self._refusal, self._refusals = None, 0
         elif isinstance(exc, AuthError):
             # Held for 1 s, then 2, 4, ... up to 30 s while the endpoint keeps failing.
+            hold = min(_REFUSAL_HOLD_MAX, 2.0 ** min(self._refusals, 8))
             self._refusal = exc
-            self._refused_until = self._clock() + min(_REFUSAL_HOLD_MAX, 2.0**self._refusals)
+            self._refused_until = self._clock() + hold
             self._refusals += 1
+            token = self._token
+            if token is not None and self._clock() < token.expires_at:
+                logger.warning(
+                    "renewing the access token failed (%s); the current one is still valid "
+                    "for %.0f s and stays in use; renewal is tried again in %.0f s",
+                    exc,
+                    token.expires_at - self._clock(),
+                    hold,
+                )
 
     async def _exchange(self, current: Token | None) -> Token:
         credentials = self._credentials

@@ -11,8 +11,9 @@ The API has no push channel, so a watch polls. What it promises (PROTOCOL §7):
   yielded twice.
 - **Where a chat starts.** The watch starts with its first round: one poll of every chat
   present then. The *start mark* is the largest id those polls saw in any chat. A chat begins
-  at ``since[chat_id]`` when given (a chat missing from a given ``since`` appeared after it
-  was saved, and begins after its largest id), else at its newest id in its first poll. If that poll
+  at ``since[chat_id]`` when given (watching every chat, a chat missing from a given ``since``
+  appeared after it was saved, and begins after its largest id), else at its newest id in
+  its first poll. If that poll
   fails, the chat begins at the start mark as known at that moment, not at "newest when it
   first succeeds", so nothing posted in it during the outage is skipped. Ids grow server-wide
   (PROTOCOL §2), so every message posted later has a larger id. The price: if that chat held
@@ -325,19 +326,25 @@ class _Core:
         else:
             chat_ids = await self._list_chats(first=True)
         self.initial = set(chat_ids)
+        fresh = [c for c in chat_ids if c not in self.since]
         if self.since:
-            # A resumed watch: every chat has its starting point already. A chat missing from
-            # since appeared after it was saved, so it starts after the largest id saved:
-            # what was posted in it meanwhile is yielded, and nothing can be a repeat.
             self.start_max = max(self.start_max, *self.since.values())
-            for chat_id in chat_ids:
-                self._add_chat(chat_id, self.since.get(chat_id, self.start_max))
-        else:
-            # Readiness waits for these first polls only; none of them hands anything on, so
-            # a consumer that has not started reading cannot hold them up.
-            self.first_round = set(chat_ids)
-            for chat_id in chat_ids:
-                self._add_chat(chat_id, None)
+            if self.explicit is None:
+                # Watching every chat, resumed from saved watermarks: a chat missing from them
+                # appeared after they were saved, so it starts after the largest saved id.
+                # What was posted in it meanwhile is yielded; nothing can be a repeat.
+                for chat_id in fresh:
+                    self._add_chat(chat_id, self.start_max)
+                fresh = []
+        # Readiness waits for these first polls only. They hand nothing on, and they are
+        # scheduled before the resumed chats, whose polls may wait for a consumer that has
+        # not started reading yet.
+        self.first_round = set(fresh)
+        for chat_id in fresh:
+            self._add_chat(chat_id, None)
+        for chat_id in chat_ids:
+            if chat_id in self.since:
+                self._add_chat(chat_id, self.since[chat_id])
         self.set_up = True
         self.wake.set()
         self._check_ready()

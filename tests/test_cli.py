@@ -236,6 +236,7 @@ async def test_ctrl_c_while_signing_in_ends_at_once(tmp_path: Path) -> None:
         assert proc.returncode == 130, stderr.decode()
         assert "interrupted while signing in" in stderr.decode()
         assert "Traceback" not in stderr.decode()
+        assert "Unclosed" not in stderr.decode()  # the HTTP session was closed too
 
 
 def test_demo_exports_the_built_in_dataset(

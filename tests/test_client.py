@@ -273,17 +273,35 @@ async def test_a_refused_renewal_is_not_asked_again_by_later_callers(
     assert server.token_request_count == 2  # the first exchange, then one failed refresh
 
 
+async def test_a_renewal_ahead_of_expiry_holds_no_call_up() -> None:
+    async with MessagesServer(chats=1, messages_per_chat=3, token_ttl=2.0) as srv:
+        async with make_client(srv) as c:
+            await c.messages.chats()
+            await asyncio.sleep(1.1)  # past half of the token's life, not past its end
+            srv.inject(Fault.delay(1.0), path="oauth/token")  # a slow token endpoint
+            # The renewal runs in the background: a call with a short deadline still works.
+            await c.with_options(deadline=0.3).messages.chats()
+            async with asyncio.timeout(5):
+                while c.token_exchanges < 2 or c._sessions._renewal is not None:
+                    await asyncio.sleep(0.01)
+            await c.messages.chats()
+        first, during, after = srv.resource_requests()
+        assert first.token == during.token != after.token
+
+
 async def test_a_failed_early_renewal_keeps_the_valid_token_in_use() -> None:
     async with MessagesServer(chats=1, messages_per_chat=3, token_ttl=2.0) as srv:
         async with make_client(srv) as c:
             await c.messages.chats()
             await asyncio.sleep(1.1)  # past half of the token's life, not past its end
             srv.inject(Fault.status(503), path="oauth/token", times=None)
-            await c.messages.chats()  # the renewal fails, the call does not
-            failed_renewals = srv.token_request_count - 1
+            await c.messages.chats()  # the renewal fails in the background, the call does not
+            async with asyncio.timeout(5):  # the endpoint's own retries (max_retries=3)
+                while srv.token_request_count < 1 + 4:
+                    await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
             await c.messages.chats()  # and the next call does not try again at once
-        assert failed_renewals == 4  # the token endpoint's own retries (max_retries=3)
-        assert srv.token_request_count == 1 + failed_renewals
+        assert srv.token_request_count == 1 + 4
         sent = srv.resource_requests()
         assert [r.status for r in sent] == [200, 200, 200]
         assert len({r.token for r in sent}) == 1  # the first token throughout

@@ -304,6 +304,22 @@ async def test_a_long_run_of_empty_pages_does_not_end_the_walk() -> None:
         assert len(_listings(server)) == 3 + 250
 
 
+async def test_a_server_stuck_on_empty_pages_stops_the_walk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each empty page's cursor carries a fresh nonce, so no cycle shows: only the backstop
+    # (10,000 in a row by default, lowered here) ends the walk.
+    monkeypatch.setattr("messages_async._pagination.MAX_EMPTY_PAGES", 30)
+    async with MessagesServer(chats=1, messages_per_chat=30, seed=6) as server:
+        chat_id = server.chat_ids()[0]
+        server.inject(Fault.empty_page(), path="messages/", times=None)
+        async with _client(server) as client:
+            with pytest.raises(ma.PaginationError, match="30 empty pages in a row"):
+                async for _ in client.messages.iter(chat_id, limit=10, prefetch=False):
+                    pass
+        assert len(_listings(server)) == 30
+
+
 # --- faults in the middle of a walk --------------------------------------------------------------
 
 

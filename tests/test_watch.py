@@ -397,6 +397,19 @@ async def test_a_chat_created_while_the_bot_was_down_loses_nothing(
     assert [m.id for m in seen[new_chat]] == [missed, sentinels[new_chat]]
 
 
+async def test_with_chat_ids_a_chat_missing_from_since_starts_from_now(
+    server: MessagesServer, client: ma.Client
+) -> None:
+    a, b = server.chat_ids()[:2]
+    since = {a: server.messages(a)[-1]["id"]}  # a's oldest message: the rest of a is new
+    async with client.messages.watch([a, b], since=since, interval=0.02) as watch:
+        await watch.ready()
+        sentinels = post_sentinels(server, [a, b])
+        seen = await until_sentinels(watch, sentinels)
+    assert [m.id for m in seen[b]] == [sentinels[b]]  # nothing of b's history
+    assert len(seen[a]) == len(server.messages(a)) - 1
+
+
 # --- stopping ----------------------------------------------------------------------------------
 
 
