@@ -327,15 +327,16 @@ class _Core:
             chat_ids = await self._list_chats(first=True)
         self.initial = set(chat_ids)
         fresh = [c for c in chat_ids if c not in self.since]
-        if self.since:
+        if self.since and self.explicit is None:
+            # Watching every chat, resumed from saved watermarks: a chat missing from them
+            # appeared after they were saved, so it starts after the largest saved id. What
+            # was posted in it meanwhile is yielded; nothing can be a repeat. (With explicit
+            # chat_ids, since says nothing about other chats: they start from now, and one
+            # whose first poll fails must not start at an old mark.)
             self.start_max = max(self.start_max, *self.since.values())
-            if self.explicit is None:
-                # Watching every chat, resumed from saved watermarks: a chat missing from them
-                # appeared after they were saved, so it starts after the largest saved id.
-                # What was posted in it meanwhile is yielded; nothing can be a repeat.
-                for chat_id in fresh:
-                    self._add_chat(chat_id, self.start_max)
-                fresh = []
+            for chat_id in fresh:
+                self._add_chat(chat_id, self.start_max)
+            fresh = []
         # Readiness waits for these first polls only. They hand nothing on, and they are
         # scheduled before the resumed chats, whose polls may wait for a consumer that has
         # not started reading yet.

@@ -410,6 +410,23 @@ async def test_with_chat_ids_a_chat_missing_from_since_starts_from_now(
     assert len(seen[a]) == len(server.messages(a)) - 1
 
 
+async def test_with_chat_ids_a_failed_first_poll_does_not_start_at_an_old_mark(
+    server: MessagesServer,
+) -> None:
+    a, b = server.chat_ids()[:2]
+    since = {a: server.messages(a)[-1]["id"]}
+    server.inject(Fault.status(503), path="messages/", chat_id=b)  # b's first poll fails
+    async with (
+        make_client(server, max_retries=0) as client,
+        client.messages.watch([a, b], since=since, interval=0.02) as watch,
+    ):
+        await watch.ready()
+        sentinels = post_sentinels(server, [a, b])
+        seen = await until_sentinels(watch, sentinels)
+    # b starts at its newest id once a poll of it succeeds, never at a's old mark.
+    assert [m.id for m in seen[b]] == [sentinels[b]]
+
+
 # --- stopping ----------------------------------------------------------------------------------
 
 
