@@ -327,11 +327,8 @@ class SqliteStore(Store):
         return inserted
 
     def _commit(self, state: ChatState, messages: list[Message], update: bool) -> ChatState:
+        # The Store interface's one-page commit; commit() above groups pages instead.
         self._commit_batch([(state, messages)])
-        return state
-
-    def _commit_counted(self, state: ChatState, messages: list[Message], update: bool) -> ChatState:
-        self._commit_queued([(state, messages)])  # rows inserted, not rows offered
         return state
 
     def _fail(self, state: ChatState, error: str) -> ChatState:
