@@ -59,6 +59,10 @@ _DEADLINE_SHARE = 0.1
 _MAX_REDIRECTS = 5
 
 
+def _after(attempts: int) -> str:
+    return f"after {attempts} attempt{'s' if attempts != 1 else ''}"
+
+
 class RetryBudget:
     """A token bucket that caps retries of failures across the whole client.
 
@@ -377,11 +381,7 @@ class Transport:
     def _past_deadline(
         request: ApiRequest, policy: RetryPolicy, attempts: int, when: str
     ) -> RequestTimeoutError:
-        sent = (
-            f"after {attempts} attempt{'s' if attempts != 1 else ''}; nothing more was sent"
-            if attempts
-            else "nothing was sent"
-        )
+        sent = f"{_after(attempts)}; nothing more was sent" if attempts else "nothing was sent"
         return RequestTimeoutError(
             f"{request.op} ran out of its {policy.deadline:g} s deadline {when} ({sent})"
         )
@@ -450,7 +450,7 @@ class Transport:
     def _transport_error(
         request: ApiRequest, error: BaseException, attempts: int, maybe_acted: bool, why: str
     ) -> TransportError:
-        tried = f"after {attempts} attempt{'s' if attempts != 1 else ''}"
+        tried = _after(attempts)
         detail = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
         note = f"; {why}" if why else ""
         if maybe_acted and request.retry is Retry.UNSENT_ONLY:
