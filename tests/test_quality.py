@@ -66,6 +66,7 @@ def test_public_names_are_exported_and_documented() -> None:
                     "Limiter",
                     "Outcome",
                     "Secret",
+                    "RoundVerdict",
                 }
                 if name not in internal:
                     assert name in public, f"{module.__name__}.{name} is not re-exported"
