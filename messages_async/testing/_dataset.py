@@ -1,45 +1,22 @@
-"""The emulator's data: seeded generation, the in-memory store, filters and keyset cursors.
+"""The emulator's data: seeded generation and the in-memory message store.
 
-Everything here is plain Python with no I/O, so the paging rules can be reasoned about (and
-tested) apart from HTTP. Messages are kept exactly as they go on the wire — one dict per
+Plain Python with no I/O. Messages are kept exactly as they go on the wire — one dict per
 message, never mutated after it is stored (an edit stores a new dict) — so a page is encoded
-straight from the store without a per-request translation step.
-
-Keyset paging rests on one invariant: every chat keeps an ascending list of its message ids,
-and a cursor holds a boundary id, never an offset. An insert or delete shifts offsets but not
-the set of ids on either side of a boundary, so a walk never repeats or skips a message that
-existed throughout it.
+straight from the store without a per-request translation step. How a listing reads the store
+(filters, keyset windows, cursors) is `_listing.py`'s business; the store only promises that
+every chat's ids are kept in one ascending list, which is what keyset paging rests on.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import hmac
-import os
 import random
 import time
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
-import attrs
-import orjson
-
-__all__ = [
-    "BASE_TIME",
-    "Cursor",
-    "CursorError",
-    "Filters",
-    "Page",
-    "Store",
-    "decode_cursor",
-    "encode_cursor",
-    "format_instant",
-    "parse_instant",
-]
+__all__ = ["BASE_TIME", "Store", "format_instant"]
 
 #: The generated timeline starts here (2025-01-01T00:00:00Z). A fixed start, not "now", so the
 #: same seed gives the same timestamps on every run.
@@ -53,7 +30,6 @@ _PRIVATE_ID_BASE = 2_000
 _MEMBER_ID_BASE = 3_000
 
 Json = dict[str, Any]
-Direction = Literal["next", "prev"]
 
 _WORDS = [
     "hello",
@@ -135,126 +111,12 @@ _ATTACHMENT_KINDS = (
 )
 
 
-class CursorError(ValueError):
-    """A cursor that this server did not issue, or that was altered."""
-
-
 def format_instant(ts: float) -> str:
     """An epoch time as ISO 8601 UTC with a ``Z`` (whole seconds, or microseconds if any)."""
     dt = datetime.fromtimestamp(ts, UTC)
     if dt.microsecond:
         return dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_instant(text: str) -> float:
-    """An ISO 8601 instant as epoch seconds; no offset means UTC (PROTOCOL §2 Limits).
-
-    Raises:
-        ValueError: the text is not an ISO 8601 date or date-time.
-    """
-    text = text.strip()
-    if not text:
-        raise ValueError("empty instant")
-    dt = datetime.fromisoformat(text)
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return dt.timestamp()
-
-
-@attrs.frozen
-class Filters:
-    """The listing filters a cursor is bound to. ``since`` is inclusive, ``till`` exclusive."""
-
-    query: str | None = None
-    since: float | None = None
-    till: float | None = None
-
-    @property
-    def active(self) -> bool:
-        return bool(self.query) or self.since is not None or self.till is not None
-
-
-@attrs.frozen
-class Cursor:
-    """A keyset position: the items of ``chat_id`` older than ``boundary`` (``next``) or newer
-    than it (``prev``). ``boundary`` None is the top of the chat (a first page).
-
-    ``repeat`` marks a cursor built by the ``repeat_cursor`` fault: a page asked for with it
-    hands the very same cursor back as its ``next_cursor``, which makes a cycle.
-    """
-
-    chat_id: int
-    direction: Direction
-    boundary: int | None
-    filters: Filters
-    repeat: bool = False
-
-
-def _cursor_key(seed: int) -> bytes:
-    # Derived from the seed, so a restarted `messages-async serve` with the same seed still
-    # accepts cursors handed out before the restart (PROTOCOL §3: cursors live 24 hours).
-    return hashlib.sha256(f"messages-emulator-cursor:{seed}".encode()).digest()
-
-
-def encode_cursor(cursor: Cursor, key: bytes) -> str:
-    """An opaque, signed token. A random nonce makes equal positions give different strings,
-    so a client cannot rely on comparing cursors to detect progress."""
-    f = cursor.filters
-    payload = orjson.dumps(
-        {
-            "c": cursor.chat_id,
-            "d": "n" if cursor.direction == "next" else "p",
-            "b": cursor.boundary,
-            "q": f.query,
-            "f": f.since,
-            "t": f.till,
-            "r": 1 if cursor.repeat else 0,
-            "n": os.urandom(4).hex(),
-        }
-    )
-    sig = hmac.new(key, payload, hashlib.sha256).digest()[:8]
-    return base64.urlsafe_b64encode(payload + sig).rstrip(b"=").decode("ascii")
-
-
-def decode_cursor(token: str, key: bytes) -> Cursor:
-    """The position a token stands for.
-
-    Raises:
-        CursorError: the token is garbled, forged or not from this server.
-    """
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-    except (binascii.Error, ValueError) as exc:
-        raise CursorError("cursor is not valid base64") from exc
-    if len(raw) < 9:
-        raise CursorError("cursor is too short")
-    payload, sig = raw[:-8], raw[-8:]
-    if not hmac.compare_digest(hmac.new(key, payload, hashlib.sha256).digest()[:8], sig):
-        raise CursorError("cursor signature does not match")
-    try:
-        obj = orjson.loads(payload)
-        direction: Direction = "next" if obj["d"] == "n" else "prev"
-        return Cursor(
-            chat_id=int(obj["c"]),
-            direction=direction,
-            boundary=None if obj["b"] is None else int(obj["b"]),
-            filters=Filters(obj["q"], obj["f"], obj["t"]),
-            repeat=bool(obj["r"]),
-        )
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise CursorError("cursor payload is malformed") from exc
-
-
-@attrs.frozen
-class Page:
-    """One listing window. ``older`` is the boundary for ``next_cursor`` (ids below it),
-    ``newer`` the boundary for ``prev_cursor`` (ids above it); None: nothing that way."""
-
-    items: list[Json]
-    older: int | None
-    newer: int | None
-    total: int
 
 
 class Store:
@@ -266,7 +128,7 @@ class Store:
         seed: same seed, same chats, ids, texts and timestamps.
         user_id: the user the default client acts as; some messages of every chat are theirs.
         extra_fields: add fields and a chat type the contract does not know, to exercise
-            client tolerance (PROTOCOL §6).
+            client tolerance (docs/protocol.md §6).
     """
 
     def __init__(
@@ -278,9 +140,9 @@ class Store:
         user_id: int = 1001,
         extra_fields: bool = False,
     ) -> None:
+        self.seed = seed
         self.user_id = user_id
         self.extra_fields = extra_fields
-        self.cursor_key = _cursor_key(seed)
         self._chats: dict[int, Json] = {}
         self._members: dict[int, list[int]] = {}
         self._ids: dict[int, list[int]] = {}
@@ -312,7 +174,8 @@ class Store:
             else:
                 sizes.append(per_chat)
         if self.extra_fields and n_chats >= 3:
-            # A chat type the contract does not list: clients must tolerate it (PROTOCOL §6).
+            # A chat type the contract does not list: clients must tolerate it
+            # (docs/protocol.md §6).
             third = list(self._chats)[2]
             self._chats[third]["type"] = "channel"
             self._chats[third].setdefault("name", "Announcements")
@@ -320,7 +183,8 @@ class Store:
             self._chats[third].setdefault("members_count", "250")
 
         # One timeline for all chats: draw which chat speaks at each step, then number the
-        # messages in time order, so ids grow with time across the whole server (PROTOCOL §2).
+        # messages in time order, so ids grow with time across the whole server
+        # (docs/protocol.md §2).
         chat_ids = list(self._chats)
         order: list[int] = []
         for chat_id, size in zip(chat_ids, sizes, strict=True):
@@ -427,7 +291,7 @@ class Store:
                 "type": type_,
                 "name": name or f"{_GROUP_NAMES[n % len(_GROUP_NAMES)]} {n}",
                 "picture_url": f"https://files.example.test/chats/{chat_id}.png",
-                # The seed types members_count as a string (PROTOCOL §4).
+                # The seed types members_count as a string (docs/protocol.md §4).
                 "members_count": str(count),
             }
             self._members[chat_id] = others
@@ -469,85 +333,20 @@ class Store:
     def members(self, chat_id: int) -> list[int]:
         return self._members[chat_id]
 
-    def _matching_ids(self, chat_id: int, filters: Filters) -> list[int]:
-        ids = self._ids[chat_id]
-        if not filters.active:
-            return ids
-        msgs = self._msgs
-        ts_of = self._ts
-        query = filters.query.casefold() if filters.query else None
-        since = filters.since
-        till = filters.till
-        out = []
-        for i in ids:
-            t = ts_of[i]
-            if since is not None and t < since:
-                continue
-            if till is not None and t >= till:
-                continue
-            if query is not None and query not in msgs[i]["message"].casefold():
-                continue
-            out.append(i)
-        return out
+    def ids(self, chat_id: int) -> list[int]:
+        """The chat's message ids, ascending: the store's own list, not to be changed.
+        KeyError: unknown chat."""
+        return self._ids[chat_id]
 
-    def page(
-        self,
-        chat_id: int,
-        filters: Filters,
-        direction: Direction,
-        boundary: int | None,
-        limit: int,
-        *,
-        empty: bool = False,
-        backwards: bool = False,
-    ) -> Page:
-        """The window of at most ``limit`` matching items next to a keyset position.
+    @property
+    def by_id(self) -> Mapping[int, Json]:
+        """Every message, by id."""
+        return self._msgs
 
-        ``next`` takes the newest items with ids below ``boundary``; ``prev`` takes the oldest
-        items with ids above it (still returned newest first). ``empty`` answers an empty page
-        at the same position; ``backwards`` answers the window on the wrong side of the
-        boundary (the ``backwards_page`` fault).
-        """
-        ids = self._matching_ids(chat_id, filters)
-        n = len(ids)
-        if boundary is None:
-            hi = n
-            lo = max(0, n - limit)
-            if backwards:
-                lo, hi = 0, min(n, limit)
-        elif direction == "next":
-            hi = bisect_left(ids, boundary)
-            lo = max(0, hi - limit)
-            if backwards:
-                lo, hi = hi, min(n, hi + limit)
-        else:
-            lo = bisect_right(ids, boundary)
-            hi = min(n, lo + limit)
-            if backwards:
-                lo, hi = max(0, lo - limit), lo
-        if empty:
-            if direction == "next":
-                lo = hi
-            else:
-                hi = lo
-        msgs = self._msgs
-        if backwards and boundary is None:
-            # A first page that runs oldest first: the order itself goes backwards.
-            items = [msgs[i] for i in ids[lo:hi]]
-        else:
-            items = [msgs[i] for i in reversed(ids[lo:hi])]
-        # The boundaries are written so an empty window (lo == hi) still splits the ids at the
-        # right place: "ids < ids[lo]" is exactly the items before lo, "ids > ids[hi - 1]" the
-        # items from hi on.
-        older: int | None = None
-        if lo > 0:
-            older = ids[lo] if lo < n else ids[n - 1] + 1
-        newer: int | None = None
-        if hi < n and boundary is not None:
-            newer = ids[hi - 1] if hi > 0 else ids[0] - 1
-        elif hi < n and backwards:
-            newer = ids[hi - 1]
-        return Page(items=items, older=older, newer=newer, total=n)
+    @property
+    def stamps(self) -> Mapping[int, float]:
+        """Every message's ``created_at``, as epoch seconds, by id."""
+        return self._ts
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -636,7 +435,8 @@ class Store:
 
 
 def _attachment_structure(attachments: Iterable[Mapping[str, Any]]) -> Json | None:
-    """Attachments as received (PROTOCOL §4 AttachmentStructure), or None when there are none."""
+    """Attachments as received (docs/protocol.md §4 ``AttachmentStructure``), or None when
+    there are none."""
     items = [
         {
             "type": a["type"],

@@ -1,8 +1,10 @@
 """Faults the emulator can inject, and the queue that matches them against requests.
 
-A `Fault` only describes what goes wrong; the server decides how to act it out. Faults are
-one-shot by default and matched in the order they were injected, so a test reads as a script:
-"the next listing of chat 7 gets a 503, the one after that is dropped".
+A `Fault` only describes what goes wrong. Faults are one-shot by default and matched in the
+order they were injected, so a test reads as a script: "the next listing of chat 7 gets a 503,
+the one after that is dropped". What a fault answers is written here where no I/O is involved
+(`canned_answer`); the server acts out the rest (a dropped connection, a body streamed to its
+cap), and the listing faults are the listing's to build (`_listing.Lister.plan`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,17 @@ from typing import Final
 
 import attrs
 
-__all__ = ["LISTING_ONLY", "Fault", "FaultHandle", "FaultQueue"]
+from ._answers import Answer, Json, default_code, error_body
+
+__all__ = [
+    "LISTING_ONLY",
+    "Fault",
+    "FaultHandle",
+    "FaultQueue",
+    "canned_answer",
+    "status_answer",
+    "wrong_shape",
+]
 
 _MIB: Final = 1024 * 1024
 
@@ -129,7 +141,7 @@ class Fault:
     @classmethod
     def empty_page(cls) -> Fault:
         """A listing answered with no items and a cursor to the same position: a stretch the
-        server filtered out, or ran out of time on (PROTOCOL §3)."""
+        server filtered out, or ran out of time on (docs/protocol.md §3)."""
         return cls("empty_page", http_status=200)
 
     @classmethod
@@ -289,3 +301,58 @@ class FaultQueue:
             break
         self._handles = [h for h in self._handles if not h.exhausted]
         return found
+
+
+# -- answers ------------------------------------------------------------------------------------
+
+
+def wrong_shape(method: str, path: str, origin: str) -> Json:
+    """Valid JSON that does not fit the endpoint's response type (the ``wrong_shape`` fault)."""
+    if origin == "token":
+        return {"access_token": 42, "token_type": 7, "expires_in": "soon"}
+    if path == "messages/" and method == "GET":
+        return {"items": "nope", "limit": "x", "next_cursor": 5, "total_count": None}
+    if path == "messages/chats/":
+        return {"items": {"chat_id": "abc", "type": 7}}
+    return {"id": "abc", "uid": None, "message": 5, "attachments": "none"}
+
+
+def status_answer(fault: Fault, origin: str) -> Answer:
+    """The error answer of a fault that answers with a status: the contract's error body for
+    the origin (docs/protocol.md §1 for the token endpoint, §5 otherwise), or the fault's own
+    raw body."""
+    status = fault.http_status or 500
+    headers: dict[str, str] = {}
+    if fault.retry_after is not None:
+        headers["Retry-After"] = fault.retry_after
+    message = fault.message or f"injected {status}"
+    obj: Json
+    if origin == "token":
+        code = fault.code or {400: "invalid_request", 401: "invalid_client"}.get(
+            status, default_code(status)
+        )
+        obj = {"error": code, "error_description": message}
+    else:
+        code = fault.code or default_code(status)
+        if code == "invalid_token":
+            headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
+        obj = error_body(code, message)
+    headers.update(fault.headers)
+    if fault.body is not None:
+        headers.setdefault("Content-Type", fault.content_type or "application/json")
+        return Answer(status, headers=headers, raw=fault.body)
+    return Answer(status, obj, headers)
+
+
+def canned_answer(fault: Fault, *, method: str, path: str, origin: str) -> Answer:
+    """The answer of a fault acted out before handling that takes no I/O to write (every
+    such kind but ``drop`` and ``oversized``)."""
+    kind = fault.kind
+    if kind == "malformed":
+        content_type = fault.content_type or "application/json"
+        return Answer(200, headers={"Content-Type": content_type}, raw=fault.body or b"")
+    if kind == "wrong_shape":
+        return Answer(200, wrong_shape(method, path, origin))
+    if kind == "redirect":
+        return Answer(fault.http_status or 302, headers={"Location": fault.location or "/"})
+    return status_answer(fault, origin)

@@ -1,142 +1,57 @@
 """`MessagesServer`: a loopback emulator of the Messages API and its token endpoint.
 
-It speaks PROTOCOL.md on its own and imports nothing from the client package, so a
+It speaks docs/protocol.md on its own and imports nothing from the client package, so a
 misreading of the contract in one cannot hide in the other.
+
+This module is the emulator's thin HTTP layer; the rules live in pure modules, each tested
+without sockets:
+
+- `_oauth.py`: clients, grants and the token endpoint (docs/protocol.md §1);
+- `_endpoints.py`: routing, authorisation, reads and writes (§2, §5);
+- `_listing.py`: cursors, filters and pages, the listing faults included (§3);
+- `_dataset.py`: the seeded message store;
+- `_faults.py`: what can go wrong, which request it hits, and the answers that need no I/O;
+- `_encoding.py`: content coding.
 
 Two origins, on purpose: the token endpoint and the resource endpoints listen on different
 ports, so a client that sends its bearer token to the wrong origin is caught by the test that
-exercises it (PROTOCOL §6). Every request to either origin goes through one wrapper,
-`_handle`, which records it, applies the rate limiter, the latency and any injected fault, and
-only then hands it to the endpoint code, which knows nothing about faults except the few that
-rewrite a listing.
+exercises it (docs/protocol.md §6). Every request to any origin goes through one wrapper,
+`_handle`, which records it, applies the rate limiter, the latency and any injected fault,
+and only then hands it to the origin's endpoint (`_endpoints`, one per origin in
+`_origins`). An origin serving something else — attachment files, say — is one more entry in
+both tables and gets recording, latency and faults from the wrapper for free.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import email.utils
 import math
-import re
-import secrets
 import time
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Final, Literal, Self
-from urllib.parse import parse_qsl, quote, unquote
 
 import attrs
 import orjson
-import yarl
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from ._dataset import (
-    Cursor,
-    CursorError,
-    Filters,
-    Store,
-    decode_cursor,
-    encode_cursor,
-    parse_instant,
-)
-from ._faults import Fault, FaultHandle, FaultQueue
+from ._answers import Answer, Json, Refusal, not_found
+from ._dataset import Store
+from ._encoding import choose_encoding, encode
+from ._endpoints import Resources, authorize, route
+from ._faults import Fault, FaultHandle, FaultQueue, canned_answer
+from ._listing import Lister, cursor_chat
+from ._oauth import SCOPES, TOKEN_PATH, OAuthServer, TokenRequest, form_record, scope_set
 from ._recorder import RequestRecord, bearer_token, start_site
 
 __all__ = ["MessagesServer"]
 
-SCOPES: Final = ("messages_read", "messages_write")
-_READ, _WRITE = SCOPES
-_DEFAULT_LIMIT: Final = 20
-_MAX_LIMIT: Final = 100
-_MAX_TEXT: Final = 4096
-_MAX_ATTACHMENTS: Final = 10
-#: Bodies below this are sent as they are: compressing a 200-byte error costs more than it saves.
-_COMPRESS_MIN: Final = 1024
-_TOKEN_PATH: Final = "oauth/token"
 _PAGE_CACHE_SIZE: Final = 2048
-_REDACTED: Final = "<redacted>"
 
-_ERROR_CODES: Final = {
-    400: "invalid_request",
-    401: "invalid_token",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    409: "conflict",
-    413: "too_large",
-    429: "rate_limited",
-    500: "internal",
-    502: "unavailable",
-    503: "unavailable",
-    504: "unavailable",
-}
-_ITEM_RE: Final = re.compile(r"messages/(\d+)(/edit/|/delete/)?")
-_INT_RE: Final = re.compile(r"[+-]?\d+")
-
-Json = dict[str, Any]
-_Route = Literal["chats", "list", "get", "add", "edit", "delete"]
-
-
-def _default_code(status: int) -> str:
-    code = _ERROR_CODES.get(status)
-    if code is not None:
-        return code
-    return "internal" if status >= 500 else "invalid_request"
-
-
-def _scope_set(scopes: Iterable[str]) -> frozenset[str]:
-    # A lone string is a space-separated scope list, not an iterable of one-letter scopes.
-    if isinstance(scopes, str):
-        return frozenset(scopes.split())
-    return frozenset(scopes)
-
-
-def _uint(text: str | None) -> int | None:
-    """A string of ASCII digits as an int, else None."""
-    if text is None or not text.isascii() or not text.isdigit():
-        return None
-    return int(text)
-
-
-def _accepts(accept_encoding: str, coding: str) -> bool:
-    """Whether an ``Accept-Encoding`` value allows ``coding`` (``q=0`` refuses it)."""
-    for part in accept_encoding.split(","):
-        name, _, params = part.strip().partition(";")
-        name = name.strip().lower()
-        if name not in (coding, "*"):
-            continue
-        q = 1.0
-        for param in params.split(";"):
-            key, _, value = param.strip().partition("=")
-            if key.strip().lower() == "q":
-                try:
-                    q = float(value)
-                except ValueError:
-                    q = 0.0
-        return q > 0
-    return False
-
-
-@attrs.frozen
-class _Client:
-    secret: str
-    scopes: frozenset[str]
-    user_id: int
-
-
-@attrs.frozen
-class _Grant:
-    """What a token (access or refresh) stands for. ``serial`` orders issue: bulk expiry
-    invalidates every grant below a floor without walking the table."""
-
-    client_id: str
-    scopes: frozenset[str]
-    user_id: int
-    serial: int
-    expires_at: float | None = None
+_Endpoint = Callable[["_Ctx"], web.StreamResponse]
 
 
 class _Bucket:
@@ -172,12 +87,24 @@ class _Ctx:
     fault: Fault | None
 
 
-class _Reply(Exception):
-    """Raised by endpoint code to answer at once (an error, usually)."""
+@attrs.define
+class _Origin:
+    """One listening origin: the port asked for (the bound one once started) and its app."""
 
-    def __init__(self, response: web.StreamResponse) -> None:
-        super().__init__(response.status)
-        self.response = response
+    port: int
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    handler_args: Mapping[str, Any] = attrs.field(factory=dict)
+    runner: web.AppRunner | None = None
+
+    async def start(self, host: str) -> None:
+        app = web.Application(handler_args=dict(self.handler_args))
+        app.router.add_route("*", "/{tail:.*}", self.handler)
+        self.runner, self.port = await start_site(app, host, self.port)
+
+    async def close(self) -> None:
+        runner, self.runner = self.runner, None
+        if runner is not None:
+            await runner.cleanup()
 
 
 class MessagesServer:
@@ -250,19 +177,13 @@ class MessagesServer:
         self.rate_limit = rate_limit
         self.burst = burst if burst is not None else max(1, int(rate_limit or 1))
         self.retry_after_format = retry_after_format
-        self.cursor_mode = cursor_mode
         self.resource_path = (
             "/" + resource_path.strip("/") + "/" if resource_path.strip("/") else "/"
         )
-        self.token_ttl = token_ttl
-        self.extra_fields = extra_fields
-        self.empty_page_every = empty_page_every
         self.compress = compress
         self.record = record
         self.max_body = max_body
         self.host = host
-        self._port = port
-        self._token_port = token_port
         self.user_id = user_id
         self.client_id = client_id
         self.client_secret = client_secret
@@ -274,20 +195,27 @@ class MessagesServer:
             user_id=user_id,
             extra_fields=extra_fields,
         )
-        self._clients: dict[str, _Client] = {
-            client_id: _Client(client_secret, frozenset(SCOPES), user_id)
-        }
-        self._access: dict[str, _Grant] = {}
-        self._refresh: dict[str, _Grant] = {}
-        self._serial = 0
-        self._access_floor = 0
-        self._refresh_floor = 0
+        self._lister = Lister(
+            self._store,
+            cursor_mode=cursor_mode,
+            resource_path=self.resource_path,
+            empty_page_every=empty_page_every,
+            extra_fields=extra_fields,
+        )
+        self._resources = Resources(self._store)
+        self._oauth = OAuthServer(token_ttl=token_ttl)
+        self._oauth.register(client_id, client_secret, scopes=SCOPES, user_id=user_id)
         self._bucket = _Bucket(rate_limit, self.burst) if rate_limit is not None else None
         self._faults = FaultQueue()
-        self._pages_served = 0
         self._page_cache: dict[tuple[Any, ...], tuple[bytes, dict[str, str]]] = {}
-        self._resource_runner: web.AppRunner | None = None
-        self._token_runner: web.AppRunner | None = None
+        self._origins: dict[str, _Origin] = {
+            "resource": _Origin(port, self._handle_resource, {"max_field_size": 16384}),
+            "token": _Origin(token_port, self._handle_token),
+        }
+        self._endpoints: dict[str, _Endpoint] = {
+            "resource": self._resource,
+            "token": self._token_endpoint,
+        }
         self._url_host = host
         if host in ("0.0.0.0", "::", ""):
             # Listening on every interface: the URLs handed out still need a reachable host.
@@ -300,32 +228,54 @@ class MessagesServer:
         self.in_flight = 0
         self.max_in_flight = 0
 
+    # -- settings kept by the pure parts ----------------------------------------------------
+
+    @property
+    def cursor_mode(self) -> Literal["url", "token"]:
+        return self._lister.cursor_mode
+
+    @cursor_mode.setter
+    def cursor_mode(self, value: Literal["url", "token"]) -> None:
+        self._lister.cursor_mode = value
+
+    @property
+    def empty_page_every(self) -> int:
+        return self._lister.empty_page_every
+
+    @empty_page_every.setter
+    def empty_page_every(self, value: int) -> None:
+        self._lister.empty_page_every = value
+
+    @property
+    def extra_fields(self) -> bool:
+        return self._lister.extra_fields
+
+    @property
+    def token_ttl(self) -> float | None:
+        return self._oauth.token_ttl
+
+    @token_ttl.setter
+    def token_ttl(self, value: float | None) -> None:
+        self._oauth.token_ttl = value
+
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Bind both origins. Idempotent."""
-        if self._resource_runner is not None:
+        """Bind every origin. Idempotent."""
+        if self._origins["resource"].runner is not None:
             return
-        resource_app = web.Application(handler_args={"max_field_size": 16384})
-        resource_app.router.add_route("*", "/{tail:.*}", self._handle_resource)
-        token_app = web.Application()
-        token_app.router.add_route("*", "/{tail:.*}", self._handle_token)
-        self._resource_runner, self._port = await start_site(resource_app, self.host, self._port)
         try:
-            self._token_runner, self._token_port = await start_site(
-                token_app, self.host, self._token_port
-            )
+            for origin in self._origins.values():
+                await origin.start(self.host)
         except BaseException:
             await self.close()
             raise
+        self._lister.origin = self.resource_origin
 
     async def close(self) -> None:
-        """Stop both origins and close every connection. Idempotent."""
-        runners = (self._token_runner, self._resource_runner)
-        self._token_runner = self._resource_runner = None
-        for runner in runners:
-            if runner is not None:
-                await runner.cleanup()
+        """Stop every origin and close every connection. Idempotent."""
+        for origin in reversed(self._origins.values()):
+            await origin.close()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -343,19 +293,19 @@ class MessagesServer:
 
     @property
     def port(self) -> int:
-        return self._port
+        return self._origins["resource"].port
 
     @property
     def token_port(self) -> int:
-        return self._token_port
+        return self._origins["token"].port
 
     @property
     def resource_origin(self) -> str:
-        return f"http://{self._url_host}:{self._port}"
+        return f"http://{self._url_host}:{self.port}"
 
     @property
     def token_origin(self) -> str:
-        return f"http://{self._url_host}:{self._token_port}"
+        return f"http://{self._url_host}:{self.token_port}"
 
     @property
     def resource_uri(self) -> str:
@@ -364,7 +314,7 @@ class MessagesServer:
 
     @property
     def token_url(self) -> str:
-        return f"{self.token_origin}/{_TOKEN_PATH}"
+        return f"{self.token_origin}/{TOKEN_PATH}"
 
     # -- clients and tokens -------------------------------------------------------------------
 
@@ -377,16 +327,12 @@ class MessagesServer:
         user_id: int | None = None,
     ) -> None:
         """Another client for the token endpoint; it is granted at most ``scopes``."""
-        self._clients[client_id] = _Client(
-            client_secret, _scope_set(scopes), self.user_id if user_id is None else user_id
+        self._oauth.register(
+            client_id,
+            client_secret,
+            scopes=scopes,
+            user_id=self.user_id if user_id is None else user_id,
         )
-
-    def _new_grant(
-        self, client_id: str, scopes: frozenset[str], user_id: int, ttl: float | None
-    ) -> _Grant:
-        self._serial += 1
-        expires_at = None if ttl is None else time.monotonic() + ttl
-        return _Grant(client_id, scopes, user_id, self._serial, expires_at)
 
     def issue_token(
         self,
@@ -396,36 +342,24 @@ class MessagesServer:
         expires_in: float | None = None,
     ) -> str:
         """A pre-issued access token (no refresh token). ``expires_in`` None: ``token_ttl``."""
-        token = "at_" + secrets.token_urlsafe(24)
-        ttl = self.token_ttl if expires_in is None else expires_in
-        self._access[token] = self._new_grant(
-            self.client_id, _scope_set(scopes), self.user_id if user_id is None else user_id, ttl
+        return self._oauth.issue(
+            self.client_id,
+            scope_set(scopes),
+            user_id=self.user_id if user_id is None else user_id,
+            ttl=self.token_ttl if expires_in is None else expires_in,
         )
-        return token
 
     def expire_tokens(self) -> None:
         """Every access token issued so far answers 401 from now on; refresh tokens still work."""
-        self._access_floor = self._serial + 1
-        self._access = {t: g for t, g in self._access.items() if g.serial >= self._access_floor}
+        self._oauth.expire_access()
 
     def revoke_refresh_tokens(self) -> None:
         """Every refresh token issued so far is dead (``invalid_grant``)."""
-        self._refresh_floor = self._serial + 1
-        self._refresh.clear()
+        self._oauth.revoke_refresh()
 
     @property
     def token_request_count(self) -> int:
         return len(self.token_requests)
-
-    def _valid_access(self, token: str | None) -> _Grant | None:
-        if token is None:
-            return None
-        grant = self._access.get(token)
-        if grant is None or grant.serial < self._access_floor:
-            return None
-        if grant.expires_at is not None and time.monotonic() >= grant.expires_at:
-            return None
-        return grant
 
     # -- data, without HTTP -------------------------------------------------------------------
 
@@ -556,13 +490,7 @@ class MessagesServer:
 
     def _chat_for_fault(self, path: str, params: Mapping[str, str], body: bytes) -> int | None:
         if path == "messages/":
-            chat = _uint(params.get("chat_id"))
-            if chat is None and "cursor" in params:
-                # A whole cursor URL passed as the cursor value carries the chat inside it.
-                with_url = params["cursor"]
-                if "://" in with_url or with_url.startswith("/"):
-                    chat = _uint(yarl.URL(with_url).query.get("chat_id"))
-            return chat
+            return cursor_chat(params)
         if path == "messages/add/" or path.endswith("/edit/"):
             try:
                 obj = orjson.loads(body)
@@ -573,16 +501,6 @@ class MessagesServer:
                 if isinstance(chat, int) and not isinstance(chat, bool):
                     return chat
         return None
-
-    def _token_form_record(self, body: bytes) -> dict[str, str]:
-        try:
-            form = dict(parse_qsl(body.decode("utf-8"), keep_blank_values=True))
-        except UnicodeDecodeError:
-            return {}
-        for secret in ("client_secret", "refresh_token"):
-            if secret in form:
-                form[secret] = _REDACTED
-        return form
 
     async def _handle(self, request: web.Request, origin: str) -> web.StreamResponse:
         started = time.monotonic()
@@ -606,8 +524,8 @@ class MessagesServer:
                 token=token,
             )
             records.append(record)
-        if origin == "token" and path == _TOKEN_PATH:
-            self.token_requests.append(self._token_form_record(body))
+        if origin == "token" and path == TOKEN_PATH:
+            self.token_requests.append(form_record(body))
         if resource:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -633,10 +551,7 @@ class MessagesServer:
                     response = await self._act_out(request, fault, origin, path)
                 else:
                     ctx = _Ctx(request, path, params, body, too_large, token, fault)
-                    try:
-                        response = self._resource(ctx) if resource else self._token_endpoint(ctx)
-                    except _Reply as reply:
-                        response = reply.response
+                    response = self._endpoints[origin](ctx)
                     if fault is not None and fault.kind == "drop_after_commit":
                         response = None
             if response is None:
@@ -662,39 +577,7 @@ class MessagesServer:
 
     def _encoding(self, request: web.Request) -> str | None:
         """The content coding to answer with: gzip, deflate or none."""
-        if not self.compress:
-            return None
-        accept = request.headers.get("Accept-Encoding", "")
-        if _accepts(accept, "gzip"):
-            return "gzip"
-        if _accepts(accept, "deflate"):
-            return "deflate"
-        return None
-
-    def _encode(self, body: bytes, encoding: str | None) -> tuple[bytes, dict[str, str]]:
-        """The body compressed as asked, and the headers that say so."""
-        headers = {"Content-Type": "application/json; charset=utf-8"}
-        if encoding is not None and len(body) >= _COMPRESS_MIN:
-            # Level 1: the emulator must stay cheap next to the client it is measuring.
-            if encoding == "gzip":
-                body = zlib.compress(body, 1, wbits=31)
-            else:
-                body = zlib.compress(body, 1)
-            headers["Content-Encoding"] = encoding
-            headers["Vary"] = "Accept-Encoding"
-        return body, headers
-
-    def _bytes(
-        self,
-        request: web.Request,
-        status: int,
-        body: bytes,
-        headers: Mapping[str, str] | None = None,
-    ) -> web.Response:
-        body, hdrs = self._encode(body, self._encoding(request))
-        if headers:
-            hdrs.update(headers)
-        return web.Response(status=status, body=body, headers=hdrs)
+        return choose_encoding(request.headers.get("Accept-Encoding", ""), compress=self.compress)
 
     def _json(
         self,
@@ -703,31 +586,24 @@ class MessagesServer:
         obj: Any,
         headers: Mapping[str, str] | None = None,
     ) -> web.Response:
-        return self._bytes(request, status, orjson.dumps(obj), headers)
+        body, hdrs = encode(orjson.dumps(obj), self._encoding(request))
+        if headers:
+            hdrs.update(headers)
+        return web.Response(status=status, body=body, headers=hdrs)
 
-    def _error(
-        self,
-        request: web.Request,
-        status: int,
-        code: str,
-        message: str,
-        headers: Mapping[str, str] | None = None,
-    ) -> _Reply:
-        body = {"error": {"code": code, "message": message}}
-        return _Reply(self._json(request, status, body, headers))
+    def _write(self, request: web.Request, answer: Answer) -> web.Response:
+        """An answer of the pure parts as a response."""
+        if answer.raw is not None:
+            return web.Response(status=answer.status, body=answer.raw, headers=answer.headers)
+        if answer.body is None:
+            return web.Response(status=answer.status, headers=answer.headers)
+        return self._json(request, answer.status, answer.body, answer.headers)
 
-    def _oauth_error(
-        self,
-        request: web.Request,
-        status: int,
-        error: str,
-        description: str,
-        headers: Mapping[str, str] | None = None,
-    ) -> _Reply:
-        body = {"error": error, "error_description": description}
-        hdrs = {"Cache-Control": "no-store", "Pragma": "no-cache"}
-        hdrs.update(headers or {})
-        return _Reply(self._json(request, status, body, hdrs))
+    def _refusal(self, request: web.Request, refusal: Refusal) -> web.Response:
+        response = self._write(request, refusal.answer())
+        if refusal.close:
+            response.force_close()
+        return response
 
     def _retry_after(self, wait: float) -> str:
         if self.retry_after_format == "http-date":
@@ -735,13 +611,15 @@ class MessagesServer:
         return str(max(1, math.ceil(wait)))
 
     def _rate_limited(self, request: web.Request, wait: float) -> web.StreamResponse:
-        return self._error(
+        return self._refusal(
             request,
-            429,
-            "rate_limited",
-            f"rate limit of {self.rate_limit} requests/s exceeded",
-            {"Retry-After": self._retry_after(wait)},
-        ).response
+            Refusal(
+                429,
+                "rate_limited",
+                f"rate limit of {self.rate_limit} requests/s exceeded",
+                {"Retry-After": self._retry_after(wait)},
+            ),
+        )
 
     # -- faults -------------------------------------------------------------------------------
 
@@ -751,55 +629,13 @@ class MessagesServer:
         kind = fault.kind
         if kind == "drop":
             return None
-        if kind == "malformed":
-            return web.Response(
-                status=200,
-                body=fault.body or b"",
-                headers={"Content-Type": fault.content_type or "application/json"},
-            )
-        if kind == "wrong_shape":
-            return self._json(request, 200, self._wrong_shape(request.method, path, origin))
-        if kind == "redirect":
-            return web.Response(
-                status=fault.http_status or 302,
-                headers={"Location": fault.location or "/"},
-            )
         if kind == "oversized":
             return await self._oversized(request, fault)
         if kind == "expire_token":
             self.expire_tokens()
-        return self._fault_status(request, fault, origin)
-
-    def _fault_status(self, request: web.Request, fault: Fault, origin: str) -> web.Response:
-        status = fault.http_status or 500
-        headers: dict[str, str] = {}
-        if fault.retry_after is not None:
-            headers["Retry-After"] = fault.retry_after
-        if origin == "token":
-            code = fault.code or {400: "invalid_request", 401: "invalid_client"}.get(
-                status, _default_code(status)
-            )
-            obj: Json = {"error": code, "error_description": fault.message or f"injected {status}"}
-        else:
-            code = fault.code or _default_code(status)
-            if code == "invalid_token":
-                headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
-            obj = {"error": {"code": code, "message": fault.message or f"injected {status}"}}
-        headers.update(fault.headers)
-        if fault.body is not None:
-            headers.setdefault("Content-Type", fault.content_type or "application/json")
-            return web.Response(status=status, body=fault.body, headers=headers)
-        return self._json(request, status, obj, headers)
-
-    @staticmethod
-    def _wrong_shape(method: str, path: str, origin: str) -> Json:
-        if origin == "token":
-            return {"access_token": 42, "token_type": 7, "expires_in": "soon"}
-        if path == "messages/" and method == "GET":
-            return {"items": "nope", "limit": "x", "next_cursor": 5, "total_count": None}
-        if path == "messages/chats/":
-            return {"items": {"chat_id": "abc", "type": 7}}
-        return {"id": "abc", "uid": None, "message": 5, "attachments": "none"}
+        return self._write(
+            request, canned_answer(fault, method=request.method, path=path, origin=origin)
+        )
 
     async def _oversized(self, request: web.Request, fault: Fault) -> web.StreamResponse:
         head = b'{"items": ['
@@ -849,493 +685,56 @@ class MessagesServer:
 
     def _token_endpoint(self, ctx: _Ctx) -> web.StreamResponse:
         request = ctx.request
-        if ctx.path != _TOKEN_PATH:
-            raise self._error(request, 404, "not_found", "no such endpoint")
-        if request.method != "POST":
-            raise self._oauth_error(request, 405, "invalid_request", "use POST", {"Allow": "POST"})
-        if ctx.too_large:
-            raise self._oauth_error(request, 413, "invalid_request", "request body too large")
-        if request.content_type != "application/x-www-form-urlencoded":
-            raise self._oauth_error(
-                request,
-                400,
-                "invalid_request",
-                "the body must be application/x-www-form-urlencoded",
-            )
-        try:
-            pairs = parse_qsl(
-                ctx.body.decode("utf-8"), keep_blank_values=True, strict_parsing=False
-            )
-        except UnicodeDecodeError:
-            raise self._oauth_error(request, 400, "invalid_request", "body is not UTF-8") from None
-        form: dict[str, str] = {}
-        for key, value in pairs:
-            if key in form:
-                # RFC 6749 §3.2: parameters must not be included more than once.
-                raise self._oauth_error(
-                    request, 400, "invalid_request", f"repeated parameter {key}"
-                )
-            form[key] = value
-
-        client_id, client = self._authenticate_client(request, form)
-        grant_type = form.get("grant_type")
-        if not grant_type:
-            raise self._oauth_error(request, 400, "invalid_request", "grant_type is required")
-        if grant_type == "client_credentials":
-            scope = form.get("scope")
-            requested = frozenset(scope.split()) if scope else client.scopes
-            unknown = requested - frozenset(SCOPES)
-            if unknown:
-                raise self._oauth_error(
-                    request, 400, "invalid_scope", f"unknown scope {' '.join(sorted(unknown))}"
-                )
-            granted = requested & client.scopes
-            if not granted:
-                raise self._oauth_error(
-                    request, 400, "invalid_scope", "none of the requested scopes is allowed"
-                )
-            user_id = client.user_id
-        elif grant_type == "refresh_token":
-            refresh = form.get("refresh_token")
-            if not refresh:
-                raise self._oauth_error(
-                    request, 400, "invalid_request", "refresh_token is required"
-                )
-            old = self._refresh.get(refresh)
-            if old is None or old.serial < self._refresh_floor or old.client_id != client_id:
-                raise self._oauth_error(
-                    request, 400, "invalid_grant", "refresh token is invalid, expired or revoked"
-                )
-            granted = old.scopes
-            scope = form.get("scope")
-            if scope:
-                narrowed = frozenset(scope.split())
-                if not narrowed <= old.scopes:
-                    raise self._oauth_error(
-                        request, 400, "invalid_scope", "scope exceeds the original grant"
-                    )
-                granted = narrowed
-            # Rotation: the refresh token just used dies with this answer.
-            del self._refresh[refresh]
-            user_id = old.user_id
-        else:
-            raise self._oauth_error(
-                request,
-                400,
-                "unsupported_grant_type",
-                f"grant_type {grant_type!r} is not supported",
-            )
-
-        access = "at_" + secrets.token_urlsafe(24)
-        refresh_token = "rt_" + secrets.token_urlsafe(24)
-        self._access[access] = self._new_grant(client_id, granted, user_id, self.token_ttl)
-        self._refresh[refresh_token] = self._new_grant(client_id, granted, user_id, None)
-        body: Json = {"access_token": access, "token_type": "Bearer"}
-        if self.token_ttl is not None:
-            ttl = self.token_ttl
-            body["expires_in"] = int(ttl) if float(ttl).is_integer() else ttl
-        body["refresh_token"] = refresh_token
-        body["scope"] = " ".join(s for s in SCOPES if s in granted)
-        body["resource_uri"] = self.resource_uri
-        body["user_id"] = user_id
-        return self._json(request, 200, body, {"Cache-Control": "no-store", "Pragma": "no-cache"})
-
-    def _authenticate_client(
-        self, request: web.Request, form: Mapping[str, str]
-    ) -> tuple[str, _Client]:
-        """RFC 6749 §2.3.1: HTTP Basic, or ``client_id``/``client_secret`` in the form."""
-        basic: tuple[str, str] | None = None
-        header = request.headers.get("Authorization", "")
-        scheme, _, value = header.strip().partition(" ")
-        if header and scheme.lower() == "basic":
-            try:
-                decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
-            except (binascii.Error, UnicodeDecodeError):
-                raise self._oauth_error(
-                    request, 400, "invalid_request", "malformed Basic credentials"
-                ) from None
-            user, sep, password = decoded.partition(":")
-            if not sep:
-                raise self._oauth_error(
-                    request, 400, "invalid_request", "malformed Basic credentials"
-                )
-            # The id and secret are form-encoded before going into the Basic header.
-            basic = (unquote(user.replace("+", " ")), unquote(password.replace("+", " ")))
-        if basic is not None:
-            if "client_secret" in form:
-                raise self._oauth_error(
-                    request, 400, "invalid_request", "more than one client authentication method"
-                )
-            if "client_id" in form and form["client_id"] != basic[0]:
-                raise self._oauth_error(
-                    request, 400, "invalid_request", "client_id does not match Basic credentials"
-                )
-            client_id, secret = basic
-        else:
-            client_id = form.get("client_id", "")
-            secret = form.get("client_secret", "")
-        client = self._clients.get(client_id)
-        if (
-            not client_id
-            or client is None
-            or not secrets.compare_digest(client.secret.encode(), secret.encode())
-        ):
-            challenge = {"WWW-Authenticate": 'Basic realm="token"'} if basic is not None else None
-            raise self._oauth_error(
-                request, 401, "invalid_client", "client authentication failed", challenge
-            )
-        return client_id, client
+        if ctx.path != TOKEN_PATH:
+            return self._refusal(request, not_found("no such endpoint"))
+        token_request = TokenRequest(
+            method=request.method,
+            content_type=request.content_type,
+            body=ctx.body,
+            authorization=request.headers.get("Authorization", ""),
+            too_large=ctx.too_large,
+        )
+        return self._write(
+            request, self._oauth.exchange(token_request, resource_uri=self.resource_uri)
+        )
 
     # -- resource endpoints -------------------------------------------------------------------
 
-    def _route(self, request: web.Request, path: str) -> tuple[_Route, str, int | None]:
-        """(route, required method, message id) or a 404/405 reply."""
-        if not request.path.startswith(self.resource_path):
-            raise self._error(request, 404, "not_found", "no such endpoint")
-        route: _Route
-        method = "GET"
-        message_id: int | None = None
-        if path == "messages/":
-            route = "list"
-        elif path == "messages/chats/":
-            route = "chats"
-        elif path == "messages/add/":
-            route, method = "add", "POST"
-        else:
-            match = _ITEM_RE.fullmatch(path)
-            if match is None:
-                raise self._error(request, 404, "not_found", "no such endpoint")
-            message_id = int(match.group(1))
-            suffix = match.group(2)
-            if suffix is None:
-                route = "get"
-            elif suffix == "/edit/":
-                route, method = "edit", "POST"
-            else:
-                route, method = "delete", "POST"
-        if request.method != method:
-            raise self._error(
-                request,
-                405,
-                "method_not_allowed",
-                f"{request.method} is not allowed here, use {method}",
-                {"Allow": method},
-            )
-        return route, method, message_id
-
     def _resource(self, ctx: _Ctx) -> web.StreamResponse:
         request = ctx.request
-        route, method, message_id = self._route(request, ctx.path)
-        if ctx.too_large:
-            reply = self._error(
-                request, 413, "too_large", f"request body over {self.max_body} bytes"
-            )
-            reply.response.force_close()
-            raise reply
-        grant = self._valid_access(ctx.token)
-        if grant is None:
-            raise self._error(
-                request,
-                401,
-                "invalid_token",
-                "missing, expired or revoked access token",
-                {"WWW-Authenticate": 'Bearer error="invalid_token"'},
-            )
-        needed = _READ if method == "GET" else _WRITE
-        if needed not in grant.scopes:
-            raise self._error(
-                request,
-                403,
-                "insufficient_scope",
-                f"this endpoint needs the {needed} scope",
-                {"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{needed}"'},
-            )
-        if route == "list":
-            return self._list(ctx)
-        if route == "chats":
-            return self._json(request, 200, {"items": self._store.chats()})
-        assert message_id is not None or route == "add"
-        if route == "get":
-            return self._json(request, 200, self._existing(request, message_id))
-        if route == "add":
-            return self._add(ctx, grant)
-        if route == "edit":
-            return self._edit(ctx, grant, message_id)
-        return self._delete(ctx, grant, message_id)
-
-    def _existing(self, request: web.Request, message_id: int | None) -> Json:
-        msg = self._store.message(message_id) if message_id is not None else None
-        if msg is None:
-            raise self._error(request, 404, "not_found", f"message {message_id} not found")
-        return msg
-
-    # -- listing ------------------------------------------------------------------------------
-
-    def _bad(self, request: web.Request, message: str) -> _Reply:
-        return self._error(request, 400, "invalid_request", message)
-
-    def _bad_cursor(self, request: web.Request, message: str) -> _Reply:
-        return self._error(request, 400, "invalid_cursor", message)
+        inside = request.path.startswith(self.resource_path)
+        try:
+            target = route(request.method, ctx.path if inside else None)
+            if ctx.too_large:
+                raise Refusal(
+                    413, "too_large", f"request body over {self.max_body} bytes", close=True
+                )
+            grant = authorize(target, self._oauth.grant_for(ctx.token))
+            if target.route == "list":
+                return self._list(ctx)
+            answer = self._resources.answer(target, grant, request.content_type, ctx.body)
+        except Refusal as refusal:
+            return self._refusal(request, refusal)
+        return self._write(request, answer)
 
     def _list(self, ctx: _Ctx) -> web.StreamResponse:
         request = ctx.request
-        params = dict(ctx.params)
-        raw_cursor = params.get("cursor", "")
-        token = raw_cursor
-        whole_url = bool(raw_cursor) and ("://" in raw_cursor or raw_cursor.startswith("/"))
-        if whole_url:
-            # PROTOCOL §3: a server also accepts the whole cursor URL as the cursor value.
-            try:
-                inner_url = yarl.URL(raw_cursor)
-            except ValueError:
-                raise self._bad_cursor(request, "cursor URL is malformed") from None
-            if inner_url.path != self.resource_path + "messages/":
-                raise self._bad_cursor(request, "cursor URL is not a listing of this API")
-            inner = dict(inner_url.query.items())
-            token = inner.get("cursor", "")
-            if not token:
-                raise self._bad_cursor(request, "cursor URL carries no cursor")
-            for key in ("chat_id", "limit", "query", "period[from]", "period[till]"):
-                if key not in params and key in inner:
-                    params[key] = inner[key]
-
-        chat_raw = params.get("chat_id")
-        if chat_raw is None:
-            raise self._bad(request, "chat_id is required")
-        chat_id = _uint(chat_raw)
-        if chat_id is None:
-            raise self._bad(request, "chat_id must be an unsigned integer")
-        limit = _DEFAULT_LIMIT
-        limit_raw = params.get("limit")
-        if limit_raw is not None:
-            if not _INT_RE.fullmatch(limit_raw):
-                raise self._bad(request, "limit must be an integer")
-            limit = int(limit_raw)
-            if limit < 1:
-                raise self._bad(request, "limit must be at least 1")
-            limit = min(limit, _MAX_LIMIT)
-        filters = self._filters(request, params)
-        if not self._store.has_chat(chat_id):
-            raise self._error(request, 404, "not_found", f"chat {chat_id} not found")
-
-        cursor: Cursor | None = None
-        if token:
-            try:
-                cursor = decode_cursor(token, self._store.cursor_key)
-            except CursorError as exc:
-                raise self._bad_cursor(request, str(exc)) from None
-            if cursor.chat_id != chat_id:
-                raise self._bad_cursor(request, "cursor belongs to another chat")
-            if cursor.filters != filters:
-                raise self._bad_cursor(
-                    request, "cursor was issued for other filters; send the same query and period"
-                )
-
-        fault = ctx.fault.kind if ctx.fault is not None else None
-        direction = cursor.direction if cursor is not None else "next"
-        boundary = cursor.boundary if cursor is not None else None
-        self._pages_served += 1
-        every = self.empty_page_every
-        empty = (every > 0 and self._pages_served % every == 0) or fault == "empty_page"
-        # Plain pages (no filter, no fault) are cached encoded and compressed, keyed on the
-        # chat's version: a benchmark that walks the data again costs the server a dict lookup.
-        # The cursors inside a cached page keep their nonce; they stand for the same positions.
+        lister = self._lister
+        plan = lister.plan(lister.read(ctx.params), ctx.fault)
+        # Plain pages are cached encoded and compressed, keyed on the chat's version: a
+        # benchmark that walks the data again costs the server a dict lookup. The cursors
+        # inside a cached page keep their nonce; they stand for the same positions.
         cache_key: tuple[Any, ...] | None = None
-        if not (
-            fault or empty or filters.active or self.extra_fields or (cursor and cursor.repeat)
-        ):
-            encoding = self._encoding(request)
-            version = self._store.version(chat_id)
-            cache_key = (chat_id, version, direction, boundary, limit, encoding)
+        if plan.cacheable:
+            cache_key = (*lister.cache_key(plan), self._encoding(request))
             hit = self._page_cache.get(cache_key)
             if hit is not None:
                 return web.Response(status=200, body=hit[0], headers=hit[1])
-        page = self._store.page(
-            chat_id,
-            filters,
-            direction,
-            boundary,
-            limit,
-            empty=empty,
-            backwards=fault == "backwards_page",
-        )
-
-        next_cursor = ""
-        if page.older is not None:
-            next_cursor = self._cursor(Cursor(chat_id, "next", page.older, filters), params, limit)
-        prev_cursor = ""
-        if page.newer is not None:
-            prev_cursor = self._cursor(Cursor(chat_id, "prev", page.newer, filters), params, limit)
-
-        if (cursor is not None and cursor.repeat) or (fault == "repeat_cursor" and token):
-            # Hand back the cursor exactly as this request came with it: a cycle.
-            if whole_url:
-                next_cursor = raw_cursor
-            elif self.cursor_mode == "url":
-                next_cursor = self.resource_origin + request.raw_path
-            else:
-                next_cursor = token
-        elif fault == "repeat_cursor":
-            # A first page: a cursor that, once followed, keeps pointing at itself.
-            at = page.older
-            next_cursor = self._cursor(
-                Cursor(chat_id, "next", at, filters, repeat=True), params, limit
-            )
-        elif fault == "foreign_cursor":
-            at = page.older if page.older is not None else boundary
-            position = Cursor(chat_id, "next", at, filters)
-            next_cursor = self._cursor(
-                position, params, limit, origin=ctx.fault.origin if ctx.fault else None
-            )
-
-        body: Json = {
-            "items": page.items,
-            "limit": limit,
-            "next_cursor": next_cursor,
-            "prev_cursor": prev_cursor,
-            "total_count": page.total,
-        }
-        if self.extra_fields:
-            body["has_more"] = bool(next_cursor)
-            body["x_meta"] = {"served": self._pages_served}
+        body = lister.page(plan, request_target=request.raw_path)
         if cache_key is None:
             return self._json(request, 200, body)
-        encoded, headers = self._encode(orjson.dumps(body), cache_key[-1])
+        encoded, headers = encode(orjson.dumps(body), cache_key[-1])
         if len(self._page_cache) >= _PAGE_CACHE_SIZE:
             del self._page_cache[next(iter(self._page_cache))]
         self._page_cache[cache_key] = (encoded, headers)
         return web.Response(status=200, body=encoded, headers=headers)
-
-    def _filters(self, request: web.Request, params: Mapping[str, str]) -> Filters:
-        since = till = None
-        for key in ("period[from]", "period[till]"):
-            text = params.get(key)
-            if text is None or text == "":
-                continue
-            try:
-                value = parse_instant(text)
-            except ValueError:
-                raise self._bad(request, f"{key} is not an ISO 8601 instant: {text!r}") from None
-            if key == "period[from]":
-                since = value
-            else:
-                till = value
-        if since is not None and till is not None and since > till:
-            raise self._bad(request, "period[from] is after period[till]")
-        return Filters(query=params.get("query") or None, since=since, till=till)
-
-    def _cursor(
-        self,
-        position: Cursor,
-        params: Mapping[str, str],
-        limit: int,
-        *,
-        origin: str | None = None,
-    ) -> str:
-        """A cursor for ``position``: a bare token, or an absolute URL carrying every filter."""
-        token = encode_cursor(position, self._store.cursor_key)
-        if self.cursor_mode == "token" and origin is None:
-            return token
-        base = (origin + self.resource_path) if origin is not None else self.resource_uri
-        parts = [f"chat_id={position.chat_id}", f"limit={limit}", f"cursor={token}"]
-        for key in ("query", "period[from]", "period[till]"):
-            value = params.get(key)
-            if value:
-                parts.append(f"{key}={quote(value, safe='')}")
-        return f"{base}messages/?{'&'.join(parts)}"
-
-    # -- writes -------------------------------------------------------------------------------
-
-    def _json_body(self, ctx: _Ctx) -> Json:
-        request = ctx.request
-        ctype = request.content_type
-        if ctype != "application/json" and not ctype.endswith("+json"):
-            raise self._bad(request, "the body must be application/json")
-        try:
-            obj = orjson.loads(ctx.body)
-        except orjson.JSONDecodeError:
-            raise self._bad(request, "the body is not valid JSON") from None
-        if not isinstance(obj, dict):
-            raise self._bad(request, "the body must be a JSON object")
-        return obj
-
-    def _chat_id_field(self, request: web.Request, obj: Json) -> int:
-        chat_id = obj.get("chat_id")
-        if chat_id is None:
-            raise self._bad(request, "chat_id is required")
-        if not isinstance(chat_id, int) or isinstance(chat_id, bool) or chat_id < 0:
-            raise self._bad(request, "chat_id must be an unsigned integer")
-        return chat_id
-
-    def _content_fields(
-        self, request: web.Request, obj: Json
-    ) -> tuple[str | None, list[Json] | None]:
-        text = obj.get("message")
-        if text is not None and not isinstance(text, str):
-            raise self._bad(request, "message must be a string")
-        if text is not None and len(text) > _MAX_TEXT:
-            raise self._bad(request, f"message is over {_MAX_TEXT} characters")
-        raw = obj.get("attachments")
-        attachments: list[Json] | None = None
-        if raw is not None:
-            if not isinstance(raw, list):
-                raise self._bad(request, "attachments must be a list")
-            if len(raw) > _MAX_ATTACHMENTS:
-                raise self._bad(request, f"more than {_MAX_ATTACHMENTS} attachments")
-            attachments = []
-            for i, item in enumerate(raw):
-                if not isinstance(item, dict):
-                    raise self._bad(request, f"attachments[{i}] must be an object")
-                kind, url, name = item.get("type"), item.get("url"), item.get("name")
-                if not isinstance(kind, str) or not kind:
-                    raise self._bad(request, f"attachments[{i}].type must be a non-empty string")
-                if not isinstance(url, str) or not url:
-                    raise self._bad(request, f"attachments[{i}].url must be a non-empty string")
-                if name is not None and not isinstance(name, str):
-                    raise self._bad(request, f"attachments[{i}].name must be a string")
-                attachments.append({"type": kind, "url": url, "name": name})
-        return text, attachments
-
-    def _add(self, ctx: _Ctx, grant: _Grant) -> web.StreamResponse:
-        request = ctx.request
-        obj = self._json_body(ctx)
-        chat_id = self._chat_id_field(request, obj)
-        text, attachments = self._content_fields(request, obj)
-        whisper = obj.get("is_whisper")
-        if whisper is not None and not isinstance(whisper, bool):
-            raise self._bad(request, "is_whisper must be a boolean")
-        if not text and not attachments:
-            raise self._bad(request, "a message needs text or at least one attachment")
-        if not self._store.has_chat(chat_id):
-            raise self._error(request, 404, "not_found", f"chat {chat_id} not found")
-        msg = self._store.add(chat_id, grant.user_id, text or "", attachments or ())
-        return self._json(request, 200, msg)
-
-    def _edit(self, ctx: _Ctx, grant: _Grant, message_id: int | None) -> web.StreamResponse:
-        request = ctx.request
-        obj = self._json_body(ctx)
-        chat_id = self._chat_id_field(request, obj)
-        text, attachments = self._content_fields(request, obj)
-        if "message" not in obj and "attachments" not in obj:
-            raise self._bad(request, "an edit needs message or attachments")
-        msg = self._existing(request, message_id)
-        assert message_id is not None
-        if self._store.chat_of(message_id) != chat_id:
-            raise self._bad(request, f"message {message_id} is not in chat {chat_id}")
-        if msg["uid"] != grant.user_id:
-            raise self._error(request, 403, "forbidden", "you can only edit your own messages")
-        final_text = msg["message"] if text is None else text
-        final_attachments = msg["attachments"] if attachments is None else attachments
-        if not final_text and not final_attachments:
-            raise self._bad(request, "a message needs text or at least one attachment")
-        edited = self._store.edit(message_id, text=text, attachments=attachments)
-        return self._json(request, 200, edited)
-
-    def _delete(self, ctx: _Ctx, grant: _Grant, message_id: int | None) -> web.StreamResponse:
-        request = ctx.request
-        msg = self._existing(request, message_id)
-        assert message_id is not None
-        if msg["uid"] != grant.user_id:
-            raise self._error(request, 403, "forbidden", "you can only delete your own messages")
-        self._store.delete(message_id)
-        return web.Response(status=204)
