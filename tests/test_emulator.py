@@ -1,7 +1,9 @@
-"""The emulator against PROTOCOL.md, driven with raw aiohttp (never the client library).
+"""The emulator against docs/protocol.md, driven with raw aiohttp (never the client library).
 
 The client's own tests trust this server, so its behaviour is pinned down here independently:
-token exchange, errors and their headers, keyset paging, filters, writes, every fault.
+token exchange, errors and their headers, keyset paging, filters, writes, every fault. The
+emulator's rule modules are pure, so most of their rules are tables at the end of this file,
+run without sockets; the live tests check that the HTTP layer wires the same rules.
 """
 
 from __future__ import annotations
@@ -11,13 +13,16 @@ import base64
 import email.utils
 import gzip
 import json
+import re
 import time
+import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import yarl
 
 import messages_async.testing as testing
 from messages_async.testing import Fault, MessagesServer, OriginRecorder
@@ -129,12 +134,32 @@ def test_all_is_sorted_and_complete() -> None:
 def test_emulator_does_not_import_the_client() -> None:
     # The pytest plugin is glue and may use both; the emulator itself stands alone.
     root = Path(testing.__file__).parent
-    emulator = ("__init__", "_dataset", "_faults", "_recorder", "_serve", "_server")
-    for name in emulator:
-        text = (root / f"{name}.py").read_text()
+    emulator = sorted(p for p in root.glob("*.py") if p.name != "_plugin.py")
+    assert len(emulator) >= 10
+    for path in emulator:
+        text = path.read_text()
         assert "from messages_async._" not in text
         assert "from .." not in text
         assert "import pytest" not in text
+
+
+def test_the_emulators_rules_do_no_io() -> None:
+    # The rules are plain code over plain data; only _server.py, _recorder.py and _serve.py
+    # touch aiohttp, sockets or the event loop.
+    root = Path(testing.__file__).parent
+    for name in (
+        "_answers",
+        "_dataset",
+        "_encoding",
+        "_endpoints",
+        "_faults",
+        "_listing",
+        "_oauth",
+    ):
+        text = (root / f"{name}.py").read_text()
+        for word in ("aiohttp", "asyncio", "socket"):
+            assert f"import {word}" not in text, f"{name} imports {word}"
+            assert f"from {word}" not in text, f"{name} imports {word}"
 
 
 # -- token endpoint ---------------------------------------------------------------------------
@@ -1039,3 +1064,804 @@ async def test_serve_writes_ready_file(tmp_path: Path, http: aiohttp.ClientSessi
         stop.set()
         await task
     assert any(info["token_url"] in line for line in lines)
+
+
+# -- the pure rules, without sockets ----------------------------------------------------------
+#
+# Each rule module of the emulator is plain code: these tables drive it directly. The live
+# tests above check that the HTTP layer wires the same rules to the wire.
+
+IDS = [10, 20, 30, 40, 50]
+
+
+@pytest.mark.parametrize(
+    ("direction", "boundary", "limit", "flags", "expected"),
+    [
+        # A first page: the newest, and a next cursor below the oldest of them.
+        ("next", None, 2, {}, ([40, 50], 40, None, False)),
+        ("next", 40, 2, {}, ([20, 30], 20, 30)),
+        ("next", 20, 2, {}, ([10], None, 10)),
+        ("next", 10, 2, {}, ([], None, 9)),
+        ("prev", 20, 2, {}, ([30, 40], 30, 40)),
+        ("prev", 40, 5, {}, ([50], 50, None)),
+        ("prev", 50, 2, {}, ([], 51, None)),
+        # An empty page keeps its position: following its cursor gives what it left out.
+        ("next", 40, 2, {"empty": True}, ([], 40, 30)),
+        ("next", None, 2, {"empty": True}, ([], 51, None)),
+        ("prev", 20, 2, {"empty": True}, ([], 30, 20)),
+        # The backwards_page fault: the window on the wrong side of the boundary.
+        ("next", None, 2, {"backwards": True}, ([10, 20], None, 20, True)),
+        ("next", 30, 2, {"backwards": True}, ([30, 40], 30, 40)),
+        ("prev", 40, 2, {"backwards": True}, ([30, 40], 30, 40)),
+    ],
+)
+def test_window_table(
+    direction: Any, boundary: int | None, limit: int, flags: dict[str, bool], expected: Any
+) -> None:
+    from messages_async.testing._listing import window
+
+    ids, older, newer, *rest = expected
+    got = window(IDS, direction, boundary, limit, **flags)
+    assert IDS[got.lo : got.hi] == ids
+    assert (got.older, got.newer) == (older, newer)
+    assert got.oldest_first == (rest[0] if rest else False)
+
+
+def test_window_on_an_empty_chat() -> None:
+    from messages_async.testing._listing import window
+
+    got = window([], "next", None, 20)
+    assert (got.lo, got.hi, got.older, got.newer) == (0, 0, None, None)
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 7, 100])
+def test_windows_tile_a_chat_both_ways(limit: int) -> None:
+    from messages_async.testing._listing import window
+
+    ids = list(range(1, 24))
+    seen: list[int] = []
+    boundary: int | None = None
+    first = window(ids, "next", None, limit)
+    top = first.newer
+    while True:
+        win = window(ids, "next", boundary, limit)
+        seen.extend(reversed(ids[win.lo : win.hi]))
+        if win.older is None:
+            break
+        boundary = win.older
+    assert seen == ids[::-1]
+    assert top is None
+    # And back up from the oldest page, by prev cursors.
+    back: list[int] = []
+    boundary = window(ids, "next", 2, limit).newer
+    while boundary is not None:
+        win = window(ids, "prev", boundary, limit)
+        back.extend(ids[win.lo : win.hi])
+        boundary = win.newer
+    assert back == ids[1:]
+
+
+def _store(**options: Any) -> Any:
+    from messages_async.testing._dataset import Store
+
+    settings: dict[str, Any] = {"chats": 2, "messages_per_chat": 6, "seed": 1}
+    settings.update(options)
+    return Store(**settings)
+
+
+def _lister(**options: Any) -> Any:
+    from messages_async.testing._listing import Lister
+
+    store = options.pop("store", None) or _store()
+    lister = Lister(store, resource_path="/api/", **options)
+    lister.origin = "http://api.test"
+    return lister
+
+
+@pytest.mark.parametrize(
+    ("params", "status", "code", "words"),
+    [
+        ({}, 400, "invalid_request", "chat_id is required"),
+        ({"chat_id": "x"}, 400, "invalid_request", "unsigned integer"),
+        ({"chat_id": "-3"}, 400, "invalid_request", "unsigned integer"),
+        ({"chat_id": "١٢"}, 400, "invalid_request", "unsigned integer"),
+        ({"chat_id": "{chat}", "limit": "ten"}, 400, "invalid_request", "integer"),
+        ({"chat_id": "{chat}", "limit": "0"}, 400, "invalid_request", "at least 1"),
+        ({"chat_id": "{chat}", "period[from]": "yesterday"}, 400, "invalid_request", "ISO 8601"),
+        (
+            {"chat_id": "{chat}", "period[from]": "2025-02-01", "period[till]": "2025-01-01"},
+            400,
+            "invalid_request",
+            "after",
+        ),
+        ({"chat_id": "999"}, 404, "not_found", "chat 999"),
+        ({"chat_id": "{chat}", "cursor": "garbage!"}, 400, "invalid_cursor", "cursor"),
+        ({"chat_id": "{chat}", "cursor": "{other}"}, 400, "invalid_cursor", "another chat"),
+        (
+            {"chat_id": "{chat}", "cursor": "{chat_cursor}", "query": "x"},
+            400,
+            "invalid_cursor",
+            "other filters",
+        ),
+        ({"cursor": "http://h/elsewhere/?cursor=a"}, 400, "invalid_cursor", "not a listing"),
+        ({"cursor": "http://h/api/messages/?chat_id=1"}, 400, "invalid_cursor", "no cursor"),
+    ],
+)
+def test_listing_refusals_table(params: dict[str, str], status: int, code: str, words: str) -> None:
+    from messages_async.testing._answers import Refusal
+    from messages_async.testing._listing import Cursor, Filters, encode_cursor
+
+    lister = _lister()
+    chat, other = lister.store.chat_ids()
+    values = {
+        "chat": str(chat),
+        "other": encode_cursor(Cursor(other, "next", 5, Filters()), lister.key),
+        "chat_cursor": encode_cursor(Cursor(chat, "next", 5, Filters()), lister.key),
+    }
+    filled = {k: v.format(**values) for k, v in params.items()}
+    with pytest.raises(Refusal) as caught:
+        lister.read(filled)
+    refusal = caught.value
+    assert (refusal.status, refusal.code) == (status, code)
+    assert words in refusal.message
+    assert refusal.body == {"error": {"code": code, "message": refusal.message}}
+
+
+def test_listing_query_reading() -> None:
+    from messages_async.testing._listing import MAX_LIMIT, Cursor, Filters, encode_cursor
+
+    lister = _lister()
+    chat = lister.store.chat_ids()[0]
+    query = lister.read({"chat_id": str(chat), "limit": "500", "query": "Hi"})
+    assert (query.chat_id, query.limit, query.cursor) == (chat, MAX_LIMIT, None)
+    assert query.filters == Filters(query="Hi")
+    # A whole cursor URL as the cursor value brings its chat, limit and filters along.
+    token = encode_cursor(Cursor(chat, "prev", 7, Filters(query="Hi")), lister.key)
+    url = f"http://api.test/api/messages/?chat_id={chat}&limit=3&query=Hi&cursor={token}"
+    query = lister.read({"cursor": url})
+    assert (query.chat_id, query.limit, query.token, query.cursor_url) == (chat, 3, token, url)
+    assert query.cursor == Cursor(chat, "prev", 7, Filters(query="Hi"))
+    # Parameters sent beside the URL win over the URL's own.
+    assert lister.read({"cursor": url, "limit": "2"}).limit == 2
+
+
+def test_cursor_tokens_are_signed_and_opaque() -> None:
+    from messages_async.testing._listing import (
+        Cursor,
+        CursorError,
+        Filters,
+        cursor_key,
+        decode_cursor,
+        encode_cursor,
+    )
+
+    key = cursor_key(1)
+    position = Cursor(7, "prev", 42, Filters("q", 1.5, 2.5), repeat=True)
+    a, b = encode_cursor(position, key), encode_cursor(position, key)
+    assert a != b  # a nonce: equal positions, different strings
+    assert decode_cursor(a, key) == decode_cursor(b, key) == position
+    assert cursor_key(1) == key != cursor_key(2)
+    for bad in ("", "abc", a[:-2] + ("A" if a[-2] != "A" else "B") + a[-1]):
+        with pytest.raises(CursorError):
+            decode_cursor(bad, key)
+    with pytest.raises(CursorError, match="signature"):
+        decode_cursor(a, cursor_key(2))
+
+
+@pytest.mark.parametrize(
+    ("fault", "every", "empty", "cacheable"),
+    [
+        (None, 0, False, True),
+        (Fault.empty_page(), 0, True, False),
+        (Fault.repeat_cursor(), 0, False, False),
+        (Fault.backwards_page(), 0, False, False),
+        (Fault.foreign_cursor("http://x"), 0, False, False),
+        (Fault.delay(0.1), 0, False, False),
+        (None, 1, True, False),
+    ],
+)
+def test_listing_plan_table(fault: Fault | None, every: int, empty: bool, cacheable: bool) -> None:
+    lister = _lister(empty_page_every=every)
+    query = lister.read({"chat_id": str(lister.store.chat_ids()[0])})
+    plan = lister.plan(query, fault)
+    assert (plan.empty, plan.cacheable) == (empty, cacheable)
+    assert lister.pages_served == 1
+
+
+def test_a_filtered_or_extra_page_is_never_cached() -> None:
+    lister = _lister()
+    chat = str(lister.store.chat_ids()[0])
+    assert not lister.plan(lister.read({"chat_id": chat, "query": "a"}), None).cacheable
+    extra = _lister(store=_store(extra_fields=True), extra_fields=True)
+    plan = extra.plan(extra.read({"chat_id": str(extra.store.chat_ids()[0])}), None)
+    assert not plan.cacheable
+    assert set(extra.page(plan, request_target="/")) >= {"has_more", "x_meta"}
+
+
+def test_listing_pages_and_their_cursors() -> None:
+    from messages_async.testing._listing import decode_cursor
+
+    lister = _lister()
+    chat = lister.store.chat_ids()[0]
+    ids = [m["id"] for m in lister.store.messages(chat)]
+    page = lister.page(
+        lister.plan(lister.read({"chat_id": str(chat), "limit": "4"}), None), request_target="/"
+    )
+    assert [m["id"] for m in page["items"]] == ids[:4]
+    assert (page["limit"], page["total_count"], page["prev_cursor"]) == (4, 6, "")
+    url = yarl.URL(page["next_cursor"])
+    assert (url.origin(), url.path) == (yarl.URL("http://api.test"), "/api/messages/")
+    assert (url.query["chat_id"], url.query["limit"]) == (str(chat), "4")
+    second = lister.page(lister.plan(lister.read({"cursor": str(url)}), None), request_target="/")
+    assert [m["id"] for m in second["items"]] == ids[4:]
+    assert second["next_cursor"] == ""
+    assert (
+        decode_cursor(yarl.URL(second["prev_cursor"]).query["cursor"], lister.key).boundary
+        == ids[4]
+    )
+    # Bare tokens in token mode.
+    lister.cursor_mode = "token"
+    page = lister.page(
+        lister.plan(lister.read({"chat_id": str(chat), "limit": "4"}), None), request_target="/"
+    )
+    assert "://" not in page["next_cursor"]
+    assert decode_cursor(page["next_cursor"], lister.key).boundary == ids[3]
+
+
+def test_listing_faults_build_their_pages() -> None:
+    from messages_async.testing._listing import decode_cursor
+
+    lister = _lister()
+    chat = lister.store.chat_ids()[0]
+    ids = [m["id"] for m in lister.store.messages(chat)]
+    first = {"chat_id": str(chat), "limit": "2"}
+
+    def page(params: dict[str, str], fault: Fault | None, target: str = "/t") -> Json:
+        return lister.page(lister.plan(lister.read(params), fault), request_target=target)
+
+    # repeat_cursor on a first page: a cursor that, once followed, hands itself back.
+    looped = page(first, Fault.repeat_cursor())["next_cursor"]
+    assert decode_cursor(yarl.URL(looped).query["cursor"], lister.key).repeat
+    assert page({"cursor": looped}, None)["next_cursor"] == looped
+    # ... and on a later page, the very cursor the request came with.
+    plain = page(first, None)["next_cursor"]
+    token = yarl.URL(plain).query["cursor"]
+    assert page({**first, "cursor": token}, Fault.repeat_cursor(), "/api/x")["next_cursor"] == (
+        "http://api.test/api/x"
+    )
+    foreign = yarl.URL(page(first, Fault.foreign_cursor("http://evil.test"))["next_cursor"])
+    assert foreign.origin() == yarl.URL("http://evil.test")
+    backwards = page({**first, "cursor": token}, Fault.backwards_page())
+    assert [m["id"] for m in backwards["items"]] == ids[:2]
+    empty = page(first, Fault.empty_page())
+    assert empty["items"] == []
+    assert empty["next_cursor"]
+    assert [m["id"] for m in page({"cursor": empty["next_cursor"]}, None)["items"]] == ids[:2]
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        ({"query": "HELLO"}, lambda m, t: "hello" in m["message"].casefold()),
+        ({"period[from]": "2025-03-01T00:00:00"}, lambda m, t: t >= 1740787200),
+        ({"period[till]": "2025-03-01T00:00:00+00:00"}, lambda m, t: t < 1740787200),
+        (
+            {"period[from]": "2025-02-01T00:00:00Z", "period[till]": "2025-06-01T00:00:00Z"},
+            lambda m, t: 1738368000 <= t < 1748736000,
+        ),
+    ],
+)
+def test_filters_table(params: dict[str, str], expected: Any) -> None:
+    from messages_async.testing._listing import matching_ids, read_filters
+
+    store = _store(chats=1, messages_per_chat=300)
+    chat = store.chat_ids()[0]
+    got = matching_ids(store, chat, read_filters(params))
+    want = [i for i in store.ids(chat) if expected(store.by_id[i], store.stamps[i])]
+    assert list(got) == want
+    assert 0 < len(want) < 300
+
+
+# -- the OAuth server -------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _oauth(**options: Any) -> Any:
+    from messages_async.testing._oauth import OAuthServer
+
+    oauth = OAuthServer(**options)
+    oauth.register("app", "s3cret", scopes="messages_read messages_write", user_id=7)
+    oauth.register("reader", "r", scopes=["messages_read"], user_id=8)
+    return oauth
+
+
+def _token_call(oauth: Any, form: Any = None, **request: Any) -> tuple[int, Json, Any]:
+    from urllib.parse import urlencode
+
+    from messages_async.testing._oauth import TokenRequest
+
+    settings: dict[str, Any] = {
+        "method": "POST",
+        "content_type": "application/x-www-form-urlencoded",
+        "body": (form if isinstance(form, str) else urlencode(form or {})).encode(),
+    }
+    settings.update(request)
+    answer = oauth.exchange(TokenRequest(**settings), resource_uri="http://api.test/v1/")
+    return answer.status, answer.body, answer.headers
+
+
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+CC = {"grant_type": "client_credentials", "client_id": "app", "client_secret": "s3cret"}
+
+
+@pytest.mark.parametrize(
+    ("form", "request_", "status", "error"),
+    [
+        (CC, {"method": "GET"}, 405, "invalid_request"),
+        (CC, {"too_large": True}, 413, "invalid_request"),
+        (CC, {"content_type": "application/json"}, 400, "invalid_request"),
+        ("grant_type=client_credentials&grant_type=x", {}, 400, "invalid_request"),
+        ({**CC, "client_secret": "wrong"}, {}, 401, "invalid_client"),
+        ({**CC, "client_id": "nobody"}, {}, 401, "invalid_client"),
+        ({"grant_type": "client_credentials"}, {}, 401, "invalid_client"),
+        ({"client_id": "app", "client_secret": "s3cret"}, {}, 400, "invalid_request"),
+        ({**CC, "grant_type": "password"}, {}, 400, "unsupported_grant_type"),
+        ({**CC, "scope": "messages_admin"}, {}, 400, "invalid_scope"),
+        (
+            {**CC, "client_id": "reader", "client_secret": "r", "scope": "messages_write"},
+            {},
+            400,
+            "invalid_scope",
+        ),
+        (
+            {"grant_type": "client_credentials", "client_secret": "s3cret"},
+            {"authorization": _basic("app", "s3cret")},
+            400,
+            "invalid_request",
+        ),
+        (
+            {"grant_type": "client_credentials", "client_id": "reader"},
+            {"authorization": _basic("app", "s3cret")},
+            400,
+            "invalid_request",
+        ),
+        (
+            {"grant_type": "client_credentials"},
+            {"authorization": "Basic !!"},
+            400,
+            "invalid_request",
+        ),
+        (
+            {"grant_type": "client_credentials"},
+            {"authorization": _basic("app", "nope")},
+            401,
+            "invalid_client",
+        ),
+        ({**CC, "grant_type": "refresh_token"}, {}, 400, "invalid_request"),
+        ({**CC, "grant_type": "refresh_token", "refresh_token": "rt_x"}, {}, 400, "invalid_grant"),
+    ],
+)
+def test_token_endpoint_refusals_table(
+    form: Any, request_: dict[str, Any], status: int, error: str
+) -> None:
+    got_status, body, headers = _token_call(_oauth(), form, **request_)
+    assert (got_status, body["error"]) == (status, error)
+    assert body["error_description"]
+    assert headers["Cache-Control"] == "no-store"
+    if status == 401 and "authorization" in request_:
+        assert headers["WWW-Authenticate"].startswith("Basic")
+    if status == 405:
+        assert headers["Allow"] == "POST"
+
+
+def test_token_endpoint_grants_and_rotation_on_a_fake_clock() -> None:
+    clock = FakeClock()
+    oauth = _oauth(token_ttl=60.0, clock=clock)
+    status, body, _ = _token_call(oauth, {**CC, "scope": "messages_read"})
+    assert status == 200
+    assert body["scope"] == "messages_read"
+    assert (body["expires_in"], body["token_type"], body["user_id"]) == (60, "Bearer", 7)
+    assert body["resource_uri"] == "http://api.test/v1/"
+    access = body["access_token"]
+    assert oauth.grant_for(access).scopes == {"messages_read"}
+    assert oauth.client_id_of(access) == "app"
+    clock.now += 59.9
+    assert oauth.grant_for(access) is not None
+    clock.now += 0.1
+    assert oauth.grant_for(access) is None
+    assert oauth.client_id_of(access) is None
+    # HTTP Basic, with the id and secret form-encoded first (RFC 6749 §2.3.1).
+    oauth.register("a b", "p:w", scopes="messages_read", user_id=9)
+    status, basic, _ = _token_call(
+        oauth, {"grant_type": "client_credentials"}, authorization=_basic("a+b", "p%3Aw")
+    )
+    assert (status, basic["user_id"]) == (200, 9)
+
+    refresh = {"grant_type": "refresh_token", "client_id": "app", "client_secret": "s3cret"}
+    first = body["refresh_token"]
+    status, renewed, _ = _token_call(oauth, {**refresh, "refresh_token": first})
+    assert status == 200
+    assert renewed["refresh_token"] != first
+    # Rotation: the refresh token just used is dead; so is another client's, and a wider scope.
+    assert _token_call(oauth, {**refresh, "refresh_token": first})[1]["error"] == "invalid_grant"
+    other = {**refresh, "client_id": "reader", "client_secret": "r"}
+    assert _token_call(oauth, {**other, "refresh_token": renewed["refresh_token"]})[0] == 400
+    wider = {**refresh, "refresh_token": renewed["refresh_token"], "scope": "messages_write"}
+    assert _token_call(oauth, wider)[1]["error"] == "invalid_scope"
+    oauth.revoke_refresh()
+    again = {**refresh, "refresh_token": renewed["refresh_token"]}
+    assert _token_call(oauth, again)[1]["error"] == "invalid_grant"
+
+
+def test_issued_tokens_expire_in_bulk() -> None:
+    clock = FakeClock()
+    oauth = _oauth(token_ttl=None, clock=clock)
+    forever = oauth.issue("app", ["messages_read"], user_id=7, ttl=None)
+    short = oauth.issue("app", "messages_read messages_write", user_id=7, ttl=5.0)
+    assert oauth.grant_for(short).scopes == {"messages_read", "messages_write"}
+    clock.now += 1e9
+    assert oauth.grant_for(forever) is not None
+    assert oauth.grant_for(short) is None
+    _, body, _ = _token_call(oauth, CC)
+    assert "expires_in" not in body
+    oauth.expire_access()
+    assert oauth.grant_for(forever) is None
+    assert oauth.grant_for(body["access_token"]) is None
+    assert oauth.grant_for(None) is None
+    assert oauth.grant_for("at_unknown") is None
+    later = oauth.issue("app", ["messages_read"], user_id=7, ttl=None)
+    assert oauth.grant_for(later) is not None
+
+
+def test_token_records_redact_secrets() -> None:
+    from messages_async.testing._oauth import form_record
+
+    record = form_record(b"grant_type=refresh_token&refresh_token=rt_1&client_secret=s&client_id=a")
+    assert record == {
+        "grant_type": "refresh_token",
+        "refresh_token": "<redacted>",
+        "client_secret": "<redacted>",
+        "client_id": "a",
+    }
+    assert form_record(b"\xff") == {}
+    assert "s3cret" not in repr(_oauth().clients)
+
+
+# -- resource endpoint rules ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "expected"),
+    [
+        ("GET", "messages/", ("list", None)),
+        ("GET", "messages/chats/", ("chats", None)),
+        ("POST", "messages/add/", ("add", None)),
+        ("GET", "messages/42", ("get", 42)),
+        ("POST", "messages/42/edit/", ("edit", 42)),
+        ("POST", "messages/42/delete/", ("delete", 42)),
+        ("POST", "messages/", 405),
+        ("GET", "messages/add/", 405),
+        ("DELETE", "messages/42", 405),
+        ("GET", "messages/42/delete/", 405),
+        ("GET", "messages/abc", 404),
+        ("GET", "messages/42/", 404),
+        ("GET", "chats/", 404),
+        ("GET", None, 404),
+    ],
+)
+def test_routing_table(method: str, path: str | None, expected: Any) -> None:
+    from messages_async.testing._answers import Refusal
+    from messages_async.testing._endpoints import route
+
+    if isinstance(expected, int):
+        with pytest.raises(Refusal) as caught:
+            route(method, path)
+        assert caught.value.status == expected
+        if expected == 405:
+            assert caught.value.headers["Allow"] in ("GET", "POST")
+        return
+    target = route(method, path)
+    assert (target.route, target.message_id) == expected
+
+
+@pytest.mark.parametrize(
+    ("method", "scopes", "status", "challenge"),
+    [
+        ("GET", None, 401, 'Bearer error="invalid_token"'),
+        ("GET", {"messages_read"}, None, None),
+        (
+            "POST",
+            {"messages_read"},
+            403,
+            'Bearer error="insufficient_scope", scope="messages_write"',
+        ),
+        (
+            "GET",
+            {"messages_write"},
+            403,
+            'Bearer error="insufficient_scope", scope="messages_read"',
+        ),
+        ("POST", {"messages_read", "messages_write"}, None, None),
+    ],
+)
+def test_authorization_table(
+    method: str, scopes: set[str] | None, status: int | None, challenge: str | None
+) -> None:
+    from messages_async.testing._answers import Refusal
+    from messages_async.testing._endpoints import Target, authorize
+    from messages_async.testing._oauth import Grant
+
+    grant = None if scopes is None else Grant("app", frozenset(scopes), 7, 1)
+    target = Target("get" if method == "GET" else "add", method)
+    if status is None:
+        assert authorize(target, grant) is grant
+        return
+    with pytest.raises(Refusal) as caught:
+        authorize(target, grant)
+    assert caught.value.status == status
+    assert caught.value.headers["WWW-Authenticate"] == challenge
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"message": "hi"}, "chat_id is required"),
+        ({"chat_id": True, "message": "hi"}, "unsigned integer"),
+        ({"chat_id": "{chat}", "message": "hi"}, "unsigned integer"),
+        ({"chat_id": 0, "message": 5}, "message must be a string"),
+        ({"chat_id": 0, "message": "x" * 4097}, "over 4096"),
+        ({"chat_id": 0, "message": ""}, "text or at least one attachment"),
+        ({"chat_id": 0, "attachments": {}}, "must be a list"),
+        ({"chat_id": 0, "attachments": [{"type": "file", "url": "u"}] * 11}, "more than 10"),
+        ({"chat_id": 0, "attachments": ["x"]}, "attachments[0] must be an object"),
+        ({"chat_id": 0, "attachments": [{"type": "", "url": "u"}]}, "attachments[0].type"),
+        ({"chat_id": 0, "attachments": [{"type": "file"}]}, "attachments[0].url"),
+        ({"chat_id": 0, "attachments": [{"type": "f", "url": "u", "name": 3}]}, ".name"),
+        ({"chat_id": 0, "message": "hi", "is_whisper": "yes"}, "is_whisper"),
+        ({"chat_id": 1, "message": "hi"}, "chat 1 not found"),
+    ],
+)
+def test_add_validation_table(body: Json, words: str) -> None:
+    from messages_async.testing._answers import Refusal
+    from messages_async.testing._endpoints import Resources, Target
+    from messages_async.testing._oauth import Grant
+
+    store = _store()
+    chat = store.chat_ids()[0]
+    body = (
+        {k: (chat if v == 0 else v) for k, v in body.items()} if body.get("chat_id") == 0 else body
+    )
+    body = {k: ("x" if v == "{chat}" else v) for k, v in body.items()}
+    resources = Resources(store)
+    before = store.message_count()
+    with pytest.raises(Refusal, match=re.escape(words)):
+        resources.answer(
+            Target("add", "POST"),
+            Grant("app", frozenset(), 7, 1),
+            "application/json",
+            json.dumps(body).encode(),
+        )
+    assert store.message_count() == before
+
+
+def test_writes_through_the_rules() -> None:
+    from messages_async.testing._answers import Refusal
+    from messages_async.testing._endpoints import Resources, Target
+    from messages_async.testing._oauth import Grant
+
+    store = _store()
+    chat = store.chat_ids()[0]
+    me, someone = Grant("app", frozenset(), 1001, 1), Grant("app", frozenset(), 5, 2)
+    resources = Resources(store)
+
+    def call_(
+        target: Target, grant: Grant, obj: Any = None, ctype: str = "application/json"
+    ) -> Any:
+        return resources.answer(
+            target, grant, ctype, b"" if obj is None else json.dumps(obj).encode()
+        )
+
+    add = Target("add", "POST")
+    with pytest.raises(Refusal, match="application/json"):
+        call_(add, me, {"chat_id": chat}, "text/plain")
+    with pytest.raises(Refusal, match="not valid JSON"):
+        resources.answer(add, me, "application/json", b"{")
+    with pytest.raises(Refusal, match="JSON object"):
+        call_(add, me, [1])
+    added = call_(
+        add, me, {"chat_id": chat, "message": "hi", "is_whisper": True}, "application/vnd+json"
+    )
+    msg = added.body
+    assert (added.status, msg["uid"], msg["message"], msg["id"]) == (
+        200,
+        1001,
+        "hi",
+        store.max_id(),
+    )
+    mid = msg["id"]
+    edit = Target("edit", "POST", mid)
+    with pytest.raises(Refusal, match="needs message or attachments"):
+        call_(edit, me, {"chat_id": chat})
+    with pytest.raises(Refusal, match="not in chat"):
+        call_(edit, me, {"chat_id": store.chat_ids()[1], "message": "x"})
+    with pytest.raises(Refusal) as caught:
+        call_(edit, someone, {"chat_id": chat, "message": "x"})
+    assert (caught.value.status, caught.value.code) == (403, "forbidden")
+    with pytest.raises(Refusal, match="text or at least one attachment"):
+        call_(edit, me, {"chat_id": chat, "message": ""})
+    edited = call_(edit, me, {"chat_id": chat, "attachments": [{"type": "link", "url": "u"}]}).body
+    assert edited["message"] == "hi"
+    assert edited["attachments"] == {
+        "items": [{"type": "link", "url": "u", "name": None, "size": None}]
+    }
+    assert call_(Target("get", "GET", mid), me).body == edited
+    with pytest.raises(Refusal) as caught:
+        call_(Target("delete", "POST", mid), someone)
+    assert caught.value.status == 403
+    assert call_(Target("delete", "POST", mid), me).status == 204
+    with pytest.raises(Refusal) as caught:
+        call_(Target("get", "GET", mid), me)
+    assert caught.value.status == 404
+    assert call_(Target("chats", "GET"), me).body == {"items": store.chats()}
+
+
+# -- fault answers and content coding ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fault", "origin", "status", "body", "headers"),
+    [
+        (
+            Fault.status(503, retry_after="2"),
+            "resource",
+            503,
+            {"error": {"code": "unavailable", "message": "injected 503"}},
+            {"Retry-After": "2"},
+        ),
+        (
+            Fault.status(401),
+            "resource",
+            401,
+            {"error": {"code": "invalid_token", "message": "injected 401"}},
+            {"WWW-Authenticate": 'Bearer error="invalid_token"'},
+        ),
+        (
+            Fault.status(418),
+            "resource",
+            418,
+            {"error": {"code": "invalid_request", "message": "injected 418"}},
+            {},
+        ),
+        (
+            Fault.status(507, "full", message="disk"),
+            "resource",
+            507,
+            {"error": {"code": "full", "message": "disk"}},
+            {},
+        ),
+        (
+            Fault.status(401),
+            "token",
+            401,
+            {"error": "invalid_client", "error_description": "injected 401"},
+            {},
+        ),
+        (
+            Fault.status(400),
+            "token",
+            400,
+            {"error": "invalid_request", "error_description": "injected 400"},
+            {},
+        ),
+        (
+            Fault.status(503),
+            "token",
+            503,
+            {"error": "unavailable", "error_description": "injected 503"},
+            {},
+        ),
+        (
+            Fault.rate_limited("7"),
+            "resource",
+            429,
+            {"error": {"code": "rate_limited", "message": "injected 429"}},
+            {"Retry-After": "7"},
+        ),
+        (
+            Fault.invalid_cursor(),
+            "resource",
+            400,
+            {"error": {"code": "invalid_cursor", "message": "injected 400"}},
+            {},
+        ),
+        (
+            Fault.expire_token(),
+            "resource",
+            401,
+            {"error": {"code": "invalid_token", "message": "injected 401"}},
+            {},
+        ),
+        (
+            Fault.status(502, headers={"X-Proxy": "1"}),
+            "resource",
+            502,
+            {"error": {"code": "unavailable", "message": "injected 502"}},
+            {"X-Proxy": "1"},
+        ),
+        (Fault.redirect("http://x/y", 307), "resource", 307, None, {"Location": "http://x/y"}),
+        (
+            Fault.wrong_shape(),
+            "token",
+            200,
+            {"access_token": 42, "token_type": 7, "expires_in": "soon"},
+            {},
+        ),
+    ],
+)
+def test_fault_answers_table(
+    fault: Fault, origin: str, status: int, body: Any, headers: dict[str, str]
+) -> None:
+    from messages_async.testing._faults import canned_answer
+
+    answer = canned_answer(fault, method="GET", path="messages/", origin=origin)
+    assert (answer.status, answer.body, answer.raw) == (status, body, None)
+    assert headers.items() <= dict(answer.headers).items()
+
+
+def test_fault_answers_with_raw_bodies() -> None:
+    from messages_async.testing._faults import canned_answer, wrong_shape
+
+    html = Fault.status(502, body=b"<html>", content_type="text/html")
+    answer = canned_answer(html, method="GET", path="messages/", origin="resource")
+    assert (answer.status, answer.raw, answer.headers["Content-Type"]) == (
+        502,
+        b"<html>",
+        "text/html",
+    )
+    answer = canned_answer(Fault.malformed(), method="GET", path="messages/", origin="resource")
+    assert (answer.status, answer.raw) == (200, b'{"items": [')
+    assert wrong_shape("GET", "messages/", "resource")["items"] == "nope"
+    assert wrong_shape("GET", "messages/chats/", "resource")["items"]["type"] == 7
+    assert wrong_shape("POST", "messages/add/", "resource")["id"] == "abc"
+
+
+@pytest.mark.parametrize(
+    ("accept", "compress", "expected"),
+    [
+        ("gzip, deflate", True, "gzip"),
+        ("gzip, deflate", False, None),
+        ("GZIP", True, "gzip"),
+        ("deflate", True, "deflate"),
+        ("gzip;q=0, deflate", True, "deflate"),
+        ("gzip; q=0.5", True, "gzip"),
+        ("gzip;q=nonsense", True, None),
+        ("*", True, "gzip"),
+        ("identity", True, None),
+        ("", True, None),
+        ("br", True, None),
+    ],
+)
+def test_content_coding_table(accept: str, compress: bool, expected: str | None) -> None:
+    from messages_async.testing._encoding import COMPRESS_MIN, choose_encoding, encode
+
+    coding = choose_encoding(accept, compress=compress)
+    assert coding == expected
+    big = b'{"a": "' + b"x" * COMPRESS_MIN + b'"}'
+    body, headers = encode(big, coding)
+    if coding is None:
+        assert (body, headers.get("Content-Encoding")) == (big, None)
+    else:
+        assert zlib.decompress(body, 31 if coding == "gzip" else 15) == big
+        assert headers["Content-Encoding"] == coding
+    # Small bodies go as they are.
+    assert encode(b"{}", coding) == (b"{}", {"Content-Type": "application/json; charset=utf-8"})
