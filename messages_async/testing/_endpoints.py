@@ -28,13 +28,21 @@ _ITEM_RE: Final = re.compile(r"messages/(\d+)(/edit/|/delete/)?")
 Route = Literal["chats", "list", "get", "add", "edit", "delete"]
 
 
-@attrs.frozen
+@attrs.define
 class Target:
     """The endpoint a request is for; ``message_id`` for ``get``, ``edit`` and ``delete``."""
 
     route: Route
     method: str
     message_id: int | None = None
+
+
+#: The endpoints without an id, built once: most requests are listings.
+_FIXED: Final = {
+    "messages/": Target("list", "GET"),
+    "messages/chats/": Target("chats", "GET"),
+    "messages/add/": Target("add", "POST"),
+}
 
 
 def route(method: str, path: str | None) -> Target:
@@ -46,14 +54,8 @@ def route(method: str, path: str | None) -> Target:
     """
     if path is None:
         raise not_found("no such endpoint")
-    target: Target
-    if path == "messages/":
-        target = Target("list", "GET")
-    elif path == "messages/chats/":
-        target = Target("chats", "GET")
-    elif path == "messages/add/":
-        target = Target("add", "POST")
-    else:
+    target = _FIXED.get(path)
+    if target is None:
         match = _ITEM_RE.fullmatch(path)
         if match is None:
             raise not_found("no such endpoint")

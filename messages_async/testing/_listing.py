@@ -113,6 +113,9 @@ class Filters:
         return bool(self.query) or self.since is not None or self.till is not None
 
 
+_NO_FILTERS: Final = Filters()
+
+
 @attrs.frozen
 class Cursor:
     """A keyset position: the items of ``chat_id`` older than ``boundary`` (``next``) or newer
@@ -190,7 +193,7 @@ def decode_cursor(token: str, key: bytes) -> Cursor:
 # -- reading a request --------------------------------------------------------------------------
 
 
-@attrs.frozen
+@attrs.define
 class Query:
     """A listing request, checked.
 
@@ -235,6 +238,8 @@ def cursor_chat(params: Mapping[str, str]) -> int | None:
 def read_filters(params: Mapping[str, str]) -> Filters:
     """The query and period of a listing. Refusal: a period that is not ISO 8601, or runs
     backwards."""
+    if not (params.get("query") or params.get("period[from]") or params.get("period[till]")):
+        return _NO_FILTERS
     since = till = None
     for key in ("period[from]", "period[till]"):
         text = params.get(key)
@@ -326,7 +331,7 @@ def read_query(params: Mapping[str, str], store: Store, *, key: bytes, listing_p
 # -- the window ---------------------------------------------------------------------------------
 
 
-@attrs.frozen
+@attrs.define
 class Window:
     """A slice ``ids[lo:hi]`` of a chat's ascending ids, and the boundaries of the cursors
     beside it: ``older`` for ``next_cursor`` (ids below it), ``newer`` for ``prev_cursor``
@@ -416,7 +421,7 @@ def matching_ids(store: Store, chat_id: int, filters: Filters) -> Sequence[int]:
 # -- pages --------------------------------------------------------------------------------------
 
 
-@attrs.frozen
+@attrs.define
 class Plan:
     """What one listing answer will be, decided before it is built.
 
