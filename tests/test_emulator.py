@@ -589,6 +589,67 @@ async def test_add_chat_and_post(server: MessagesServer) -> None:
     assert server.post_message(private)["uid"] == private
 
 
+async def test_edits_and_deletions_between_walks(
+    server: MessagesServer, http: aiohttp.ClientSession
+) -> None:
+    # What an export's rescan meets: the same ids, one changed, one gone.
+    token = server.issue_token()
+    chat_id = server.chat_ids()[1]
+    before = server.messages(chat_id)
+    assert await walk(http, server, token, chat_id) == [m["id"] for m in before]
+    target, gone = before[3], before[5]
+    attachment = {"type": "file", "url": "https://files.test/a.pdf", "name": "a.pdf", "size": 3}
+    edited = server.edit_message(target["id"], "changed", attachments=[attachment])
+    assert edited == {**target, "message": "changed", "attachments": {"items": [attachment]}}
+    server.delete_message(gone["id"])
+    _, page, _ = await call(
+        http, server, "GET", "messages/", token=token, params={"chat_id": str(chat_id)}
+    )
+    by_id = {m["id"]: m for m in page["items"]}
+    assert by_id[target["id"]] == edited
+    assert gone["id"] not in by_id
+    assert page["total_count"] == len(before) - 1
+    assert server.edit_message(target["id"], attachments=[])["attachments"] is None
+    assert server.messages(chat_id)[3]["message"] == "changed"
+    with pytest.raises(KeyError):
+        server.edit_message(gone["id"], "x")
+
+
+async def test_another_origin_goes_through_the_same_wrapper(http: aiohttp.ClientSession) -> None:
+    # The extension point for an origin serving something else (attachment files): its
+    # requests are recorded under its name and injected faults reach them.
+    from aiohttp import web
+
+    server = MessagesServer(chats=1, messages_per_chat=1)
+    seen: list[str] = []
+
+    def files(ctx: Any) -> web.StreamResponse:
+        seen.append(ctx.path)
+        return web.Response(body=b"file bytes", content_type="application/octet-stream")
+
+    server._add_origin("files", files)
+    with pytest.raises(ValueError, match="already"):
+        server._add_origin("files", files)
+    async with server:
+        origin = server._origins["files"]
+        assert origin.port
+        url = f"http://127.0.0.1:{origin.port}/f/1.bin"
+        async with http.get(url, headers={"X-Probe": "1"}) as resp:
+            assert (resp.status, await resp.read()) == (200, b"file bytes")
+        server.inject(Fault.status(404), path="/f/2")
+        async with http.get(url.replace("1.bin", "2.bin")) as resp:
+            assert resp.status == 404
+        assert seen == ["f/1.bin"]
+        records = [r for r in server.requests if r.origin == "files"]
+        assert [(r.path, r.status, r.fault) for r in records] == [
+            ("f/1.bin", 200, None),
+            ("f/2.bin", 404, "status"),
+        ]
+        assert records[0].headers["X-Probe"] == "1"
+        assert server.resource_requests() == []
+    assert origin.runner is None
+
+
 # -- writes -----------------------------------------------------------------------------------
 
 

@@ -27,7 +27,8 @@ class RequestRecord:
         origin: ``"token"``, ``"resource"``, or ``"recorder"`` for an `OriginRecorder`.
         method: the HTTP method.
         path: relative to the resource root for resource requests (``"messages/42"``),
-            ``"oauth/token"`` for the token endpoint, the absolute path otherwise.
+            ``"oauth/token"`` for the token endpoint, relative to ``/`` on any other origin of
+            a `MessagesServer`; the absolute path for an `OriginRecorder`.
         query: the query parameters (for a repeated name, the last value wins).
         headers: the request headers, looked up case-insensitively.
         body: the raw request body (cut at the server's ``max_body`` + 1 bytes).

@@ -17,9 +17,9 @@ Two origins, on purpose: the token endpoint and the resource endpoints listen on
 ports, so a client that sends its bearer token to the wrong origin is caught by the test that
 exercises it (docs/protocol.md §6). Every request to any origin goes through one wrapper,
 `_handle`, which records it, applies the rate limiter, the latency and any injected fault,
-and only then hands it to the origin's endpoint (`_endpoints`, one per origin in
-`_origins`). An origin serving something else — attachment files, say — is one more entry in
-both tables and gets recording, latency and faults from the wrapper for free.
+and only then hands it to the origin's endpoint. The origins are a table (`_add_origin`): one
+serving something else — attachment files, say — is one more entry, and gets recording and
+faults from the wrapper for free.
 """
 
 from __future__ import annotations
@@ -89,16 +89,24 @@ class _Ctx:
 
 @attrs.define
 class _Origin:
-    """One listening origin: the port asked for (the bound one once started) and its app."""
+    """One listening origin: its endpoint, the port asked for (the bound one once started)."""
 
+    name: str
+    endpoint: _Endpoint
     port: int
-    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     handler_args: Mapping[str, Any] = attrs.field(factory=dict)
     runner: web.AppRunner | None = None
 
-    async def start(self, host: str) -> None:
+    async def start(
+        self, host: str, handle: Callable[[web.Request, str], Awaitable[web.StreamResponse]]
+    ) -> None:
+        name = self.name
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            return await handle(request, name)
+
         app = web.Application(handler_args=dict(self.handler_args))
-        app.router.add_route("*", "/{tail:.*}", self.handler)
+        app.router.add_route("*", "/{tail:.*}", handler)
         self.runner, self.port = await start_site(app, host, self.port)
 
     async def close(self) -> None:
@@ -208,14 +216,9 @@ class MessagesServer:
         self._bucket = _Bucket(rate_limit, self.burst) if rate_limit is not None else None
         self._faults = FaultQueue()
         self._page_cache: dict[tuple[Any, ...], tuple[bytes, dict[str, str]]] = {}
-        self._origins: dict[str, _Origin] = {
-            "resource": _Origin(port, self._handle_resource, {"max_field_size": 16384}),
-            "token": _Origin(token_port, self._handle_token),
-        }
-        self._endpoints: dict[str, _Endpoint] = {
-            "resource": self._resource,
-            "token": self._token_endpoint,
-        }
+        self._origins: dict[str, _Origin] = {}
+        self._add_origin("resource", self._resource, port=port, max_field_size=16384)
+        self._add_origin("token", self._token_endpoint, port=token_port)
         self._url_host = host
         if host in ("0.0.0.0", "::", ""):
             # Listening on every interface: the URLs handed out still need a reachable host.
@@ -260,13 +263,26 @@ class MessagesServer:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
+    def _add_origin(
+        self, name: str, endpoint: _Endpoint, *, port: int = 0, **handler_args: Any
+    ) -> None:
+        """Serve ``endpoint`` on an origin of its own from the next `start`.
+
+        Its requests go through `_handle` like any other: recorded with ``origin=name``, and
+        matched against injected faults (a fault without a ``path`` skips only the token
+        endpoint). Latency, the rate limit and ``in_flight`` apply to the resource origin only.
+        """
+        if name in self._origins:
+            raise ValueError(f"origin {name!r} is already served")
+        self._origins[name] = _Origin(name, endpoint, port, handler_args)
+
     async def start(self) -> None:
         """Bind every origin. Idempotent."""
         if self._origins["resource"].runner is not None:
             return
         try:
             for origin in self._origins.values():
-                await origin.start(self.host)
+                await origin.start(self.host, self._handle)
         except BaseException:
             await self.close()
             raise
@@ -412,6 +428,21 @@ class MessagesServer:
         """A new, empty chat; returns its id (for ``private``, the other user's id)."""
         return self._store.add_chat(type, name=name, members=members)
 
+    def edit_message(
+        self,
+        message_id: int,
+        text: str | None = None,
+        *,
+        attachments: Sequence[Mapping[str, Any]] | None = None,
+    ) -> Json:
+        """Change a message as if its author edited it, and return it as the server now sends
+        it. None leaves that part as it was; ``attachments=[]`` removes them all. The message
+        keeps its id and place. KeyError: unknown message."""
+        if self._store.message(message_id) is None:
+            raise KeyError(message_id)
+        result: Json = self._copy(self._store.edit(message_id, text=text, attachments=attachments))
+        return result
+
     def delete_message(self, message_id: int) -> None:
         """Delete a message as if its author did. KeyError: unknown message."""
         self._store.delete(message_id)
@@ -459,12 +490,6 @@ class MessagesServer:
 
     # -- the request wrapper ------------------------------------------------------------------
 
-    async def _handle_resource(self, request: web.Request) -> web.StreamResponse:
-        return await self._handle(request, "resource")
-
-    async def _handle_token(self, request: web.Request) -> web.StreamResponse:
-        return await self._handle(request, "token")
-
     async def _read_body(self, request: web.Request) -> tuple[bytes, bool]:
         """The body, and whether it is over ``max_body`` (then cut at ``max_body + 1``)."""
         if not request.body_exists:
@@ -482,7 +507,9 @@ class MessagesServer:
         return b"".join(chunks), False
 
     def _relative(self, path: str, origin: str) -> str:
-        if origin == "token":
+        """The path as records and faults see it: below the resource root for the resource
+        origin (a path outside it stays absolute, and is a 404), below ``/`` for the others."""
+        if origin != "resource":
             return path.lstrip("/")
         if path.startswith(self.resource_path):
             return path[len(self.resource_path) :]
@@ -551,7 +578,7 @@ class MessagesServer:
                     response = await self._act_out(request, fault, origin, path)
                 else:
                     ctx = _Ctx(request, path, params, body, too_large, token, fault)
-                    response = self._endpoints[origin](ctx)
+                    response = self._origins[origin].endpoint(ctx)
                     if fault is not None and fault.kind == "drop_after_commit":
                         response = None
             if response is None:
