@@ -1135,37 +1135,35 @@ async def test_serve_writes_ready_file(tmp_path: Path, http: aiohttp.ClientSessi
 IDS = [10, 20, 30, 40, 50]
 
 
-@pytest.mark.parametrize(
-    ("direction", "boundary", "limit", "flags", "expected"),
-    [
-        # A first page: the newest, and a next cursor below the oldest of them.
-        ("next", None, 2, {}, ([40, 50], 40, None, False)),
-        ("next", 40, 2, {}, ([20, 30], 20, 30)),
-        ("next", 20, 2, {}, ([10], None, 10)),
-        ("next", 10, 2, {}, ([], None, 9)),
-        ("prev", 20, 2, {}, ([30, 40], 30, 40)),
-        ("prev", 40, 5, {}, ([50], 50, None)),
-        ("prev", 50, 2, {}, ([], 51, None)),
-        # An empty page keeps its position: following its cursor gives what it left out.
-        ("next", 40, 2, {"empty": True}, ([], 40, 30)),
-        ("next", None, 2, {"empty": True}, ([], 51, None)),
-        ("prev", 20, 2, {"empty": True}, ([], 30, 20)),
-        # The backwards_page fault: the window on the wrong side of the boundary.
-        ("next", None, 2, {"backwards": True}, ([10, 20], None, 20, True)),
-        ("next", 30, 2, {"backwards": True}, ([30, 40], 30, 40)),
-        ("prev", 40, 2, {"backwards": True}, ([30, 40], 30, 40)),
-    ],
-)
-def test_window_table(
-    direction: Any, boundary: int | None, limit: int, flags: dict[str, bool], expected: Any
-) -> None:
+CASES_WINDOW_TABLE: list[tuple[Any, int | None, int, dict[str, bool], Any]] = [
+    # A first page: the newest, and a next cursor below the oldest of them.
+    ("next", None, 2, {}, ([40, 50], 40, None, False)),
+    ("next", 40, 2, {}, ([20, 30], 20, 30)),
+    ("next", 20, 2, {}, ([10], None, 10)),
+    ("next", 10, 2, {}, ([], None, 9)),
+    ("prev", 20, 2, {}, ([30, 40], 30, 40)),
+    ("prev", 40, 5, {}, ([50], 50, None)),
+    ("prev", 50, 2, {}, ([], 51, None)),
+    # An empty page keeps its position: following its cursor gives what it left out.
+    ("next", 40, 2, {"empty": True}, ([], 40, 30)),
+    ("next", None, 2, {"empty": True}, ([], 51, None)),
+    ("prev", 20, 2, {"empty": True}, ([], 30, 20)),
+    # The backwards_page fault: the window on the wrong side of the boundary.
+    ("next", None, 2, {"backwards": True}, ([10, 20], None, 20, True)),
+    ("next", 30, 2, {"backwards": True}, ([30, 40], 30, 40)),
+    ("prev", 40, 2, {"backwards": True}, ([30, 40], 30, 40)),
+]
+
+
+def test_window_table() -> None:
     from messages_async.testing._listing import window
 
-    ids, older, newer, *rest = expected
-    got = window(IDS, direction, boundary, limit, **flags)
-    assert IDS[got.lo : got.hi] == ids
-    assert (got.older, got.newer) == (older, newer)
-    assert got.oldest_first == (rest[0] if rest else False)
+    for direction, boundary, limit, flags, expected in CASES_WINDOW_TABLE:
+        ids, older, newer, *rest = expected
+        got = window(IDS, direction, boundary, limit, **flags)
+        assert IDS[got.lo : got.hi] == ids
+        assert (got.older, got.newer) == (older, newer)
+        assert got.oldest_first == (rest[0] if rest else False)
 
 
 def test_window_on_an_empty_chat() -> None:
@@ -1175,31 +1173,34 @@ def test_window_on_an_empty_chat() -> None:
     assert (got.lo, got.hi, got.older, got.newer) == (0, 0, None, None)
 
 
-@pytest.mark.parametrize("limit", [1, 2, 3, 7, 100])
-def test_windows_tile_a_chat_both_ways(limit: int) -> None:
+CASES_WINDOWS_TILE_A_CHAT_BOTH_WAYS: list[int] = [1, 2, 3, 7, 100]
+
+
+def test_windows_tile_a_chat_both_ways() -> None:
     from messages_async.testing._listing import window
 
-    ids = list(range(1, 24))
-    seen: list[int] = []
-    boundary: int | None = None
-    first = window(ids, "next", None, limit)
-    top = first.newer
-    while True:
-        win = window(ids, "next", boundary, limit)
-        seen.extend(reversed(ids[win.lo : win.hi]))
-        if win.older is None:
-            break
-        boundary = win.older
-    assert seen == ids[::-1]
-    assert top is None
-    # And back up from the oldest page, by prev cursors.
-    back: list[int] = []
-    boundary = window(ids, "next", 2, limit).newer
-    while boundary is not None:
-        win = window(ids, "prev", boundary, limit)
-        back.extend(ids[win.lo : win.hi])
-        boundary = win.newer
-    assert back == ids[1:]
+    for limit in CASES_WINDOWS_TILE_A_CHAT_BOTH_WAYS:
+        ids = list(range(1, 24))
+        seen: list[int] = []
+        boundary: int | None = None
+        first = window(ids, "next", None, limit)
+        top = first.newer
+        while True:
+            win = window(ids, "next", boundary, limit)
+            seen.extend(reversed(ids[win.lo : win.hi]))
+            if win.older is None:
+                break
+            boundary = win.older
+        assert seen == ids[::-1]
+        assert top is None
+        # And back up from the oldest page, by prev cursors.
+        back: list[int] = []
+        boundary = window(ids, "next", 2, limit).newer
+        while boundary is not None:
+            win = window(ids, "prev", boundary, limit)
+            back.extend(ids[win.lo : win.hi])
+            boundary = win.newer
+        assert back == ids[1:]
 
 
 def _store(**options: Any) -> Any:
@@ -1219,53 +1220,53 @@ def _lister(**options: Any) -> Any:
     return lister
 
 
-@pytest.mark.parametrize(
-    ("params", "status", "code", "words"),
-    [
-        ({}, 400, "invalid_request", "chat_id is required"),
-        ({"chat_id": "x"}, 400, "invalid_request", "unsigned integer"),
-        ({"chat_id": "-3"}, 400, "invalid_request", "unsigned integer"),
-        ({"chat_id": "١٢"}, 400, "invalid_request", "unsigned integer"),
-        ({"chat_id": "{chat}", "limit": "ten"}, 400, "invalid_request", "integer"),
-        ({"chat_id": "{chat}", "limit": "0"}, 400, "invalid_request", "at least 1"),
-        ({"chat_id": "{chat}", "period[from]": "yesterday"}, 400, "invalid_request", "ISO 8601"),
-        (
-            {"chat_id": "{chat}", "period[from]": "2025-02-01", "period[till]": "2025-01-01"},
-            400,
-            "invalid_request",
-            "after",
-        ),
-        ({"chat_id": "999"}, 404, "not_found", "chat 999"),
-        ({"chat_id": "{chat}", "cursor": "garbage!"}, 400, "invalid_cursor", "cursor"),
-        ({"chat_id": "{chat}", "cursor": "{other}"}, 400, "invalid_cursor", "another chat"),
-        (
-            {"chat_id": "{chat}", "cursor": "{chat_cursor}", "query": "x"},
-            400,
-            "invalid_cursor",
-            "other filters",
-        ),
-        ({"cursor": "http://h/elsewhere/?cursor=a"}, 400, "invalid_cursor", "not a listing"),
-        ({"cursor": "http://h/api/messages/?chat_id=1"}, 400, "invalid_cursor", "no cursor"),
-    ],
-)
-def test_listing_refusals_table(params: dict[str, str], status: int, code: str, words: str) -> None:
+CASES_LISTING_REFUSALS_TABLE: list[tuple[dict[str, str], int, str, str]] = [
+    ({}, 400, "invalid_request", "chat_id is required"),
+    ({"chat_id": "x"}, 400, "invalid_request", "unsigned integer"),
+    ({"chat_id": "-3"}, 400, "invalid_request", "unsigned integer"),
+    ({"chat_id": "١٢"}, 400, "invalid_request", "unsigned integer"),
+    ({"chat_id": "{chat}", "limit": "ten"}, 400, "invalid_request", "integer"),
+    ({"chat_id": "{chat}", "limit": "0"}, 400, "invalid_request", "at least 1"),
+    ({"chat_id": "{chat}", "period[from]": "yesterday"}, 400, "invalid_request", "ISO 8601"),
+    (
+        {"chat_id": "{chat}", "period[from]": "2025-02-01", "period[till]": "2025-01-01"},
+        400,
+        "invalid_request",
+        "after",
+    ),
+    ({"chat_id": "999"}, 404, "not_found", "chat 999"),
+    ({"chat_id": "{chat}", "cursor": "garbage!"}, 400, "invalid_cursor", "cursor"),
+    ({"chat_id": "{chat}", "cursor": "{other}"}, 400, "invalid_cursor", "another chat"),
+    (
+        {"chat_id": "{chat}", "cursor": "{chat_cursor}", "query": "x"},
+        400,
+        "invalid_cursor",
+        "other filters",
+    ),
+    ({"cursor": "http://h/elsewhere/?cursor=a"}, 400, "invalid_cursor", "not a listing"),
+    ({"cursor": "http://h/api/messages/?chat_id=1"}, 400, "invalid_cursor", "no cursor"),
+]
+
+
+def test_listing_refusals_table() -> None:
     from messages_async.testing._answers import Refusal
     from messages_async.testing._listing import Cursor, Filters, encode_cursor
 
-    lister = _lister()
-    chat, other = lister.store.chat_ids()
-    values = {
-        "chat": str(chat),
-        "other": encode_cursor(Cursor(other, "next", 5, Filters()), lister.key),
-        "chat_cursor": encode_cursor(Cursor(chat, "next", 5, Filters()), lister.key),
-    }
-    filled = {k: v.format(**values) for k, v in params.items()}
-    with pytest.raises(Refusal) as caught:
-        lister.read(filled)
-    refusal = caught.value
-    assert (refusal.status, refusal.code) == (status, code)
-    assert words in refusal.message
-    assert refusal.body == {"error": {"code": code, "message": refusal.message}}
+    for params, status, code, words in CASES_LISTING_REFUSALS_TABLE:
+        lister = _lister()
+        chat, other = lister.store.chat_ids()
+        values = {
+            "chat": str(chat),
+            "other": encode_cursor(Cursor(other, "next", 5, Filters()), lister.key),
+            "chat_cursor": encode_cursor(Cursor(chat, "next", 5, Filters()), lister.key),
+        }
+        filled = {k: v.format(**values) for k, v in params.items()}
+        with pytest.raises(Refusal) as caught:
+            lister.read(filled)
+        refusal = caught.value
+        assert (refusal.status, refusal.code) == (status, code)
+        assert words in refusal.message
+        assert refusal.body == {"error": {"code": code, "message": refusal.message}}
 
 
 def test_listing_query_reading() -> None:
@@ -1309,24 +1310,24 @@ def test_cursor_tokens_are_signed_and_opaque() -> None:
         decode_cursor(a, cursor_key(2))
 
 
-@pytest.mark.parametrize(
-    ("fault", "every", "empty", "cacheable"),
-    [
-        (None, 0, False, True),
-        (Fault.empty_page(), 0, True, False),
-        (Fault.repeat_cursor(), 0, False, False),
-        (Fault.backwards_page(), 0, False, False),
-        (Fault.foreign_cursor("http://x"), 0, False, False),
-        (Fault.delay(0.1), 0, False, False),
-        (None, 1, True, False),
-    ],
-)
-def test_listing_plan_table(fault: Fault | None, every: int, empty: bool, cacheable: bool) -> None:
-    lister = _lister(empty_page_every=every)
-    query = lister.read({"chat_id": str(lister.store.chat_ids()[0])})
-    plan = lister.plan(query, fault)
-    assert (plan.empty, plan.cacheable) == (empty, cacheable)
-    assert lister.pages_served == 1
+CASES_LISTING_PLAN_TABLE: list[tuple[Fault | None, int, bool, bool]] = [
+    (None, 0, False, True),
+    (Fault.empty_page(), 0, True, False),
+    (Fault.repeat_cursor(), 0, False, False),
+    (Fault.backwards_page(), 0, False, False),
+    (Fault.foreign_cursor("http://x"), 0, False, False),
+    (Fault.delay(0.1), 0, False, False),
+    (None, 1, True, False),
+]
+
+
+def test_listing_plan_table() -> None:
+    for fault, every, empty, cacheable in CASES_LISTING_PLAN_TABLE:
+        lister = _lister(empty_page_every=every)
+        query = lister.read({"chat_id": str(lister.store.chat_ids()[0])})
+        plan = lister.plan(query, fault)
+        assert (plan.empty, plan.cacheable) == (empty, cacheable)
+        assert lister.pages_served == 1
 
 
 def test_a_filtered_or_extra_page_is_never_cached() -> None:
@@ -1400,27 +1401,27 @@ def test_listing_faults_build_their_pages() -> None:
     assert [m["id"] for m in page({"cursor": empty["next_cursor"]}, None)["items"]] == ids[:2]
 
 
-@pytest.mark.parametrize(
-    ("params", "expected"),
-    [
-        ({"query": "HELLO"}, lambda m, t: "hello" in m["message"].casefold()),
-        ({"period[from]": "2025-03-01T00:00:00"}, lambda m, t: t >= 1740787200),
-        ({"period[till]": "2025-03-01T00:00:00+00:00"}, lambda m, t: t < 1740787200),
-        (
-            {"period[from]": "2025-02-01T00:00:00Z", "period[till]": "2025-06-01T00:00:00Z"},
-            lambda m, t: 1738368000 <= t < 1748736000,
-        ),
-    ],
-)
-def test_filters_table(params: dict[str, str], expected: Any) -> None:
+CASES_FILTERS_TABLE: list[tuple[dict[str, str], Any]] = [
+    ({"query": "HELLO"}, lambda m, t: "hello" in m["message"].casefold()),
+    ({"period[from]": "2025-03-01T00:00:00"}, lambda m, t: t >= 1740787200),
+    ({"period[till]": "2025-03-01T00:00:00+00:00"}, lambda m, t: t < 1740787200),
+    (
+        {"period[from]": "2025-02-01T00:00:00Z", "period[till]": "2025-06-01T00:00:00Z"},
+        lambda m, t: 1738368000 <= t < 1748736000,
+    ),
+]
+
+
+def test_filters_table() -> None:
     from messages_async.testing._listing import matching_ids, read_filters
 
-    store = _store(chats=1, messages_per_chat=300)
-    chat = store.chat_ids()[0]
-    got = matching_ids(store, chat, read_filters(params))
-    want = [i for i in store.ids(chat) if expected(store.by_id[i], store.stamps[i])]
-    assert list(got) == want
-    assert 0 < len(want) < 300
+    for params, expected in CASES_FILTERS_TABLE:
+        store = _store(chats=1, messages_per_chat=300)
+        chat = store.chat_ids()[0]
+        got = matching_ids(store, chat, read_filters(params))
+        want = [i for i in store.ids(chat) if expected(store.by_id[i], store.stamps[i])]
+        assert list(got) == want
+        assert 0 < len(want) < 300
 
 
 # -- the OAuth server -------------------------------------------------------------------------
@@ -1465,64 +1466,62 @@ def _basic(user: str, password: str) -> str:
 CC = {"grant_type": "client_credentials", "client_id": "app", "client_secret": "s3cret"}
 
 
-@pytest.mark.parametrize(
-    ("form", "request_", "status", "error"),
-    [
-        (CC, {"method": "GET"}, 405, "invalid_request"),
-        (CC, {"too_large": True}, 413, "invalid_request"),
-        (CC, {"content_type": "application/json"}, 400, "invalid_request"),
-        ("grant_type=client_credentials&grant_type=x", {}, 400, "invalid_request"),
-        ({**CC, "client_secret": "wrong"}, {}, 401, "invalid_client"),
-        ({**CC, "client_id": "nobody"}, {}, 401, "invalid_client"),
-        ({"grant_type": "client_credentials"}, {}, 401, "invalid_client"),
-        ({"client_id": "app", "client_secret": "s3cret"}, {}, 400, "invalid_request"),
-        ({**CC, "grant_type": "password"}, {}, 400, "unsupported_grant_type"),
-        ({**CC, "scope": "messages_admin"}, {}, 400, "invalid_scope"),
-        (
-            {**CC, "client_id": "reader", "client_secret": "r", "scope": "messages_write"},
-            {},
-            400,
-            "invalid_scope",
-        ),
-        (
-            {"grant_type": "client_credentials", "client_secret": "s3cret"},
-            {"authorization": _basic("app", "s3cret")},
-            400,
-            "invalid_request",
-        ),
-        (
-            {"grant_type": "client_credentials", "client_id": "reader"},
-            {"authorization": _basic("app", "s3cret")},
-            400,
-            "invalid_request",
-        ),
-        (
-            {"grant_type": "client_credentials"},
-            {"authorization": "Basic !!"},
-            400,
-            "invalid_request",
-        ),
-        (
-            {"grant_type": "client_credentials"},
-            {"authorization": _basic("app", "nope")},
-            401,
-            "invalid_client",
-        ),
-        ({**CC, "grant_type": "refresh_token"}, {}, 400, "invalid_request"),
-        ({**CC, "grant_type": "refresh_token", "refresh_token": "rt_x"}, {}, 400, "invalid_grant"),
-    ],
-)
-def test_token_endpoint_refusals_table(
-    form: Any, request_: dict[str, Any], status: int, error: str
-) -> None:
-    got_status, body, headers = _token_call(_oauth(), form, **request_)
-    assert (got_status, body["error"]) == (status, error)
-    assert body["error_description"]
-    assert headers["Cache-Control"] == "no-store"
-    if status == 401 and "authorization" in request_:
-        assert headers["WWW-Authenticate"].startswith("Basic")
-    if status == 405:
-        assert headers["Allow"] == "POST"
+CASES_TOKEN_ENDPOINT_REFUSALS_TABLE: list[tuple[Any, dict[str, Any], int, str]] = [
+    (CC, {"method": "GET"}, 405, "invalid_request"),
+    (CC, {"too_large": True}, 413, "invalid_request"),
+    (CC, {"content_type": "application/json"}, 400, "invalid_request"),
+    ("grant_type=client_credentials&grant_type=x", {}, 400, "invalid_request"),
+    ({**CC, "client_secret": "wrong"}, {}, 401, "invalid_client"),
+    ({**CC, "client_id": "nobody"}, {}, 401, "invalid_client"),
+    ({"grant_type": "client_credentials"}, {}, 401, "invalid_client"),
+    ({"client_id": "app", "client_secret": "s3cret"}, {}, 400, "invalid_request"),
+    ({**CC, "grant_type": "password"}, {}, 400, "unsupported_grant_type"),
+    ({**CC, "scope": "messages_admin"}, {}, 400, "invalid_scope"),
+    (
+        {**CC, "client_id": "reader", "client_secret": "r", "scope": "messages_write"},
+        {},
+        400,
+        "invalid_scope",
+    ),
+    (
+        {"grant_type": "client_credentials", "client_secret": "s3cret"},
+        {"authorization": _basic("app", "s3cret")},
+        400,
+        "invalid_request",
+    ),
+    (
+        {"grant_type": "client_credentials", "client_id": "reader"},
+        {"authorization": _basic("app", "s3cret")},
+        400,
+        "invalid_request",
+    ),
+    (
+        {"grant_type": "client_credentials"},
+        {"authorization": "Basic !!"},
+        400,
+        "invalid_request",
+    ),
+    (
+        {"grant_type": "client_credentials"},
+        {"authorization": _basic("app", "nope")},
+        401,
+        "invalid_client",
+    ),
+    ({**CC, "grant_type": "refresh_token"}, {}, 400, "invalid_request"),
+    ({**CC, "grant_type": "refresh_token", "refresh_token": "rt_x"}, {}, 400, "invalid_grant"),
+]
+
+
+def test_token_endpoint_refusals_table() -> None:
+    for form, request_, status, error in CASES_TOKEN_ENDPOINT_REFUSALS_TABLE:
+        got_status, body, headers = _token_call(_oauth(), form, **request_)
+        assert (got_status, body["error"]) == (status, error)
+        assert body["error_description"]
+        assert headers["Cache-Control"] == "no-store"
+        if status == 401 and "authorization" in request_:
+            assert headers["WWW-Authenticate"].startswith("Basic")
+        if status == 405:
+            assert headers["Allow"] == "POST"
 
 
 def test_token_endpoint_grants_and_rotation_on_a_fake_clock() -> None:
@@ -1601,118 +1600,118 @@ def test_token_records_redact_secrets() -> None:
 # -- resource endpoint rules ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("method", "path", "expected"),
-    [
-        ("GET", "messages/", ("list", None)),
-        ("GET", "messages/chats/", ("chats", None)),
-        ("POST", "messages/add/", ("add", None)),
-        ("GET", "messages/42", ("get", 42)),
-        ("POST", "messages/42/edit/", ("edit", 42)),
-        ("POST", "messages/42/delete/", ("delete", 42)),
-        ("POST", "messages/", 405),
-        ("GET", "messages/add/", 405),
-        ("DELETE", "messages/42", 405),
-        ("GET", "messages/42/delete/", 405),
-        ("GET", "messages/abc", 404),
-        ("GET", "messages/42/", 404),
-        ("GET", "chats/", 404),
-        ("GET", None, 404),
-    ],
-)
-def test_routing_table(method: str, path: str | None, expected: Any) -> None:
+CASES_ROUTING_TABLE: list[tuple[str, str | None, Any]] = [
+    ("GET", "messages/", ("list", None)),
+    ("GET", "messages/chats/", ("chats", None)),
+    ("POST", "messages/add/", ("add", None)),
+    ("GET", "messages/42", ("get", 42)),
+    ("POST", "messages/42/edit/", ("edit", 42)),
+    ("POST", "messages/42/delete/", ("delete", 42)),
+    ("POST", "messages/", 405),
+    ("GET", "messages/add/", 405),
+    ("DELETE", "messages/42", 405),
+    ("GET", "messages/42/delete/", 405),
+    ("GET", "messages/abc", 404),
+    ("GET", "messages/42/", 404),
+    ("GET", "chats/", 404),
+    ("GET", None, 404),
+]
+
+
+def test_routing_table() -> None:
     from messages_async.testing._answers import Refusal
     from messages_async.testing._endpoints import route
 
-    if isinstance(expected, int):
-        with pytest.raises(Refusal) as caught:
-            route(method, path)
-        assert caught.value.status == expected
-        if expected == 405:
-            assert caught.value.headers["Allow"] in ("GET", "POST")
-        return
-    target = route(method, path)
-    assert (target.route, target.message_id) == expected
+    for method, path, expected in CASES_ROUTING_TABLE:
+        if isinstance(expected, int):
+            with pytest.raises(Refusal) as caught:
+                route(method, path)
+            assert caught.value.status == expected
+            if expected == 405:
+                assert caught.value.headers["Allow"] in ("GET", "POST")
+            continue
+        target = route(method, path)
+        assert (target.route, target.message_id) == expected
 
 
-@pytest.mark.parametrize(
-    ("method", "scopes", "status", "challenge"),
-    [
-        ("GET", None, 401, 'Bearer error="invalid_token"'),
-        ("GET", {"messages_read"}, None, None),
-        (
-            "POST",
-            {"messages_read"},
-            403,
-            'Bearer error="insufficient_scope", scope="messages_write"',
-        ),
-        (
-            "GET",
-            {"messages_write"},
-            403,
-            'Bearer error="insufficient_scope", scope="messages_read"',
-        ),
-        ("POST", {"messages_read", "messages_write"}, None, None),
-    ],
-)
-def test_authorization_table(
-    method: str, scopes: set[str] | None, status: int | None, challenge: str | None
-) -> None:
+CASES_AUTHORIZATION_TABLE: list[tuple[str, set[str] | None, int | None, str | None]] = [
+    ("GET", None, 401, 'Bearer error="invalid_token"'),
+    ("GET", {"messages_read"}, None, None),
+    (
+        "POST",
+        {"messages_read"},
+        403,
+        'Bearer error="insufficient_scope", scope="messages_write"',
+    ),
+    (
+        "GET",
+        {"messages_write"},
+        403,
+        'Bearer error="insufficient_scope", scope="messages_read"',
+    ),
+    ("POST", {"messages_read", "messages_write"}, None, None),
+]
+
+
+def test_authorization_table() -> None:
     from messages_async.testing._answers import Refusal
     from messages_async.testing._endpoints import Target, authorize
     from messages_async.testing._oauth import Grant
 
-    grant = None if scopes is None else Grant("app", frozenset(scopes), 7, 1)
-    target = Target("get" if method == "GET" else "add", method)
-    if status is None:
-        assert authorize(target, grant) is grant
-        return
-    with pytest.raises(Refusal) as caught:
-        authorize(target, grant)
-    assert caught.value.status == status
-    assert caught.value.headers["WWW-Authenticate"] == challenge
+    for method, scopes, status, challenge in CASES_AUTHORIZATION_TABLE:
+        grant = None if scopes is None else Grant("app", frozenset(scopes), 7, 1)
+        target = Target("get" if method == "GET" else "add", method)
+        if status is None:
+            assert authorize(target, grant) is grant
+            continue
+        with pytest.raises(Refusal) as caught:
+            authorize(target, grant)
+        assert caught.value.status == status
+        assert caught.value.headers["WWW-Authenticate"] == challenge
 
 
-@pytest.mark.parametrize(
-    ("body", "words"),
-    [
-        ({"message": "hi"}, "chat_id is required"),
-        ({"chat_id": True, "message": "hi"}, "unsigned integer"),
-        ({"chat_id": "{chat}", "message": "hi"}, "unsigned integer"),
-        ({"chat_id": 0, "message": 5}, "message must be a string"),
-        ({"chat_id": 0, "message": "x" * 4097}, "over 4096"),
-        ({"chat_id": 0, "message": ""}, "text or at least one attachment"),
-        ({"chat_id": 0, "attachments": {}}, "must be a list"),
-        ({"chat_id": 0, "attachments": [{"type": "file", "url": "u"}] * 11}, "more than 10"),
-        ({"chat_id": 0, "attachments": ["x"]}, "attachments[0] must be an object"),
-        ({"chat_id": 0, "attachments": [{"type": "", "url": "u"}]}, "attachments[0].type"),
-        ({"chat_id": 0, "attachments": [{"type": "file"}]}, "attachments[0].url"),
-        ({"chat_id": 0, "attachments": [{"type": "f", "url": "u", "name": 3}]}, ".name"),
-        ({"chat_id": 0, "message": "hi", "is_whisper": "yes"}, "is_whisper"),
-        ({"chat_id": 1, "message": "hi"}, "chat 1 not found"),
-    ],
-)
-def test_add_validation_table(body: Json, words: str) -> None:
+CASES_ADD_VALIDATION_TABLE: list[tuple[Json, str]] = [
+    ({"message": "hi"}, "chat_id is required"),
+    ({"chat_id": True, "message": "hi"}, "unsigned integer"),
+    ({"chat_id": "{chat}", "message": "hi"}, "unsigned integer"),
+    ({"chat_id": 0, "message": 5}, "message must be a string"),
+    ({"chat_id": 0, "message": "x" * 4097}, "over 4096"),
+    ({"chat_id": 0, "message": ""}, "text or at least one attachment"),
+    ({"chat_id": 0, "attachments": {}}, "must be a list"),
+    ({"chat_id": 0, "attachments": [{"type": "file", "url": "u"}] * 11}, "more than 10"),
+    ({"chat_id": 0, "attachments": ["x"]}, "attachments[0] must be an object"),
+    ({"chat_id": 0, "attachments": [{"type": "", "url": "u"}]}, "attachments[0].type"),
+    ({"chat_id": 0, "attachments": [{"type": "file"}]}, "attachments[0].url"),
+    ({"chat_id": 0, "attachments": [{"type": "f", "url": "u", "name": 3}]}, ".name"),
+    ({"chat_id": 0, "message": "hi", "is_whisper": "yes"}, "is_whisper"),
+    ({"chat_id": 1, "message": "hi"}, "chat 1 not found"),
+]
+
+
+def test_add_validation_table() -> None:
     from messages_async.testing._answers import Refusal
     from messages_async.testing._endpoints import Resources, Target
     from messages_async.testing._oauth import Grant
 
-    store = _store()
-    chat = store.chat_ids()[0]
-    body = (
-        {k: (chat if v == 0 else v) for k, v in body.items()} if body.get("chat_id") == 0 else body
-    )
-    body = {k: ("x" if v == "{chat}" else v) for k, v in body.items()}
-    resources = Resources(store)
-    before = store.message_count()
-    with pytest.raises(Refusal, match=re.escape(words)):
-        resources.answer(
-            Target("add", "POST"),
-            Grant("app", frozenset(), 7, 1),
-            "application/json",
-            json.dumps(body).encode(),
+    for body, words in CASES_ADD_VALIDATION_TABLE:
+        store = _store()
+        chat = store.chat_ids()[0]
+        body = (
+            {k: (chat if v == 0 else v) for k, v in body.items()}
+            if body.get("chat_id") == 0
+            else body
         )
-    assert store.message_count() == before
+        body = {k: ("x" if v == "{chat}" else v) for k, v in body.items()}
+        resources = Resources(store)
+        before = store.message_count()
+        with pytest.raises(Refusal, match=re.escape(words)):
+            resources.answer(
+                Target("add", "POST"),
+                Grant("app", frozenset(), 7, 1),
+                "application/json",
+                json.dumps(body).encode(),
+            )
+        assert store.message_count() == before
 
 
 def test_writes_through_the_rules() -> None:
@@ -1779,104 +1778,102 @@ def test_writes_through_the_rules() -> None:
 # -- fault answers and content coding ---------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("fault", "origin", "status", "body", "headers"),
-    [
-        (
-            Fault.status(503, retry_after="2"),
-            "resource",
-            503,
-            {"error": {"code": "unavailable", "message": "injected 503"}},
-            {"Retry-After": "2"},
-        ),
-        (
-            Fault.status(401),
-            "resource",
-            401,
-            {"error": {"code": "invalid_token", "message": "injected 401"}},
-            {"WWW-Authenticate": 'Bearer error="invalid_token"'},
-        ),
-        (
-            Fault.status(418),
-            "resource",
-            418,
-            {"error": {"code": "invalid_request", "message": "injected 418"}},
-            {},
-        ),
-        (
-            Fault.status(507, "full", message="disk"),
-            "resource",
-            507,
-            {"error": {"code": "full", "message": "disk"}},
-            {},
-        ),
-        (
-            Fault.status(401),
-            "token",
-            401,
-            {"error": "invalid_client", "error_description": "injected 401"},
-            {},
-        ),
-        (
-            Fault.status(400),
-            "token",
-            400,
-            {"error": "invalid_request", "error_description": "injected 400"},
-            {},
-        ),
-        (
-            Fault.status(503),
-            "token",
-            503,
-            {"error": "unavailable", "error_description": "injected 503"},
-            {},
-        ),
-        (
-            Fault.rate_limited("7"),
-            "resource",
-            429,
-            {"error": {"code": "rate_limited", "message": "injected 429"}},
-            {"Retry-After": "7"},
-        ),
-        (
-            Fault.invalid_cursor(),
-            "resource",
-            400,
-            {"error": {"code": "invalid_cursor", "message": "injected 400"}},
-            {},
-        ),
-        (
-            Fault.expire_token(),
-            "resource",
-            401,
-            {"error": {"code": "invalid_token", "message": "injected 401"}},
-            {},
-        ),
-        (
-            Fault.status(502, headers={"X-Proxy": "1"}),
-            "resource",
-            502,
-            {"error": {"code": "unavailable", "message": "injected 502"}},
-            {"X-Proxy": "1"},
-        ),
-        (Fault.redirect("http://x/y", 307), "resource", 307, None, {"Location": "http://x/y"}),
-        (
-            Fault.wrong_shape(),
-            "token",
-            200,
-            {"access_token": 42, "token_type": 7, "expires_in": "soon"},
-            {},
-        ),
-    ],
-)
-def test_fault_answers_table(
-    fault: Fault, origin: str, status: int, body: Any, headers: dict[str, str]
-) -> None:
+CASES_FAULT_ANSWERS_TABLE: list[tuple[Fault, str, int, Any, dict[str, str]]] = [
+    (
+        Fault.status(503, retry_after="2"),
+        "resource",
+        503,
+        {"error": {"code": "unavailable", "message": "injected 503"}},
+        {"Retry-After": "2"},
+    ),
+    (
+        Fault.status(401),
+        "resource",
+        401,
+        {"error": {"code": "invalid_token", "message": "injected 401"}},
+        {"WWW-Authenticate": 'Bearer error="invalid_token"'},
+    ),
+    (
+        Fault.status(418),
+        "resource",
+        418,
+        {"error": {"code": "invalid_request", "message": "injected 418"}},
+        {},
+    ),
+    (
+        Fault.status(507, "full", message="disk"),
+        "resource",
+        507,
+        {"error": {"code": "full", "message": "disk"}},
+        {},
+    ),
+    (
+        Fault.status(401),
+        "token",
+        401,
+        {"error": "invalid_client", "error_description": "injected 401"},
+        {},
+    ),
+    (
+        Fault.status(400),
+        "token",
+        400,
+        {"error": "invalid_request", "error_description": "injected 400"},
+        {},
+    ),
+    (
+        Fault.status(503),
+        "token",
+        503,
+        {"error": "unavailable", "error_description": "injected 503"},
+        {},
+    ),
+    (
+        Fault.rate_limited("7"),
+        "resource",
+        429,
+        {"error": {"code": "rate_limited", "message": "injected 429"}},
+        {"Retry-After": "7"},
+    ),
+    (
+        Fault.invalid_cursor(),
+        "resource",
+        400,
+        {"error": {"code": "invalid_cursor", "message": "injected 400"}},
+        {},
+    ),
+    (
+        Fault.expire_token(),
+        "resource",
+        401,
+        {"error": {"code": "invalid_token", "message": "injected 401"}},
+        {},
+    ),
+    (
+        Fault.status(502, headers={"X-Proxy": "1"}),
+        "resource",
+        502,
+        {"error": {"code": "unavailable", "message": "injected 502"}},
+        {"X-Proxy": "1"},
+    ),
+    (Fault.redirect("http://x/y", 307), "resource", 307, None, {"Location": "http://x/y"}),
+    (
+        Fault.wrong_shape(),
+        "token",
+        200,
+        {"access_token": 42, "token_type": 7, "expires_in": "soon"},
+        {},
+    ),
+]
+
+
+def test_fault_answers_table() -> None:
     from messages_async.testing._faults import canned_answer
 
-    answer = canned_answer(fault, method="GET", path="messages/", origin=origin)
-    assert (answer.status, answer.body, answer.raw) == (status, body, None)
-    assert headers.items() <= dict(answer.headers).items()
+    for fault, origin, status, body, headers in CASES_FAULT_ANSWERS_TABLE:
+        answer = canned_answer(fault, method="GET", path="messages/", origin=origin)
+        assert (answer.status, answer.body, answer.raw) == (status, body, None)
+        assert headers.items() <= dict(answer.headers).items()
 
 
 def test_fault_answers_with_raw_bodies() -> None:
@@ -1896,33 +1893,33 @@ def test_fault_answers_with_raw_bodies() -> None:
     assert wrong_shape("POST", "messages/add/", "resource")["id"] == "abc"
 
 
-@pytest.mark.parametrize(
-    ("accept", "compress", "expected"),
-    [
-        ("gzip, deflate", True, "gzip"),
-        ("gzip, deflate", False, None),
-        ("GZIP", True, "gzip"),
-        ("deflate", True, "deflate"),
-        ("gzip;q=0, deflate", True, "deflate"),
-        ("gzip; q=0.5", True, "gzip"),
-        ("gzip;q=nonsense", True, None),
-        ("*", True, "gzip"),
-        ("identity", True, None),
-        ("", True, None),
-        ("br", True, None),
-    ],
-)
-def test_content_coding_table(accept: str, compress: bool, expected: str | None) -> None:
+CASES_CONTENT_CODING_TABLE: list[tuple[str, bool, str | None]] = [
+    ("gzip, deflate", True, "gzip"),
+    ("gzip, deflate", False, None),
+    ("GZIP", True, "gzip"),
+    ("deflate", True, "deflate"),
+    ("gzip;q=0, deflate", True, "deflate"),
+    ("gzip; q=0.5", True, "gzip"),
+    ("gzip;q=nonsense", True, None),
+    ("*", True, "gzip"),
+    ("identity", True, None),
+    ("", True, None),
+    ("br", True, None),
+]
+
+
+def test_content_coding_table() -> None:
     from messages_async.testing._encoding import COMPRESS_MIN, choose_encoding, encode
 
-    coding = choose_encoding(accept, compress=compress)
-    assert coding == expected
-    big = b'{"a": "' + b"x" * COMPRESS_MIN + b'"}'
-    body, headers = encode(big, coding)
-    if coding is None:
-        assert (body, headers.get("Content-Encoding")) == (big, None)
-    else:
-        assert zlib.decompress(body, 31 if coding == "gzip" else 15) == big
-        assert headers["Content-Encoding"] == coding
-    # Small bodies go as they are.
-    assert encode(b"{}", coding) == (b"{}", {"Content-Type": "application/json; charset=utf-8"})
+    for accept, compress, expected in CASES_CONTENT_CODING_TABLE:
+        coding = choose_encoding(accept, compress=compress)
+        assert coding == expected
+        big = b'{"a": "' + b"x" * COMPRESS_MIN + b'"}'
+        body, headers = encode(big, coding)
+        if coding is None:
+            assert (body, headers.get("Content-Encoding")) == (big, None)
+        else:
+            assert zlib.decompress(body, 31 if coding == "gzip" else 15) == big
+            assert headers["Content-Encoding"] == coding
+        # Small bodies go as they are.
+        assert encode(b"{}", coding) == (b"{}", {"Content-Type": "application/json; charset=utf-8"})
