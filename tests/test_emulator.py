@@ -1775,6 +1775,30 @@ def test_writes_through_the_rules() -> None:
     assert call_(Target("chats", "GET"), me).body == {"items": store.chats()}
 
 
+def test_which_chat_a_request_concerns() -> None:
+    from messages_async.testing._endpoints import request_chat
+
+    url = "http://h/api/messages/?chat_id=12&cursor=abc"
+    cases: list[tuple[str, dict[str, str], bytes, int | None]] = [
+        ("messages/", {"chat_id": "7"}, b"", 7),
+        ("messages/", {"chat_id": "x"}, b"", None),
+        ("messages/", {"cursor": url}, b"", 12),
+        ("messages/", {"cursor": "/api/messages/?chat_id=13&cursor=a"}, b"", 13),
+        ("messages/", {"cursor": "http://[bad"}, b"", None),
+        ("messages/", {"cursor": "opaque"}, b"", None),
+        ("messages/add/", {}, b'{"chat_id": 5, "message": "x"}', 5),
+        ("messages/9/edit/", {}, b'{"chat_id": 6}', 6),
+        ("messages/add/", {}, b'{"chat_id": true}', None),
+        ("messages/add/", {}, b'{"chat_id": "5"}', None),
+        ("messages/add/", {}, b"[5]", None),
+        ("messages/add/", {}, b"{", None),
+        ("messages/9/delete/", {}, b'{"chat_id": 6}', None),
+        ("messages/chats/", {"chat_id": "7"}, b"", None),
+    ]
+    for path, params, body, chat in cases:
+        assert request_chat(path, params, body) == chat, (path, params, body)
+
+
 # -- fault answers and content coding ---------------------------------------------------------
 
 

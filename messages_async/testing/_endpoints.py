@@ -10,6 +10,7 @@ same bad request always gets the same answer.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Final, Literal
 
 import attrs
@@ -17,9 +18,19 @@ import orjson
 
 from ._answers import Answer, Json, Refusal, bad_request, not_found
 from ._dataset import Store
+from ._listing import cursor_chat
 from ._oauth import READ, WRITE, Grant
 
-__all__ = ["MAX_ATTACHMENTS", "MAX_TEXT", "Resources", "Route", "Target", "authorize", "route"]
+__all__ = [
+    "MAX_ATTACHMENTS",
+    "MAX_TEXT",
+    "Resources",
+    "Route",
+    "Target",
+    "authorize",
+    "request_chat",
+    "route",
+]
 
 MAX_TEXT: Final = 4096
 MAX_ATTACHMENTS: Final = 10
@@ -100,6 +111,24 @@ def authorize(target: Target, grant: Grant | None) -> Grant:
             {"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{needed}"'},
         )
     return grant
+
+
+def request_chat(path: str, params: Mapping[str, str], body: bytes) -> int | None:
+    """The chat a request concerns, read as leniently as possible: listings (also by their
+    cursor URL), adds and edits. For faults filtered by chat, which are matched before the
+    request is checked, so nothing here may raise."""
+    if path == "messages/":
+        return cursor_chat(params)
+    if path == "messages/add/" or path.endswith("/edit/"):
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return None
+        if isinstance(obj, dict):
+            chat = obj.get("chat_id")
+            if isinstance(chat, int) and not isinstance(chat, bool):
+                return chat
+    return None
 
 
 def _json_body(content_type: str, body: bytes) -> Json:

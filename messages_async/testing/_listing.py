@@ -222,8 +222,8 @@ def _is_url(cursor: str) -> bool:
 
 
 def cursor_chat(params: Mapping[str, str]) -> int | None:
-    """The chat a listing request is for, also when only its cursor URL names it (for faults
-    filtered by chat, which are matched before the request is checked)."""
+    """The chat a listing request is for, also when only its cursor URL names it; None when
+    neither says (never an error: faults filtered by chat ask before any check)."""
     chat = _uint(params.get("chat_id"))
     if chat is None:
         cursor = params.get("cursor", "")

@@ -41,9 +41,9 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from ._answers import Answer, Json, Refusal, not_found
 from ._dataset import Store
 from ._encoding import choose_encoding, encode
-from ._endpoints import Resources, authorize, route
+from ._endpoints import Resources, authorize, request_chat, route
 from ._faults import Fault, FaultHandle, FaultQueue, canned_answer
-from ._listing import Lister, cursor_chat
+from ._listing import Lister
 from ._oauth import SCOPES, TOKEN_PATH, OAuthServer, TokenRequest, form_record, scope_set
 from ._recorder import RequestRecord, bearer_token, start_site
 
@@ -515,20 +515,6 @@ class MessagesServer:
             return path[len(self.resource_path) :]
         return path
 
-    def _chat_for_fault(self, path: str, params: Mapping[str, str], body: bytes) -> int | None:
-        if path == "messages/":
-            return cursor_chat(params)
-        if path == "messages/add/" or path.endswith("/edit/"):
-            try:
-                obj = orjson.loads(body)
-            except orjson.JSONDecodeError:
-                return None
-            if isinstance(obj, dict):
-                chat = obj.get("chat_id")
-                if isinstance(chat, int) and not isinstance(chat, bool):
-                    return chat
-        return None
-
     async def _handle(self, request: web.Request, origin: str) -> web.StreamResponse:
         started = time.monotonic()
         path = self._relative(request.path, origin)
@@ -567,7 +553,7 @@ class MessagesServer:
                 fault = self._faults.match(
                     request.method,
                     path,
-                    chat_of=lambda: self._chat_for_fault(path, params, body),
+                    chat_of=lambda: request_chat(path, params, body),
                     listing=resource and request.method == "GET" and path == "messages/",
                 )
                 if resource and self.latency > 0:
