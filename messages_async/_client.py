@@ -22,9 +22,10 @@ from ._fanout import OnError, fan_out
 from ._limiter import ClientStats, Limiter
 from ._models import Chat, ChatFailed, Message, MessagesPage, NewAttachment, Period
 from ._pagination import Direction, walk_messages, walk_pages
+from ._retry import RetryBudget, RetryPolicy
 from ._secret import Secret
 from ._session import Credentials, SessionManager
-from ._transport import RetryBudget, RetryPolicy, Transport
+from ._transport import Transport
 from ._watch import Watch
 from ._wire import (
     READ,
@@ -41,6 +42,7 @@ from ._wire import (
     check_cursor_chat,
     check_secure_url,
     cursor_request,
+    is_bearer_token,
     parse_chats,
     parse_message,
     parse_page,
@@ -150,6 +152,9 @@ class Client:
         retry_budget: Retries of failures (5xx, connection errors, timeouts) the client may
             spend in a burst across all its calls; each success earns back a tenth of one.
             Stops a failing server from being hit ``max_retries + 1`` times harder.
+        max_unreachable: Seconds a request (or a token exchange) keeps retrying a server it
+            cannot connect to (refused, unresolvable, no route) before raising; ``None``:
+            only ``max_retries`` bounds it.
         allow_insecure_http: Allow plain ``http://`` to non-loopback hosts.
     """
 
@@ -172,6 +177,7 @@ class Client:
         max_retry_after: float = 60.0,
         max_response_bytes: int = 32 * 1024 * 1024,
         retry_budget: int = 50,
+        max_unreachable: float | None = 20.0,
         allow_insecure_http: bool = False,
     ) -> None:
         self._life = _Lifecycle()
@@ -182,6 +188,11 @@ class Client:
         secret = _secret_or_none("client_secret", client_secret)
         token = _secret_or_none("access_token", access_token)
         del client_secret, access_token
+        if token is not None and not is_bearer_token(token.reveal()):
+            raise ConfigurationError(
+                "access_token is not RFC 6750 token syntax (letters, digits and -._~+/ then "
+                "'=' padding); it would break the Authorization header. Value not shown."
+            )
         if session is not None and not isinstance(session, aiohttp.ClientSession):
             raise TypeError("session must be an aiohttp.ClientSession")
         given = {"token_url": token_url, "client_id": client_id, "client_secret": secret}
@@ -225,7 +236,13 @@ class Client:
             backoff_max=_positive("backoff_max", backoff_max, allow_zero=True),
             max_retry_after=_positive("max_retry_after", max_retry_after, allow_zero=True),
             deadline=None if deadline is None else _positive("deadline", deadline),
+            max_unreachable=(
+                None
+                if max_unreachable is None
+                else _positive("max_unreachable", max_unreachable, allow_zero=True)
+            ),
         )
+        response_cap = _count("max_response_bytes", max_response_bytes, minimum=1)
         rng = random.Random()
         self._sessions = SessionManager(
             credentials=credentials,
@@ -234,10 +251,8 @@ class Client:
             granted=granted,
             session=session,
             connection_limit=max(100, max_concurrency),
-            timeout=self._policy.timeout,
-            max_retries=self._policy.max_retries,
-            backoff_base=self._policy.backoff_base,
-            backoff_max=self._policy.backoff_max,
+            policy=self._policy,
+            max_response_bytes=response_cap,
             allow_insecure_http=bool(allow_insecure_http),
             user_agent=f"messages-async/{__version__}",
             rng=rng,
@@ -246,7 +261,7 @@ class Client:
         self._transport = Transport(
             self._sessions,
             self._limiter,
-            max_response_bytes=_count("max_response_bytes", max_response_bytes, minimum=1),
+            max_response_bytes=response_cap,
             retry_budget=RetryBudget(_count("retry_budget", retry_budget, minimum=0)),
             rng=rng,
         )
@@ -332,6 +347,7 @@ class Client:
         self._check_owner("aclose()")
         if self._state is _State.CLOSED:
             return
+        self._sessions.check_loop()
         self._life.state = _State.CLOSED
         self._limiter.close()
         await self._sessions.close()
