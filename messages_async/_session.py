@@ -37,6 +37,7 @@ from ._retry import (
     TOKEN_EXCHANGE,
     Attempt,
     CallState,
+    Failure,
     GiveUp,
     RetryIn,
     RetryPolicy,
@@ -390,17 +391,11 @@ class SessionManager:
                     rng=self._rng,
                 )
                 if not isinstance(decision, RetryIn):
-                    note = (
-                        f"; {decision.note}"
-                        if isinstance(decision, GiveUp) and decision.note
-                        else ""
-                    )
+                    note = decision.note if isinstance(decision, GiveUp) else ""
                     # The cause keeps its type and message but not its traceback: aiohttp's
                     # frames hold the form with the client secret in their locals.
-                    raise TokenEndpointUnreachableError(
-                        f"could not reach the token endpoint {credentials.token_url.origin()} "
-                        f"{attempts_text(attempts)} in {self._clock() - first:.0f} s: "
-                        f"{failure.value} ({describe(exc)}){note}"
+                    raise self._unreachable(
+                        credentials, exc, failure, attempts, self._clock() - first, note
                     ) from scrubbed(exc)
                 cause = f"{failure.value} ({describe(exc)})"
             else:
@@ -432,6 +427,23 @@ class SessionManager:
             what = f"token exchange at {credentials.token_url.origin()}"
             logger.warning("%s", describe_wait(what, cause, decision.delay, call.retries, policy))
             await asyncio.sleep(decision.delay)
+
+    @staticmethod
+    def _unreachable(
+        credentials: Credentials,
+        exc: BaseException,
+        failure: Failure,
+        attempts: int,
+        spent: float,
+        note: str,
+    ) -> TokenEndpointUnreachableError:
+        if failure is Failure.CERTIFICATE:
+            note = "a certificate problem is not retried: check the endpoint's certificate"
+        return TokenEndpointUnreachableError(
+            f"could not reach the token endpoint {credentials.token_url.origin()} "
+            f"{attempts_text(attempts)} in {spent:.0f} s: {failure.value} ({describe(exc)})"
+            + (f"; {note}" if note else "")
+        )
 
     def _grant(self, answer: _TokenAnswer, note: str) -> TokenGrant:
         """The grant the answer holds, else the AuthError it means."""

@@ -158,7 +158,8 @@ class Transport:
                 failure = failure_of(error)
                 decision, call = self._decide(op, call, Attempt(failure=failure), policy, ends_at)
                 if isinstance(decision, RetryIn):
-                    await self._wait(request, decision, describe(error), call, policy)
+                    cause = f"{failure.value} ({describe(error)})"
+                    await self._wait(request, decision, cause, call, policy)
                     continue
                 note = decision.note if isinstance(decision, GiveUp) else ""
                 raise self._transport_error(

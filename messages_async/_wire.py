@@ -130,7 +130,7 @@ def is_loopback(host: str | None) -> bool:
 def check_secure_url(url: URL, *, what: str, allow_insecure_http: bool) -> None:
     """Refuse URLs that would send credentials in the clear or to an unclear place."""
     if not url.absolute or url.scheme not in ("http", "https"):
-        missing = " (no scheme: start it with https://)" if not url.scheme else ""
+        missing = " (it does not start with https:// or http://)"
         raise ConfigurationError(
             f"{what} must be an absolute http(s) URL such as https://host/path, got "
             f"{_show(url)!r}{missing}"
@@ -547,7 +547,7 @@ def error_from_response(
     if status == 403 and (
         code == "insufficient_scope" or challenge.get("error") == "insufficient_scope"
     ):
-        required = challenge.get("scope") or "unknown"
+        required = server_text(challenge.get("scope") or "unknown", limit=60)
         return ScopeError(
             f"the server refused the call for lack of the {required!r} scope; ask for it in "
             f"Client(scopes=...) and make sure the client is allowed it: {message}",
