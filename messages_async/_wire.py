@@ -22,6 +22,7 @@ import attrs
 import orjson
 from yarl import URL
 
+from ._checks import count
 from ._converter import decode, unstructure
 from ._errors import (
     ApiError,
@@ -71,7 +72,9 @@ __all__ = [
     "cursor_request",
     "error_from_response",
     "is_bearer_token",
+    "is_client_id",
     "is_loopback",
+    "is_scope_token",
     "parse_chats",
     "parse_message",
     "parse_page",
@@ -190,11 +193,7 @@ def server_text(text: str, *, limit: int = _SERVER_TEXT_LIMIT) -> str:
 
 
 def _check_int_id(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value}")
-    return value
+    return count(name, value, minimum=0)
 
 
 def check_chat_id(value: object) -> int:
@@ -205,11 +204,7 @@ def check_limit(value: object) -> int | None:
     """``limit`` is a page size. Above 100 it is sent as is: the server clamps it and says so."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"limit must be an int page size, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"limit is a page size and must be at least 1, got {value}")
-    return value
+    return count("limit", value, minimum=1, what="an int page size")
 
 
 def _check_text(message: object, attachments: Sequence[NewAttachment] | None) -> None:
@@ -640,6 +635,16 @@ _TOKEN_HINTS = {
 }
 
 
+def is_scope_token(value: str) -> bool:
+    """Whether ``value`` is one scope name (RFC 6749 §3.3 scope-token)."""
+    return _SCOPE_TOKEN.fullmatch(value) is not None
+
+
+def is_client_id(value: str) -> bool:
+    """Whether ``value`` may be a client_id (RFC 6749 Appendix A: printable ASCII)."""
+    return _VSCHARS.fullmatch(value) is not None
+
+
 def is_bearer_token(value: str) -> bool:
     """Whether ``value`` may be sent as a bearer token (RFC 6750 §2.1 token syntax)."""
     return _B64TOKEN.fullmatch(value) is not None
@@ -724,7 +729,7 @@ def parse_token_response(
     scope = data.get("scope")
     # Absent: as asked (a first exchange) or unchanged (a refresh, RFC 6749 §5.1, §6).
     scopes = frozenset(scope.split(" ")) - {""} if isinstance(scope, str) else None
-    if scopes is not None and not all(_SCOPE_TOKEN.fullmatch(s) for s in scopes):
+    if scopes is not None and not all(is_scope_token(s) for s in scopes):
         raise AuthError(
             f"{where} granted scopes that are not RFC 6749 scope syntax: "
             f"{server_text(str(scope), limit=80)!r}",
