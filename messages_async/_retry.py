@@ -61,7 +61,8 @@ DEADLINE_SHARE = 0.1
 
 
 class Failure(enum.Enum):
-    """Why an attempt got no answer, in the policy's words (``_http.py`` names aiohttp's)."""
+    """Why an attempt got no answer, in the policy's words (``_http.py`` maps the HTTP
+    library's exceptions to these)."""
 
     #: No connection was made (refused, unresolvable name, no route, connect timeout): the
     #: request was never sent, so even an ``add`` may be sent again.

@@ -270,3 +270,29 @@ async def test_a_certificate_failure_is_not_retried(tls_origin: tuple[str, list[
         with pytest.raises(ma.TransportError, match="after 1 attempt: TLS certificate"):
             await api.messages.chats()
     assert len(handshakes) == 2
+
+
+async def test_a_failing_token_endpoint_is_an_outage_for_the_command(
+    server: MessagesServer, tmp_path: Path
+) -> None:
+    server.inject(Fault.status(503, retry_after="0"), path="oauth/token", times=None)
+    env = _env(
+        MESSAGES_TOKEN_URL=server.token_url,
+        MESSAGES_CLIENT_ID=server.client_id,
+        MESSAGES_CLIENT_SECRET=server.client_secret,
+    )
+    code, err = await export(tmp_path, env)
+    assert code == 1, err
+    assert "unreachable or failing" in err
+    assert "HTTP 503" in err
+    assert "refused the credentials" not in err
+    assert server.token_request_count == 11  # the export's max_retries of 10, then it stops
+
+
+async def test_the_token_exchange_waits_out_retry_after(server: MessagesServer) -> None:
+    server.inject(Fault.rate_limited(retry_after="0.4"), path="oauth/token")
+    async with make_client(server, backoff_base=0.0, backoff_max=0.0) as client:
+        assert client.scopes is not None
+    sent = [r.started for r in server.requests if r.origin == "token"]
+    assert len(sent) == 2
+    assert sent[1] - sent[0] >= 0.35  # as the endpoint asked, not the (zero) backoff
