@@ -127,11 +127,13 @@ async def test_a_wrong_resource_uri_says_check_resource_uri(
     assert "check the chat or message id" not in err
 
 
-@pytest.mark.parametrize(
-    "url", ["auth.example.com/oauth/token", "localhost:9/oauth/token", "ftp://host/token"]
-)
-async def test_a_url_without_an_http_scheme_gets_our_own_message(tmp_path: Path, url: str) -> None:
-    env = _env(MESSAGES_TOKEN_URL=url, MESSAGES_CLIENT_ID="c", MESSAGES_CLIENT_SECRET="s")
+async def test_a_url_without_an_http_scheme_gets_our_own_message(tmp_path: Path) -> None:
+    # The other shapes of the mistake are in test_wire.py; this is what the user sees.
+    env = _env(
+        MESSAGES_TOKEN_URL="auth.example.com/oauth/token",
+        MESSAGES_CLIENT_ID="c",
+        MESSAGES_CLIENT_SECRET="s",
+    )
     code, err = await export(tmp_path, env)
     assert code == 2
     assert "token_url must be an absolute http(s) URL such as https://host/path" in err
