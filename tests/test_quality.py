@@ -63,7 +63,6 @@ def test_public_names_are_exported_and_documented() -> None:
                     "Transport",
                     "RetryPolicy",
                     "RetryBudget",
-                    "RoundVerdict",
                     "Operation",
                     "Attempt",
                     "CallState",
