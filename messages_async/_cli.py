@@ -421,7 +421,7 @@ async def _run(
             # Signing in may wait out retries and a Retry-After: Ctrl-C must not wait for it.
             signed_in = await unless_stopped(sign_in(), stop)
         except (AuthError, ScopeError, TransportError) as exc:
-            say(f"{PROG} export: {_sign_in_failure(exc)}")
+            say(f"{PROG} export: {_sign_in_failure(exc, 'sign in')}")
             return _sign_in_exit(exc)
         if not signed_in:
             await client.aclose()  # already closed by the cancelled sign-in; to be sure
@@ -443,15 +443,15 @@ def _outage(exc: MessagesError) -> bool:
     return status is not None and (status >= 500 or status == 429)
 
 
-def _sign_in_failure(exc: MessagesError) -> str:
+def _sign_in_failure(exc: MessagesError, doing: str) -> str:
     if _outage(exc):
-        return f"could not sign in, the server is unreachable or failing: {exc}"
+        return f"could not {doing}, the server is unreachable or failing: {exc}"
     refused = isinstance(exc, ScopeError) or (
         isinstance(exc, AuthError) and exc.status in (400, 401, 403)
     )
     if refused:
         return f"the server refused the credentials: {exc}"
-    return f"could not sign in: {exc}"  # e.g. a token_url that is no token endpoint
+    return f"could not {doing}: {exc}"  # e.g. a token_url that is no token endpoint
 
 
 def _sign_in_exit(exc: MessagesError) -> int:
@@ -491,7 +491,7 @@ async def _run_open(
         try:
             stats = await exporter.run()
         except (AuthError, ScopeError, TransportError) as exc:
-            say(f"{PROG} export: {_sign_in_failure(exc)}")
+            say(f"{PROG} export: {_sign_in_failure(exc, 'export')}")
             return _sign_in_exit(exc)
         except MessagesError as exc:
             say(f"{PROG} export: {exc}")

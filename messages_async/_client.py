@@ -131,7 +131,7 @@ class Client:
             less than a tenth of it is not begun: the error that caused it is raised instead.
         max_retries: Retries after the first attempt (0 disables retrying). aiohttp itself
             may send a GET again, once, when a kept-alive connection turns out to be closed;
-            that is not counted here (PROTOCOL §7).
+            that is not counted here (docs/protocol.md §7).
         max_concurrency: Most requests this client has in flight at once (the adaptive bound
             starts here and never exceeds it).
         backoff_base: First backoff step in seconds; doubles per retry, with full jitter.

@@ -54,7 +54,7 @@ __all__ = [
     "describe_wait",
 ]
 
-#: Statuses that may succeed when asked again (PROTOCOL §6): throttling and server failures.
+#: Statuses that may succeed when asked again (docs/protocol.md §6): throttling and server failures.
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 #: A wait is begun only if the attempt after it would still have this share of the deadline.
 DEADLINE_SHARE = 0.1
@@ -87,9 +87,9 @@ class Operation:
     #: Whether sending it twice does no more than sending it once (GET, edit, delete, a token
     #: exchange); an ``add`` is not, and is repeated only where the server cannot have acted.
     idempotent: bool
-    #: A resource request: its ``Retry-After`` pauses every request of the client (PROTOCOL
-    #: §7), a 401 renews the token once, and failures spend the retry budget. The token
-    #: exchange is none of these: it waits on its own.
+    #: A resource request: its ``Retry-After`` pauses every request of the client
+    #: (docs/protocol.md §7), a 401 renews the token once, and failures spend the retry
+    #: budget. The token exchange is none of these: it waits on its own.
     resource: bool = True
     #: A 404 after an attempt that may have reached the server means that attempt did it.
     gone_means_done: bool = False
@@ -210,7 +210,7 @@ Decision = RetryIn | Renew | Done | GiveUp
 
 
 def _shared_pause(status: int | None, retry_after: float | None) -> bool:
-    # The server said when to come back (PROTOCOL §7): it did not act, and the whole client
+    # The server said when to come back (docs/protocol.md §7): it did not act, and the whole client
     # waits, not this call alone.
     return status == 429 or (status == 503 and retry_after is not None)
 
@@ -291,8 +291,8 @@ def decide(
         and now + delay - unreachable_since > policy.max_unreachable
     ):
         note = (
-            f"not retried: could not connect for {now - unreachable_since:.0f} s, and "
-            f"max_unreachable is {policy.max_unreachable:g} s"
+            f"not retried: could not connect for {now - unreachable_since:.1f} s, and waiting "
+            f"{delay:.1f} s more would pass max_unreachable ({policy.max_unreachable:g} s)"
         )
         return GiveUp(note), state
     # Waits the server asked for are the shared pause's business, not the budget's.

@@ -6,7 +6,8 @@ that token carries. The token exchange follows RFC 6749 (client credentials, §4
 - the first exchange happens when the client opens, so ``client.scopes`` is known from then on;
 - a token is renewed ahead of expiry (at half its life, at most a minute early), and after a 401;
 - renewal is single-flight: forty calls that meet an expired token cause one exchange, and a
-  waiter that is cancelled does not cancel the exchange the others are waiting on (PROTOCOL §7);
+  waiter that is cancelled does not cancel the exchange the others are waiting on
+  (docs/protocol.md §7);
 - a refresh refused with ``invalid_grant`` (a dead refresh token) falls back to a new
   client-credentials exchange.
 """

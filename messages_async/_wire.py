@@ -282,7 +282,8 @@ def cursor_request(root: URL, cursor: str, listing: ListQuery) -> ApiRequest:
     """The request that follows ``cursor``, checked to stay inside the API before it is built.
 
     A cursor is an absolute URL (followed as given), a relative one (resolved against the
-    resource root), or a bare token (sent as ``cursor=`` with the listing's filters, PROTOCOL §3).
+    resource root), or a bare token (sent as ``cursor=`` with the listing's filters,
+    docs/protocol.md §3).
     Any URL that would leave the resource origin, or climb above the resource path, raises
     :class:`UnsafeCursorError`, so the bearer token is never sent anywhere else.
     """
@@ -308,7 +309,7 @@ def cursor_request(root: URL, cursor: str, listing: ListQuery) -> ApiRequest:
 
 
 def _looks_like_url(cursor: str) -> bool:
-    # PROTOCOL §3: a cursor is an absolute URL or an opaque token, and tokens may hold any
+    # docs/protocol.md §3: a cursor is an absolute URL or an opaque token, and tokens may hold any
     # character ("1700000000:42", standard base64 with "/" and "+"). So only a scheme
     # ("https://…"), a network path ("//host/…") or a path with a query ("/api/v1/messages/?…",
     # "messages/?…") makes a URL; everything else is sent as ``cursor=`` to the API's own

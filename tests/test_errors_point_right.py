@@ -83,7 +83,7 @@ async def test_an_unreachable_token_endpoint_says_so_while_waiting_and_exits_1(
     assert all("could not connect (ClientConnectorError" in line for line in waits), err
     assert "refused the credentials" not in err
     assert "could not reach the token endpoint" in lines[-1]
-    assert "max_unreachable is 1.5 s" in lines[-1]
+    assert "would pass max_unreachable (1.5 s)" in lines[-1]
     assert "s3cr3t-never-shown" not in err
 
 
@@ -161,7 +161,7 @@ async def test_an_unreachable_api_host_is_a_transport_error_that_names_the_cause
             await client.messages.chats()
     text = str(info.value)
     assert "could not connect (ClientConnectorError" in text
-    assert "max_unreachable is 0.5 s" in text
+    assert "would pass max_unreachable (0.5 s)" in text
     waits = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert waits
     assert all(w.startswith("chats: could not connect") for w in waits)
@@ -298,3 +298,17 @@ async def test_the_token_exchange_waits_out_retry_after(server: MessagesServer) 
     sent = [r.started for r in server.requests if r.origin == "token"]
     assert len(sent) == 2
     assert sent[1] - sent[0] >= 0.35  # as the endpoint asked, not the (zero) backoff
+
+
+async def test_an_unreachable_api_host_names_the_cause_and_exits_1(tmp_path: Path) -> None:
+    env = _env(
+        MESSAGES_ACCESS_TOKEN="at_unused",
+        MESSAGES_RESOURCE_URI=f"http://127.0.0.1:{_refused_port()}/api/v1/",
+    )
+    code, err = await export(tmp_path, env, "--max-unreachable", "1")
+    assert code == 1, err
+    lines = err.splitlines()
+    assert any(line.endswith("(retry 1 of 10)") for line in lines), err
+    assert "could not export, the server is unreachable or failing" in lines[-1]
+    assert "could not connect (ClientConnectorError" in lines[-1]
+    assert "would pass max_unreachable (1 s)" in lines[-1]
