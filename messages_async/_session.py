@@ -206,11 +206,18 @@ class SessionManager:
 
     @property
     def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
+        session = self._session
+        if session is None:
             raise ClientClosedError(
                 "the client is not open; use 'async with Client(...) as client:'"
             )
-        return self._session
+        if session.closed:
+            # Only a caller-owned session can be closed behind the client's back.
+            raise ClientClosedError(
+                "the aiohttp session passed as Client(session=...) is closed; keep it open "
+                "for as long as the client is used"
+            )
+        return session
 
     @property
     def resource_root(self) -> URL:

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from helpers import make_client
@@ -352,3 +353,17 @@ async def test_an_unreadable_answer_is_a_transport_error_that_keeps_no_token(
     assert len(seen) == 2  # a GET whose answer was lost is retried, once here
     assert "after 2 attempts" in str(info.value)
     assert not leaks(info.value, [token])
+
+
+async def test_a_caller_session_closed_behind_the_clients_back_is_client_closed(
+    server: MessagesServer,
+) -> None:
+    session = aiohttp.ClientSession()
+    async with make_client(server, session=session) as client:
+        await client.messages.chats()
+        await session.close()
+        with pytest.raises(ma.ClientClosedError, match=r"Client\(session=\.\.\.\) is closed"):
+            await client.messages.chats()
+    unopened = make_client(server, session=session)
+    with pytest.raises(ma.ClientClosedError, match="is closed"):
+        await unopened.open()
