@@ -20,7 +20,7 @@ import functools
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import aiohttp
@@ -160,12 +160,15 @@ class SessionManager:
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Set when close() begins: a call failing from then on was cut short by it.
         self.closing = False
+        self._closed: asyncio.Future[None] | None = None
         self.exchanges = 0
 
     # --- lifecycle ------------------------------------------------------------------------------
 
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
+        if self._closed is None:
+            self._closed = self._loop.create_future()
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self._connection_limit),
@@ -179,6 +182,8 @@ class SessionManager:
 
     async def close(self) -> None:
         self.closing = True
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)  # wakes calls waiting to retry
         renewal, self._renewal = self._renewal, None
         try:
             if renewal is not None and not renewal.done():
@@ -193,6 +198,21 @@ class SessionManager:
             session, self._session = self._session, None
             if self._owns_session and session is not None:
                 await session.close()
+
+    async def wait_unless_closed(self, wait: Awaitable[object]) -> None:
+        """Wait for ``wait`` (a backoff), but raise :class:`ClientClosedError` at once if the
+        client closes meanwhile: a call is not held up by a backoff the close ended."""
+        closed = self._closed
+        task = asyncio.ensure_future(wait)
+        try:
+            if closed is None:
+                await task
+                return
+            await asyncio.wait((task, closed), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            task.cancel()
+        if not task.done() or closed.done():
+            raise ClientClosedError("the client was closed while this call waited to retry")
 
     def check_loop(self) -> None:
         """Raise :class:`EventLoopError` unless called from the loop the client opened in."""

@@ -332,7 +332,7 @@ class Transport:
             self._limiter.pause(decision.delay)
         else:
             logger.warning("%s", line)
-            await self._sleep(decision.delay)
+            await self._sessions.wait_unless_closed(self._sleep(decision.delay))
 
     def _until(self, ends_at: float | None) -> contextlib.AbstractAsyncContextManager[object]:
         """A scope that raises TimeoutError at ``ends_at`` (this transport's clock), if set."""

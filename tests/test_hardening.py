@@ -367,3 +367,17 @@ async def test_a_caller_session_closed_behind_the_clients_back_is_client_closed(
     unopened = make_client(server, session=session)
     with pytest.raises(ma.ClientClosedError, match="is closed"):
         await unopened.open()
+
+
+async def test_a_call_waiting_to_retry_is_ended_by_aclose_at_once(server: MessagesServer) -> None:
+    server.inject(Fault.status(500), times=None)
+    client = make_client(server, backoff_base=1000.0, backoff_max=1000.0)
+    await client.open()
+    call = asyncio.create_task(client.messages.chats())
+    while not server.resource_requests():
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)  # the 500 is in, the call sleeps its backoff (up to 1000 s)
+    await client.aclose()
+    with pytest.raises(ma.ClientClosedError, match="waited to retry"):
+        await asyncio.wait_for(call, timeout=10)
+    assert len(server.resource_requests()) == 1
