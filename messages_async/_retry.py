@@ -211,8 +211,8 @@ Decision = RetryIn | Renew | Done | GiveUp
 
 
 def _shared_pause(status: int | None, retry_after: float | None) -> bool:
-    # The server said when to come back (docs/protocol.md §7): it did not act, and the whole client
-    # waits, not this call alone.
+    # The server said when to come back (docs/protocol.md §7): it did not act, and the
+    # whole client waits, not this call alone.
     return status == 429 or (status == 503 and retry_after is not None)
 
 
