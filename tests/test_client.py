@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 from helpers import make_client
+from test_hardening import leaks
 
 import messages_async as ma
 from messages_async.testing import Fault, MessagesServer, OriginRecorder
@@ -789,25 +790,6 @@ def test_bad_configuration_says_what_to_fix(kwargs: dict[str, Any], error: type)
 # --- secrets -----------------------------------------------------------------------------------
 
 
-def _frames_hold(exc: BaseException, needles: list[str]) -> list[str]:
-    found = []
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        current = todo.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        for text in (repr(current), str(current)):
-            found += [n for n in needles if n in text]
-        for frame, _ in traceback.walk_tb(current.__traceback__):
-            if frame.f_globals.get("__name__", "").startswith(("messages_async", "aiohttp")):
-                for value in frame.f_locals.values():
-                    found += [n for n in needles if n in repr(value)]
-        todo += [current.__cause__, current.__context__]
-    return found
-
-
 async def test_secrets_never_leak(server: MessagesServer, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="messages_async")
     async with make_client(server) as c:
@@ -837,13 +819,13 @@ async def test_secrets_never_leak(server: MessagesServer, caplog: pytest.LogCapt
             assert not [n for n in needles if n in text]
         assert len(errors) == len(faults)
         for exc in errors:
-            assert not _frames_hold(exc, needles), type(exc)
+            assert not leaks(exc, needles), type(exc)
         assert caplog.records, "one debug line per request is expected"
         assert any("GET /api/v1/messages/chats/ -> 200" in r.getMessage() for r in caplog.records)
     bad = make_client(server, client_secret="s3cr3t-value-xyz")
     with pytest.raises(ma.AuthError) as info:
         await bad.open()
-    assert not _frames_hold(info.value, ["s3cr3t-value-xyz"])
+    assert not leaks(info.value, ["s3cr3t-value-xyz"])
 
 
 # --- lifecycle ---------------------------------------------------------------------------------
@@ -1057,7 +1039,7 @@ def test_configuration_errors_keep_secrets_out_of_tracebacks() -> None:
     ):
         with pytest.raises(ma.ConfigurationError) as info:
             ma.Client(**kwargs)
-        assert not _frames_hold(info.value, ["S3CR3T-1", "S3CR3T-2"])
+        assert not leaks(info.value, ["S3CR3T-1", "S3CR3T-2"])
         # A formatter that shows locals (and so reprs the half-built client) works too.
         summary = traceback.TracebackException.from_exception(info.value, capture_locals=True)
         library = [f for f in summary.stack if "messages_async" in f.filename]
