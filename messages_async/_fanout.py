@@ -6,9 +6,10 @@ When the consumer is slow the slots fill, workers wait to hand on their page and
 memory stays bounded by about ``2 × concurrency`` pages however many chats there are. Order is
 kept within each chat because one worker walks a chat from start to end.
 
-Failure (docs/protocol.md §7): with ``on_error="raise"`` the first failing chat's own exception is raised
-(not an ``ExceptionGroup``) as soon as the consumer asks for its next item, without first
-handing out what other chats had queued, and after every other worker has been cancelled; with
+Failure (docs/protocol.md §7): with ``on_error="raise"`` the first failing chat's own exception
+is raised (not an ``ExceptionGroup``) as soon as the consumer asks for its next item, without
+first handing out what other chats had queued, and after every other worker has been cancelled
+(the failing worker cancels them at once); with
 ``on_error="yield"`` a :class:`ChatFailed` item takes the chat's place and the others go on
 (except when the client itself was closed: that ends the whole walk with
 :class:`ClientClosedError`, rather than failing every chat left one by one).
