@@ -24,7 +24,7 @@ from typing import Literal
 
 from ._errors import ClientClosedError
 from ._models import ChatFailed, Message, MessagesPage
-from ._pool import Emit, JobFailed, Pool
+from ._pool import Emit, Pool
 
 __all__ = ["OnError", "fan_out"]
 
@@ -44,7 +44,7 @@ async def fan_out(
     ``max_items`` bounds each chat. See the module docstring for failures and cleanup.
     """
 
-    async def walk_chat(chat_id: int, emit: Emit[tuple[int, list[Message]]]) -> None:
+    async def walk_chat(chat_id: int, emit: Emit[tuple[int, list[Message] | ChatFailed]]) -> None:
         if max_items is not None and max_items <= 0:
             return  # nothing wanted from this chat: send nothing
         remaining = max_items
@@ -64,23 +64,22 @@ async def fan_out(
 
     # A chat named twice is walked once: walking it again would only yield duplicates. A slot
     # holds a page's worth of messages.
-    pool: Pool[int, tuple[int, list[Message]]] = Pool(
+    pool: Pool[int, tuple[int, list[Message] | ChatFailed]] = Pool(
         walk_chat,
         workers=concurrency,
         capacity=concurrency,
         jobs=list(dict.fromkeys(chat_ids)),
-        on_error=on_error,
+        failed_item=(lambda c, exc: (c, ChatFailed(c, exc))) if on_error == "yield" else None,
         # A closed client is not one chat's failure: report it once, for the walk.
         ends_pool=lambda exc: isinstance(exc, ClientClosedError),
         name="messages_async fan-out worker",
     )
     try:
-        async for item in pool:
-            if isinstance(item, JobFailed):
-                yield item.job, ChatFailed(item.job, item.error)
+        async for chat_id, payload in pool:
+            if isinstance(payload, ChatFailed):
+                yield chat_id, payload
                 continue
-            chat_id, messages = item
-            for message in messages:
+            for message in payload:
                 yield chat_id, message
                 # A failure elsewhere is raised at once, not after the rest of this page.
                 await pool.check()

@@ -9,12 +9,12 @@ A pool runs jobs on at most ``workers`` tasks and hands what they emit to one co
 - **Items** a job emits travel to the consumer through ``capacity`` slots; ``emit`` waits
   while they are full, so a slow consumer stops the jobs and memory stays bounded by about
   ``capacity + workers`` items.
-- **Failures.** With ``on_error="raise"`` the first job that raises ends the pool: the other
+- **Failures.** By default the first job that raises ends the pool: the other
   workers are cancelled at once, and the consumer's next ``anext`` raises that very exception
   (not an ``ExceptionGroup``, docs/protocol.md §7), before any item still queued and after
-  every task of the pool has finished. With ``on_error="yield"`` the failure arrives as a
-  :class:`JobFailed` item in the job's place and the other jobs go on, except for an error
-  that ``ends_pool`` picks out (a closed client): that ends the pool as with ``"raise"``.
+  every task of the pool has finished. Given ``failed_item``, a failure instead arrives as
+  the item ``failed_item(job, error)`` in the job's place and the other jobs go on, except for
+  an error that ``ends_pool`` picks out (a closed client): that ends the pool as without it.
 - **Cancellation, one protocol.** :meth:`Pool.cancel` cancels every task of the pool at once,
   synchronously (a finalizer may call it); :meth:`Pool.aclose` cancels and waits. A consumer
   whose ``anext`` is cancelled (its task cancelled, ``asyncio.wait_for``) closes the pool as
@@ -27,11 +27,11 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, Generic, Literal, Self, TypeVar
+from typing import Any, Generic, Self, TypeVar
 
 from ._pagination import retrieve_outcome
 
-__all__ = ["Emit", "JobFailed", "Pool"]
+__all__ = ["Emit", "Pool"]
 
 J = TypeVar("J")
 T = TypeVar("T")
@@ -52,16 +52,6 @@ _WAKE = _Wake.WAKE
 _NO_MORE = _NoMore.NO_MORE
 
 
-class JobFailed(Generic[J]):
-    """A job that raised, in its place among the items (``on_error="yield"``)."""
-
-    __slots__ = ("error", "job")
-
-    def __init__(self, job: J, error: Exception) -> None:
-        self.job = job
-        self.error = error
-
-
 class Pool(Generic[J, T]):
     """Run ``run(job, emit)`` for every job on at most ``workers`` tasks; iterate the items.
 
@@ -70,8 +60,9 @@ class Pool(Generic[J, T]):
         workers: The most jobs running at once.
         capacity: Items held for the consumer before ``emit`` waits.
         jobs: Every job, up front; ``None``: jobs come through :meth:`submit`.
-        on_error: ``"raise"`` (the first failure ends the pool) or ``"yield"``.
-        ends_pool: With ``"yield"``, errors that still end the whole pool.
+        failed_item: The item that takes a failed job's place; ``None``: the first failure
+            ends the pool.
+        ends_pool: With ``failed_item``, errors that still end the whole pool.
         name: The tasks' name prefix.
     """
 
@@ -82,13 +73,13 @@ class Pool(Generic[J, T]):
         workers: int,
         capacity: int,
         jobs: Sequence[J] | None = None,
-        on_error: Literal["raise", "yield"] = "raise",
+        failed_item: Callable[[J, Exception], T] | None = None,
         ends_pool: Callable[[Exception], bool] = lambda exc: False,
         name: str,
     ) -> None:
         self._run = run
         self._name = name
-        self._on_error = on_error
+        self._failed_item = failed_item
         self._ends_pool = ends_pool
         self._given = iter(jobs) if jobs is not None else None
         self._size = workers if jobs is None else min(workers, len(jobs))
@@ -96,7 +87,7 @@ class Pool(Generic[J, T]):
         self._jobs: asyncio.Queue[J | _NoMore] = asyncio.Queue(maxsize=max(1, workers))
         # Unbounded for signals; items are bounded by the slots instead, so a worker that ends
         # (or fails) can always wake the consumer without waiting for room.
-        self._out: asyncio.Queue[T | JobFailed[J] | _Wake] = asyncio.Queue()
+        self._out: asyncio.Queue[T | _Wake] = asyncio.Queue()
         self._slots = asyncio.Semaphore(max(1, capacity))
         self._tasks: list[asyncio.Task[None]] = []
         self._running = 0
@@ -138,7 +129,7 @@ class Pool(Generic[J, T]):
         for _ in range(self._size):
             await self._jobs.put(_NO_MORE)
 
-    async def _put(self, item: T | JobFailed[J]) -> None:
+    async def _put(self, item: T) -> None:
         await self._slots.acquire()
         self._out.put_nowait(item)
 
@@ -153,10 +144,10 @@ class Pool(Generic[J, T]):
                 try:
                     await self._run(job, self._put)
                 except Exception as exc:  # one job's failure; CancelledError is not caught
-                    if self._on_error == "raise" or self._ends_pool(exc):
+                    if self._failed_item is None or self._ends_pool(exc):
                         self.fail(exc)
                         return
-                    await self._put(JobFailed(job, exc))
+                    await self._put(self._failed_item(job, exc))
         finally:
             self._running -= 1
             self._out.put_nowait(_WAKE)
@@ -183,7 +174,7 @@ class Pool(Generic[J, T]):
     def __aiter__(self) -> Self:
         return self
 
-    async def __anext__(self) -> T | JobFailed[J]:
+    async def __anext__(self) -> T:
         self.start()
         while True:
             await self.check()
