@@ -8,6 +8,7 @@ simulator plays a server whose polls answer at once, over minutes of simulated t
 
 from __future__ import annotations
 
+import itertools
 import random
 import statistics
 from collections import Counter
@@ -77,7 +78,8 @@ def test_each_chat_starts_at_its_newest_id_in_its_first_poll() -> None:
     s = schedule([1, 2])
     a, b = polls_due(s, 0.0)
     assert (a.chat_id, b.chat_id) == (1, 2)
-    assert s.watermark(a) is None and s.watermark(b) is None  # a first read: newest only
+    assert s.watermark(a) is None
+    assert s.watermark(b) is None
     s.first_read(0.1, a, 10)
     assert not s.ready
     s.first_read(0.1, b, 25)
@@ -91,10 +93,12 @@ def test_a_first_poll_that_fails_starts_the_chat_at_the_start_mark_known_then() 
     a, b = polls_due(s, 0.0)
     s.first_read(0.1, a, 40)
     failed = s.poll_failed(0.1, b, outage())
-    assert not failed.raise_it and failed.delay > 0
+    assert not failed.raise_it
+    assert failed.delay > 0
     # b begins at 40, not at "its newest when a poll first succeeds": what is posted in b
     # during the outage is above 40 (ids grow server-wide) and will be yielded.
-    assert s.fetched[2] == 40 and s.ready
+    assert s.fetched[2] == 40
+    assert s.ready
     (retry,) = polls_due(s, 0.1 + failed.delay)
     assert s.watermark(retry) == 40  # the retry reads from the mark, not a first read
 
@@ -103,9 +107,11 @@ def test_a_first_poll_failing_before_any_id_is_seen_waits_for_the_round() -> Non
     s = schedule([1, 2])
     a, b = polls_due(s, 0.0)
     s.poll_failed(0.1, a, outage())
-    assert 1 not in s.fetched and not s.ready  # unanchored: no mark to start from yet
+    assert 1 not in s.fetched
+    assert not s.ready
     s.first_read(0.2, b, 30)
-    assert s.fetched[1] == 30 and s.ready
+    assert s.fetched[1] == 30
+    assert s.ready
 
 
 def test_when_the_round_sees_no_id_a_failed_chat_starts_at_its_first_success() -> None:
@@ -117,7 +123,8 @@ def test_when_the_round_sees_no_id_a_failed_chat_starts_at_its_first_success() -
     (retry,) = polls_due(s, 0.1 + failed.delay)
     assert s.watermark(retry) is None  # still a first read
     s.first_read(2.0, retry, 17)
-    assert s.ready and s.fetched[1] == 17
+    assert s.ready
+    assert s.fetched[1] == 17
 
 
 def test_watching_all_a_chat_missing_from_since_starts_after_its_largest_id() -> None:
@@ -136,10 +143,12 @@ def test_with_chat_ids_a_chat_missing_from_since_starts_from_now() -> None:
     assert s.watermark(polls[2]) is None
     # Its first poll fails: it must not start at 1's old saved mark.
     failed = s.poll_failed(0.1, polls[2], outage())
-    assert 2 not in s.fetched and not s.ready
+    assert 2 not in s.fetched
+    assert not s.ready
     (retry,) = polls_due(s, 0.1 + failed.delay)
     s.first_read(1.0, retry, 99)
-    assert s.fetched[2] == 99 and s.ready
+    assert s.fetched[2] == 99
+    assert s.ready
 
 
 def test_fresh_chats_are_polled_before_resumed_ones() -> None:
@@ -156,7 +165,8 @@ def test_a_chat_listed_later_starts_at_the_start_mark() -> None:
     assert s.next_action(4.9) == pytest.approx(5.1)  # listed again rediscover after ready
     assert s.next_action(5.2) == ListChats(first=False)
     changes = s.chats_listed(5.2, [1, 9])
-    assert changes.added == [9] and changes.dropped == []
+    assert changes.added == [9]
+    assert changes.dropped == []
     assert s.fetched[9] == 70  # everything posted in 9 since the start is yielded
 
 
@@ -180,13 +190,15 @@ def test_a_chat_dropped_and_listed_again_goes_on_from_its_watermark() -> None:
     (poll,) = [p for p in polls_due(s, 20.0) if p.chat_id == 1]
     assert s.fetched_batch(poll, msgs(11, 12)) == msgs(11, 12)
     assert s.poll_failed(20.5, poll, ma.NotFoundError(404, "not_found", "gone")).dropped
-    assert 1 not in s.chats and s.fetched[1] == 12
+    assert 1 not in s.chats
+    assert s.fetched[1] == 12
     # A late batch of the old stint changes nothing.
     assert s.fetched_batch(poll, msgs(13)) == []
     changes = s.chats_listed(30.0, [1, 2])
     assert changes.added == [1]
     (again,) = [p for p in polls_due(s, 30.0) if p.chat_id == 1]
-    assert again.stint != poll.stint and s.watermark(again) == 12
+    assert again.stint != poll.stint
+    assert s.watermark(again) == 12
 
 
 def test_a_chat_present_at_the_start_but_never_read_is_not_new() -> None:
@@ -195,7 +207,8 @@ def test_a_chat_present_at_the_start_but_never_read_is_not_new() -> None:
     s.chats_listed(0.0, [1])
     (a,) = polls_due(s, 0.0)
     s.poll_failed(0.1, a, ma.NotFoundError(404, "not_found", "gone"))
-    assert s.ready and s.chats == {}
+    assert s.ready
+    assert s.chats == {}
     s.chats_listed(20.0, [1])
     # No id was seen anywhere: 0 would replay its whole history, which predates the watch.
     (again,) = polls_due(s, 20.0)
@@ -208,7 +221,8 @@ def test_the_consumer_watermark_moves_only_when_a_message_is_handed_over() -> No
     read_first(s, 0.0, a, 5)
     (poll,) = polls_due(s, 5.0)
     assert s.fetched_batch(poll, msgs(3, 5, 6, 7)) == msgs(6, 7)  # at or below 5: not new
-    assert s.fetched[1] == 7 and s.public[1] == 5
+    assert s.fetched[1] == 7
+    assert s.public[1] == 5
     s.delivered(1, 6)
     assert s.public[1] == 6
 
@@ -223,7 +237,7 @@ def test_an_explicit_watch_with_every_chat_gone_ends() -> None:
     assert s.next_action(0.3) is None
 
 
-# --- what a failure means --------------------------------------------------------------------------
+# --- what a failure means ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -255,7 +269,8 @@ def test_failed_poll_table(error: Exception, outcome: str) -> None:
         assert polls_due(s, failed.delay - 1e-9) == []
         assert len(polls_due(s, failed.delay)) == 1
     elif outcome == "drop":
-        assert s.chats == {} and s.next_action(1e6) is END  # the explicit watch's only chat
+        assert s.chats == {}
+        assert s.next_action(1e6) is END
     else:
         assert s.next_action(1e6) is None
 
@@ -289,7 +304,8 @@ def test_listing_the_chats_first_is_retried_and_a_later_failure_keeps_the_list()
     assert s.next_action(0.0) == ListChats(first=True)
     assert s.next_action(0.0) is None  # one listing at a time
     failed = s.listing_failed(0.0, outage())
-    assert not failed.raise_it and failed.count == 1
+    assert not failed.raise_it
+    assert failed.count == 1
     assert s.next_action(failed.delay) == ListChats(first=True)
     s.chats_listed(failed.delay, [1])
     (a,) = polls_due(s, failed.delay)
@@ -297,7 +313,8 @@ def test_listing_the_chats_first_is_retried_and_a_later_failure_keeps_the_list()
     assert s.next_action(6.9) != ListChats(first=False)
     assert s.next_action(7.0) == ListChats(first=False)
     kept = s.listing_failed(7.0, ma.TransportError("reset"))
-    assert not kept.raise_it and list(s.chats) == [1]
+    assert not kept.raise_it
+    assert list(s.chats) == [1]
     assert s.next_action(12.0) == ListChats(first=False)
     assert s.listing_failed(12.0, ma.AuthError("revoked", status=401)).raise_it
 
@@ -383,7 +400,8 @@ def test_the_interval_grows_by_half_per_empty_poll_and_news_resets_it() -> None:
     (poll,) = polls_due(s, now := s.next_action(now))  # type: ignore[arg-type]
     s.poll_done(now, poll, got_new=True)
     due = s.next_action(now)
-    assert isinstance(due, float) and 0.9 <= due - now <= 1.1
+    assert isinstance(due, float)
+    assert 0.9 <= due - now <= 1.1
 
 
 def test_quiet_chats_do_not_poll_in_lockstep() -> None:
@@ -407,8 +425,9 @@ def test_new_chats_are_noticed_about_as_fast_as_a_quiet_chat_is_polled() -> None
     s = schedule(None, interval=1.0, max_interval=cap)
     log = simulate(s, 300.0, chats=[1, 2, 3])
     listings = [t for t, a in log if isinstance(a, ListChats)]
-    gaps = [b - a for a, b in zip(listings, listings[1:], strict=False)]
-    assert gaps and all(g == pytest.approx(cap) for g in gaps)
+    gaps = [b - a for a, b in itertools.pairwise(listings)]
+    assert gaps
+    assert all(g == pytest.approx(cap) for g in gaps)
 
 
 def test_a_seeded_schedule_is_reproducible() -> None:

@@ -553,9 +553,7 @@ async def test_a_body_that_breaks_the_contract_is_raised_once_not_polled_forever
     await watch.ready()
     broken = server.inject(Fault.malformed(), path="messages/", chat_id=chat_id, times=None)
     with pytest.raises(ma.DecodeError, match="message page"):
-        async with asyncio.timeout(5):
-            async for _ in watch:
-                pass
+        await drain(watch)
     await no_watch_tasks_left()
     await asyncio.sleep(0.1)
     assert broken.hits == 1  # neither the transport nor the watch asked again
@@ -577,7 +575,9 @@ async def test_a_cancelled_consumer_stops_the_polls_while_its_traceback_is_kept(
         # Kept for a log, say: its cause's traceback holds the frames, and the watch in them,
         # so no finalizer will ever stop the watch.
         kept.append(exc)
-    assert kept and kept[0].__cause__ is not None and kept[0].__cause__.__traceback__
+    assert kept
+    assert kept[0].__cause__ is not None
+    assert kept[0].__cause__.__traceback__
     await no_watch_tasks_left()
     await asyncio.sleep(0.05)
     count = len(server.resource_requests())
