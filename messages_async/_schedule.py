@@ -33,9 +33,11 @@ listed again it begins like a chat whose first poll failed. A chat dropped (404,
 from a listing) keeps its watermark; listed again, it goes on from there.
 
 **Cadence.** A quiet chat's interval grows by half per empty poll up to ``max_interval``; one
-with news goes back to ``interval``. A chat that reaches ``max_interval`` first waits a random
-time up to it (at least ``interval``, or half the cap if that is shorter), so chats that went
-quiet together poll evenly spread over the cap instead of in one burst per cycle. Watching
+with news goes back to ``interval``. Each wait is jittered by ±10 %, but never beyond
+``max_interval``: a message in a quiet chat is seen within ``max_interval`` of being posted.
+A chat that reaches ``max_interval`` first waits a random time up to it (at least
+``interval``, or half the cap if that is shorter), so chats that went quiet together poll
+evenly spread over the cap instead of in one burst per cycle. Watching
 every chat, the chats are listed again every ``rediscover`` seconds (by default
 ``max_interval``: a new chat is noticed about as soon as a quiet chat's next message).
 
@@ -295,8 +297,9 @@ class WatchSchedule:
             chat.phased = True
             delay = self.rng.uniform(min(self.interval, self.max_interval / 2), self.max_interval)
         else:
-            # A little jitter keeps the phases from drifting back together.
-            delay = chat.interval * self.rng.uniform(0.9, 1.1)
+            # A little jitter keeps the phases from drifting back together; never past the
+            # cap, which bounds how long a message in a quiet chat waits to be seen.
+            delay = min(self.max_interval, chat.interval * self.rng.uniform(0.9, 1.1))
         self._schedule(poll.chat_id, chat.stint, now + delay)
 
     def poll_failed(self, now: float, poll: PollChat, exc: BaseException) -> FailedPoll:
