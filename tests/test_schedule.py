@@ -9,7 +9,6 @@ simulator plays a server whose polls answer at once, over minutes of simulated t
 from __future__ import annotations
 
 import itertools
-import itertools
 import random
 import statistics
 from collections import Counter
