@@ -81,8 +81,9 @@ async def fan_out(
                 continue
             for message in payload:
                 yield chat_id, message
-                # A failure elsewhere is raised at once, not after the rest of this page.
-                await pool.check()
+                if pool.error is not None:
+                    # A failure elsewhere is raised at once, not after the rest of this page.
+                    await pool.check()
     finally:
         # No worker (nor its connection) outlives the generator.
         await pool.aclose()
