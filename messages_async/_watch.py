@@ -294,7 +294,6 @@ class Watch(AsyncIterator[tuple[int, Message]]):
         max_interval: float | None,
         concurrency: int,
         rediscover: float | None,
-        rng: random.Random | None = None,
     ) -> None:
         ids: list[int] | None = None
         if chat_ids is not None:
@@ -341,7 +340,7 @@ class Watch(AsyncIterator[tuple[int, Message]]):
                     )
         self._source = source
         self._ids = ids
-        self._settings = (marks, interval, max_interval, rediscover, rng or random.Random())
+        self._settings = (marks, interval, max_interval, rediscover)
         self._limit = checked_limit
         self._concurrency = concurrency
         self._core: _Core | None = None
@@ -355,14 +354,14 @@ class Watch(AsyncIterator[tuple[int, Message]]):
         if self._core is None:
             # The schedule starts on the running loop's clock, so it is made here, not in
             # __init__ (a watch may be made before its loop runs).
-            marks, interval, max_interval, rediscover, rng = self._settings
+            marks, interval, max_interval, rediscover = self._settings
             schedule = WatchSchedule(
                 self._ids,
                 since=marks,
                 interval=interval,
                 max_interval=max_interval,
                 rediscover=rediscover,
-                rng=rng,
+                rng=random.Random(),
                 now=asyncio.get_running_loop().time(),
             )
             self._core = _Core(
