@@ -72,7 +72,7 @@ async def fan_out(
         failed_item=(lambda c, exc: (c, ChatFailed(c, exc))) if on_error == "yield" else None,
         # A closed client is not one chat's failure: report it once, for the walk.
         ends_pool=lambda exc: isinstance(exc, ClientClosedError),
-        name="messages_async fan-out worker",
+        name="messages_async fan-out",
     )
     try:
         async for chat_id, payload in pool:

@@ -63,7 +63,7 @@ class Pool(Generic[J, T]):
         failed_item: The item that takes a failed job's place; ``None``: the first failure
             ends the pool.
         ends_pool: With ``failed_item``, errors that still end the whole pool.
-        name: The tasks' name prefix.
+        name: The tasks' name prefix (workers are "<name> worker <n>").
     """
 
     def __init__(
@@ -105,7 +105,7 @@ class Pool(Generic[J, T]):
         self._started = True
         for n in range(self._size):
             self._running += 1
-            self._tasks.append(asyncio.create_task(self._worker(), name=f"{self._name} {n}"))
+            self._tasks.append(asyncio.create_task(self._worker(), name=f"{self._name} worker {n}"))
 
     def spawn(self, work: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
         """Run ``work()`` alongside the workers: it fails the pool if it raises, and it is

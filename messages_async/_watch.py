@@ -119,7 +119,7 @@ class _Core:
             self._run,
             workers=concurrency,
             capacity=max(2, concurrency),
-            name="messages_async watch worker",
+            name="messages_async watch",
         )
 
     def start(self) -> None:

@@ -238,7 +238,7 @@ class Exporter:
                 workers=self._options.concurrency,
                 capacity=1,
                 jobs=ids,
-                name="export worker",
+                name="export",
             )
             try:
                 # The pool's first failure (a rejected token, a store that cannot be
