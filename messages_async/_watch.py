@@ -99,6 +99,13 @@ def _log_failure(what: str, exc: BaseException, failed: FailedPoll) -> None:
     )
 
 
+def _note(exc: BaseException, note: str) -> None:
+    # Once: an error the client shares between callers (a failed token renewal) may reach
+    # several polls of the same watch.
+    if note not in getattr(exc, "__notes__", ()):
+        exc.add_note(note)
+
+
 class _Core:
     """Carries out a :class:`WatchSchedule`'s actions; it never refers back to the Watch.
 
@@ -175,6 +182,7 @@ class _Core:
         except Exception as exc:
             failed = self.schedule.listing_failed(self._now(), exc)
             if failed.raise_it:
+                _note(exc, "watch() stopped: raised listing the chats")
                 raise
             if job.first:
                 _log_failure("listing the chats", exc, failed)
@@ -196,6 +204,8 @@ class _Core:
         except Exception as exc:
             failed = self.schedule.poll_failed(self._now(), poll, exc)
             if failed.raise_it:
+                # Raised to the consumer once, saying where: the watch never asks again.
+                _note(exc, f"watch() stopped: raised polling chat {poll.chat_id}")
                 raise
             if failed.dropped:
                 logger.warning(

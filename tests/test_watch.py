@@ -552,8 +552,9 @@ async def test_a_body_that_breaks_the_contract_is_raised_once_not_polled_forever
     watch = client.messages.watch([chat_id], interval=0.02)
     await watch.ready()
     broken = server.inject(Fault.malformed(), path="messages/", chat_id=chat_id, times=None)
-    with pytest.raises(ma.DecodeError, match="message page"):
+    with pytest.raises(ma.DecodeError, match="message page") as caught:
         await drain(watch)
+    assert caught.value.__notes__ == [f"watch() stopped: raised polling chat {chat_id}"]
     await no_watch_tasks_left()
     await asyncio.sleep(0.1)
     assert broken.hits == 1  # neither the transport nor the watch asked again
