@@ -3,8 +3,10 @@ body breaking the contract fails its chat once and is never asked for again."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import make_client
@@ -90,3 +92,34 @@ async def test_a_body_that_breaks_the_contract_fails_its_chat_once(tmp_path: Pat
     finally:
         db.close()
     assert counts == dict.fromkeys(others, 30)
+
+
+async def test_a_refused_token_stops_every_worker_and_raises(tmp_path: Path) -> None:
+    async with MessagesServer(chats=6, messages_per_chat=200, seed=5, latency=0.002) as server:
+        store = SqliteStore(str(tmp_path / "out.sqlite"))
+        commits = 0
+        original = store.commit
+
+        async def commit(*args: Any, **kwargs: Any) -> Any:
+            nonlocal commits
+            commits += 1
+            if commits == 3:
+                # The credentials are revoked mid-export: every token request is refused.
+                server.inject(Fault.status(401, "invalid_client"), path="oauth/token", times=None)
+                server.expire_tokens()
+            return await original(*args, **kwargs)
+
+        store.commit = commit  # type: ignore[method-assign]
+        async with make_client(server) as client:
+            await store.open(ExportMeta(source=server.resource_uri), fresh=False)
+            exporter = Exporter(client, store, ExportOptions(concurrency=3, page_size=10))
+            try:
+                with pytest.raises(ma.AuthError):
+                    await asyncio.wait_for(exporter.run(), 20)
+            finally:
+                await store.close()
+            assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("export ")]
+            sent = len(server.resource_requests())
+            await asyncio.sleep(0.05)
+            assert len(server.resource_requests()) == sent  # nobody goes on fetching
+    assert exporter.stats.chats_done < 6
