@@ -1,7 +1,7 @@
 """The export runner: chats as jobs of the one worker pool (``_pool.py``), one walk per worker.
 
 Every worker shares the one client, so the client's limiter paces all of them together (a
-429 pauses everyone, PROTOCOL §7). A worker walks a chat with ``client.messages.pages`` and
+429 pauses everyone, docs/protocol.md §7). A worker walks a chat with ``client.messages.pages`` and
 commits each page with the chat's next cursor before it stores anything further, holding at
 most the page it is storing and the one being fetched ahead: memory stays flat whatever the
 size of the export.
@@ -15,7 +15,8 @@ What a walk does, from the chat's checkpoint (``_state.py``):
   is new);
 - a saved cursor that has expired (``invalid_cursor``), or that no longer points at this
   API (say the server moved): the walk starts again at the newest page and skips every id it
-  has stored already, so there is neither a duplicate nor a gap;
+  has stored already, so there is neither a duplicate nor a gap.
+
 What a failure means is decided by ``_retry.after_failed_call``, the one classification of a
 call that failed after the client's own retries, and counted in :class:`Rounds` (plain code):
 
