@@ -99,8 +99,9 @@ class Pool(Generic[J, T]):
     # -- producing ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the workers (the first ``anext`` does it too). Idempotent."""
-        if self._started:
+        """Start the workers (the first ``anext`` does it too). Idempotent; a closed pool
+        starts nothing."""
+        if self._started or self._closed:
             return
         self._started = True
         for n in range(self._size):

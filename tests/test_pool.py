@@ -171,3 +171,13 @@ async def test_cancel_is_synchronous() -> None:
         await asyncio.sleep(0)
     assert pool_tasks() == []
     await pool.aclose()
+
+
+async def test_a_pool_closed_before_it_started_starts_nothing() -> None:
+    async def run(job: int, emit: Emit[int]) -> None:
+        await emit(job)
+
+    pool: Pool[int, int] = Pool(run, workers=2, capacity=2, jobs=[1, 2], name="test pool")
+    await pool.aclose()
+    assert [x async for x in pool] == []
+    assert pool_tasks() == []
