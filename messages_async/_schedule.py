@@ -47,7 +47,10 @@ poll starts from the newest page anyway) backs the chat off exponentially, from 
 up to ``max(max_interval, 60 s)`` (or the server's ``Retry-After``), so a chat that stays
 unreadable costs one request per backoff, however long the outage; everything else
 (``GIVE_UP``: a body that breaks the contract, refused credentials, a missing scope, a closed
-client) is raised to the consumer, once. Listing the chats is retried the same way until the
+client) is raised to the consumer, once. A misbehaving listing (``PaginationError``: a cursor
+cycle, a page going backwards) is ``AGAIN`` as it may be a server mid-deploy, but only for
+``MAX_MISBEHAVING_ROUNDS`` polls in a row: then it is raised too, so no broken chat is polled
+without end. Listing the chats is retried the same way until the
 first listing succeeds; a later listing that fails keeps the chat list as it is.
 """
 
@@ -60,7 +63,7 @@ from collections.abc import Iterable, Sequence
 
 import attrs
 
-from ._errors import NotFoundError, PermissionDeniedError
+from ._errors import NotFoundError, PaginationError, PermissionDeniedError
 from ._models import Message
 from ._retry import RoundVerdict, after_failed_call
 
@@ -77,6 +80,8 @@ __all__ = [
 GROWTH = 1.5
 #: Longest a chat waits after repeated transient errors, when ``max_interval`` is shorter.
 MAX_ERROR_BACKOFF = 60.0
+#: Polls in a row that end in a misbehaving listing (``PaginationError``) before it is raised.
+MAX_MISBEHAVING_ROUNDS = 5
 
 
 @attrs.frozen
@@ -129,6 +134,7 @@ class _Chat:
     stint: int
     interval: float
     failures: int = 0
+    misbehaved: int = 0  # PaginationErrors in a row
     # Whether the chat got its random phase since it last reached max_interval.
     phased: bool = False
 
@@ -284,7 +290,7 @@ class WatchSchedule:
         chat = self.chats.get(poll.chat_id)
         if chat is None or chat.stint != poll.stint:
             return
-        chat.failures = 0
+        chat.failures = chat.misbehaved = 0
         if got_new:
             chat.interval = self.interval
             chat.phased = False
@@ -322,6 +328,12 @@ class WatchSchedule:
         if chat is None or chat.stint != poll.stint:
             return FailedPoll()
         chat.failures += 1
+        if isinstance(exc, PaginationError):
+            # A listing that misbehaves (cycles, goes backwards) is no outage: after a few
+            # rounds in a row it is taken for what it is, a server breaking the contract.
+            chat.misbehaved += 1
+            if chat.misbehaved >= MAX_MISBEHAVING_ROUNDS:
+                return FailedPoll(raise_it=True)
         delay = self._backoff(chat.failures, exc)
         self._schedule(chat_id, chat.stint, now + delay)
         return FailedPoll(delay=delay, count=chat.failures)

@@ -21,6 +21,7 @@ from messages_async._schedule import (
     END,
     GROWTH,
     MAX_ERROR_BACKOFF,
+    MAX_MISBEHAVING_ROUNDS,
     ListChats,
     PollChat,
     WatchSchedule,
@@ -247,7 +248,7 @@ def test_an_explicit_watch_with_every_chat_gone_ends() -> None:
         (ma.RateLimitError(429, None, "slow down", retry_after=30), "again"),
         (ma.TransportError("reset"), "again"),
         (ma.InvalidCursorError(400, "invalid_cursor", "expired"), "again"),
-        (ma.PaginationError("went backwards"), "again"),
+        (ma.PaginationError("went backwards"), "again"),  # a few times: see below
         (ma.AuthError("token endpoint down", status=503), "again"),
         (ma.AuthError("revoked", status=401), "raise"),
         (ma.DecodeError("the server's message page does not fit the API contract"), "raise"),
@@ -297,6 +298,28 @@ def test_backoff_doubles_to_its_cap_honours_retry_after_and_resets_on_success() 
     s.poll_done(now, poll, got_new=True)
     (poll,) = polls_due(s, now := now + 1.1)
     assert s.poll_failed(now, poll, outage()).count == 1  # the count starts again
+
+
+def test_a_misbehaving_listing_is_tried_a_few_times_then_raised() -> None:
+    s = schedule([1])
+    (poll,) = polls_due(s, 0.0)
+    read_first(s, 0.0, poll, 5)
+    now = 100.0
+    for round_ in range(2):  # a success in between starts the count again
+        for _ in range(MAX_MISBEHAVING_ROUNDS - 1):
+            (poll,) = polls_due(s, now)
+            failed = s.poll_failed(now, poll, ma.PaginationError("went backwards"))
+            assert not failed.raise_it
+            # An outage in between does not end the count, nor does it count.
+            (poll,) = polls_due(s, now := now + failed.delay)
+            failed = s.poll_failed(now, poll, outage())
+            now += failed.delay
+        if round_ == 0:
+            (poll,) = polls_due(s, now)
+            s.poll_done(now, poll, got_new=False)
+            now += 100
+    (poll,) = polls_due(s, now)
+    assert s.poll_failed(now, poll, ma.PaginationError("went backwards")).raise_it
 
 
 def test_listing_the_chats_first_is_retried_and_a_later_failure_keeps_the_list() -> None:

@@ -20,6 +20,7 @@ import pytest
 from helpers import make_client
 
 import messages_async as ma
+from messages_async._schedule import MAX_MISBEHAVING_ROUNDS
 from messages_async._watch import Watch
 from messages_async.testing import Fault, MessagesServer
 
@@ -558,6 +559,21 @@ async def test_a_body_that_breaks_the_contract_is_raised_once_not_polled_forever
     await no_watch_tasks_left()
     await asyncio.sleep(0.1)
     assert broken.hits == 1  # neither the transport nor the watch asked again
+
+
+async def test_a_listing_that_keeps_misbehaving_is_raised_after_a_few_polls(
+    server: MessagesServer, client: ma.Client
+) -> None:
+    chat_id = server.chat_ids()[0]
+    watch = client.messages.watch([chat_id], interval=0.005, limit=5)
+    await watch.ready()
+    for i in range(12):  # more than a page: the poll follows next_cursor back
+        server.post_message(chat_id, f"burst {i}", uid=OTHER)
+    backwards = server.inject(Fault.backwards_page(), path="messages/", times=None)
+    with pytest.raises(ma.PaginationError):
+        await drain(watch)
+    await no_watch_tasks_left()
+    assert backwards.hits == MAX_MISBEHAVING_ROUNDS  # one cursor request per poll, then raised
 
 
 async def test_a_cancelled_consumer_stops_the_polls_while_its_traceback_is_kept(
