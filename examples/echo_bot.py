@@ -17,7 +17,7 @@ logger = logging.getLogger("echo_bot")
 
 
 async def run_bot(
-    client: ma.Client, *, interval: float = 2.0, stop_after: int | None = None
+    client: ma.Client, *, interval: float = 1.0, stop_after: int | None = None
 ) -> None:
     """Echo other users' messages (and their attachments); stop after ``stop_after`` replies."""
     replies = 0

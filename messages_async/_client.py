@@ -645,12 +645,12 @@ class Messages:
         self,
         chat_ids: Iterable[int] | None = None,
         *,
-        interval: float = 2.0,
+        interval: float = 1.0,
         since: Mapping[int, int] | None = None,
         limit: int = 100,
         max_interval: float | None = None,
         concurrency: int = 8,
-        rediscover: float = 60.0,
+        rediscover: float | None = None,
     ) -> Watch:
         """New messages as they arrive, as ``(chat_id, message)``: the loop of a bot.
 
@@ -658,7 +658,7 @@ class Messages:
         chat; a burst bigger than a page is followed back so nothing is missed. Quiet chats
         are polled less and less often (up to ``max_interval``); polls share the client's
         rate limiter. Transient errors back off and never end the watch; a deleted chat is
-        dropped with a log line::
+        dropped with a log line; an answer that breaks the contract is raised, once::
 
             async for chat_id, msg in client.messages.watch():
                 if msg.uid != client.user_id:
@@ -674,9 +674,11 @@ class Messages:
                 id in it, so nothing posted there while the bot was down is lost. With
                 ``chat_ids``, chats missing from it start from now.
             limit: Page size of each poll.
-            max_interval: Longest interval for a quiet chat (default ``15 * interval``).
+            max_interval: Longest interval for a quiet chat (default ``10 * interval``): the
+                longest a message in a quiet chat waits to be seen.
             concurrency: Most chats polled at once.
-            rediscover: Seconds between re-listings of the chats (with ``chat_ids=None``).
+            rediscover: Seconds between re-listings of the chats (with ``chat_ids=None``);
+                default ``max_interval``, so a new chat is noticed as fast as a quiet one.
 
         Returns:
             A :class:`Watch`: iterate it with ``async for``; ``break``, ``aclose()`` or

@@ -1,14 +1,15 @@
 """Walking many chats at once, with bounded concurrency and backpressure.
 
-``concurrency`` workers take chats from a shared queue of chat ids and walk them page by page;
-pages travel to the consumer through a queue of ``concurrency`` slots. When the consumer is slow
-the queue fills, workers block on ``put`` and stop fetching: memory stays bounded by about
-``2 × concurrency`` pages however many chats there are. Order is kept within each chat because
-one worker walks a chat from start to end.
+The chats are the jobs of the one worker pool (``_pool.py``): ``concurrency`` workers take chats
+in turn and walk them page by page; pages travel to the consumer through ``concurrency`` slots.
+When the consumer is slow the slots fill, workers wait to hand on their page and stop fetching:
+memory stays bounded by about ``2 × concurrency`` pages however many chats there are. Order is
+kept within each chat because one worker walks a chat from start to end.
 
-Failure (PROTOCOL §7): with ``on_error="raise"`` the first failing chat's own exception is raised
-(not an ``ExceptionGroup``) as soon as the consumer asks for its next item, without first
-handing out what other chats had queued, and after every other worker has been cancelled; with
+Failure (docs/protocol.md §7): with ``on_error="raise"`` the first failing chat's own exception
+is raised (not an ``ExceptionGroup``) as soon as the consumer asks for its next item, without
+first handing out what other chats had queued, and after every other worker has been cancelled
+(the failing worker cancels them at once); with
 ``on_error="yield"`` a :class:`ChatFailed` item takes the chat's place and the others go on
 (except when the client itself was closed: that ends the whole walk with
 :class:`ClientClosedError`, rather than failing every chat left one by one).
@@ -18,14 +19,12 @@ them, so no task outlives it.
 
 from __future__ import annotations
 
-import asyncio
-import collections
 from collections.abc import AsyncGenerator, Callable, Iterable
 from typing import Literal
 
 from ._errors import ClientClosedError
 from ._models import ChatFailed, Message, MessagesPage
-from ._pagination import retrieve_outcome
+from ._pool import Emit, Pool
 
 __all__ = ["OnError", "fan_out"]
 
@@ -44,17 +43,8 @@ async def fan_out(
 
     ``max_items`` bounds each chat. See the module docstring for failures and cleanup.
     """
-    # A chat named twice is walked once: walking it again would only yield duplicates.
-    pending = collections.deque(dict.fromkeys(chat_ids))
-    # None marks a worker that ran out of chats. A slot holds a page's worth of messages.
-    queue: asyncio.Queue[tuple[int, list[Message] | ChatFailed] | None] = asyncio.Queue(
-        maxsize=concurrency
-    )
-    # With on_error="raise", the first failure, seen by the consumer before the next item it
-    # would yield: pages that other chats queued earlier must not delay the error.
-    failures: list[BaseException] = []
 
-    async def walk_chat(chat_id: int) -> None:
+    async def walk_chat(chat_id: int, emit: Emit[tuple[int, list[Message] | ChatFailed]]) -> None:
         if max_items is not None and max_items <= 0:
             return  # nothing wanted from this chat: send nothing
         remaining = max_items
@@ -66,52 +56,34 @@ async def fan_out(
                     items = items[:remaining]
                     remaining -= len(items)
                 if items:
-                    await queue.put((chat_id, items))
+                    await emit((chat_id, items))
                 if remaining is not None and remaining <= 0:
                     break
         finally:
             await pages.aclose()
 
-    async def worker() -> None:
-        while pending:
-            chat_id = pending.popleft()
-            try:
-                await walk_chat(chat_id)
-            except Exception as exc:  # one chat's failure; CancelledError is not caught
-                # A closed client is not one chat's failure: report it once, for the walk.
-                if on_error == "raise" or isinstance(exc, ClientClosedError):
-                    failures.append(exc)
-                    await queue.put(None)  # wakes the consumer if it waits for an item
-                    return
-                await queue.put((chat_id, ChatFailed(chat_id, exc)))
-        await queue.put(None)
-
-    workers = [
-        asyncio.create_task(worker(), name=f"messages_async fan-out worker {n}")
-        for n in range(min(concurrency, len(pending)))
-    ]
+    # A chat named twice is walked once: walking it again would only yield duplicates. A slot
+    # holds a page's worth of messages.
+    pool: Pool[int, tuple[int, list[Message] | ChatFailed]] = Pool(
+        walk_chat,
+        workers=concurrency,
+        capacity=concurrency,
+        jobs=list(dict.fromkeys(chat_ids)),
+        failed_item=(lambda c, exc: (c, ChatFailed(c, exc))) if on_error == "yield" else None,
+        # A closed client is not one chat's failure: report it once, for the walk.
+        ends_pool=lambda exc: isinstance(exc, ClientClosedError),
+        name="messages_async fan-out",
+    )
     try:
-        running = len(workers)
-        while running:
-            item = await queue.get()
-            if failures:
-                raise failures[0]
-            if item is None:
-                running -= 1
-                continue
-            chat_id, payload = item
+        async for chat_id, payload in pool:
             if isinstance(payload, ChatFailed):
                 yield chat_id, payload
                 continue
             for message in payload:
                 yield chat_id, message
-                if failures:
-                    raise failures[0]
+                if pool.error is not None:
+                    # A failure elsewhere is raised at once, not after the rest of this page.
+                    await pool.check()
     finally:
-        for task in workers:
-            task.add_done_callback(retrieve_outcome)
-            task.cancel()
-        if workers:
-            # Wait, so no worker (nor its connection) outlives the generator. If this wait
-            # is itself cancelled, CancelledError goes on up; the callbacks collect the rest.
-            await asyncio.wait(workers)
+        # No worker (nor its connection) outlives the generator.
+        await pool.aclose()

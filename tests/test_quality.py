@@ -74,6 +74,14 @@ def test_public_names_are_exported_and_documented() -> None:
                     "Limiter",
                     "Outcome",
                     "Secret",
+                    # The worker pool and the watch's scheduler (its actions and answers).
+                    "Pool",
+                    "ChatSource",
+                    "WatchSchedule",
+                    "PollChat",
+                    "ListChats",
+                    "FailedPoll",
+                    "Listed",
                     "RoundVerdict",
                 }
                 if name not in internal:

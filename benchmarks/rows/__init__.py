@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from .._harness import Row
-from . import decode, export, fanout, polling, prefetch, ratelimit, server, walk
+from . import decode, export, fanout, polling, prefetch, ratelimit, reply, server, walk
 
 __all__ = ["ROWS"]
 
@@ -17,4 +17,5 @@ ROWS: tuple[Row, ...] = (
     Row(ratelimit.NAME, ratelimit.run, "fan-out against a token-bucket server vs its ceiling"),
     Row(export.NAME, export.run, "messages-async export into SQLite/JSONL: rate vs iter_many, RSS"),
     Row(polling.NAME, polling.run, "watch() over 200 quiet chats: requests/s vs chats/interval"),
+    Row(reply.NAME, reply.run, "a bot's reply to a quiet chat vs what its watch costs, 4 settings"),
 )

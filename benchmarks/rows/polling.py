@@ -2,7 +2,7 @@
 
 The naive bot polls every chat every ``interval``: ``chats / interval`` requests per second.
 The watch backs a quiet chat off by a factor per empty poll up to ``max_interval`` (default
-``15 × interval``), so once every chat has backed off the rate should settle near
+``10 × interval``), so once every chat has backed off the rate should settle near
 ``chats / max_interval``. The row counts the requests the client sent (``client.stats``
 deltas: the server process records nothing) over a window that starts after the back-off has
 had time to reach the cap, and over the first second, before it settles.
@@ -22,7 +22,7 @@ __all__ = ["NAME", "run"]
 
 NAME = "polling"
 TARGET = Target("<=", 0.2)
-CAP_FACTOR = 15  # watch()'s default max_interval, as a multiple of interval
+CAP_FACTOR = 10  # watch()'s default max_interval, as a multiple of interval
 # The back-off (×1.5 per quiet poll, ±10 % jitter) reaches the cap after ~2.2 × max_interval;
 # the window opens later than that, and spans whole cap periods so every chat polls in it.
 SETTLE_CAPS = 3

@@ -1,7 +1,7 @@
-"""The export runner: a bounded pool of workers, each walking one chat at a time.
+"""The export runner: chats as jobs of the one worker pool (``_pool.py``), one walk per worker.
 
 Every worker shares the one client, so the client's limiter paces all of them together (a
-429 pauses everyone, PROTOCOL §7). A worker walks a chat with ``client.messages.pages`` and
+429 pauses everyone, docs/protocol.md §7). A worker walks a chat with ``client.messages.pages`` and
 commits each page with the chat's next cursor before it stores anything further, holding at
 most the page it is storing and the one being fetched ahead: memory stays flat whatever the
 size of the export.
@@ -15,13 +15,24 @@ What a walk does, from the chat's checkpoint (``_state.py``):
   is new);
 - a saved cursor that has expired (``invalid_cursor``), or that no longer points at this
   API (say the server moved): the walk starts again at the newest page and skips every id it
-  has stored already, so there is neither a duplicate nor a gap;
-- 429s and transient errors are retried by the client; if they persist past its retries,
-  the worker waits and resumes the chat from its last checkpoint. A rate limit is never
-  turned into a failed chat, however long the server asks to wait;
-- an error that will not go away (404, 403, a server breaking the contract) marks the chat
-  failed, with its error recorded, and the worker moves on to the next chat;
-- a rejected token stops the whole export (every other chat would fail the same way).
+  has stored already, so there is neither a duplicate nor a gap.
+
+What a failure means is decided by ``_retry.after_failed_call``, the one classification of a
+call that failed after the client's own retries, and counted in :class:`Rounds` (plain code):
+
+- ``AGAIN`` (an outage: 5xx, the network, the token endpoint down, a misbehaving listing):
+  the worker waits and resumes the chat from its last checkpoint, at most
+  ``MAX_TRANSIENT_ROUNDS`` times in a row. A rate limit is waited out and never counted, so it
+  never turns into a failed chat, however long the server asks to wait;
+- ``RESTART`` (an expired cursor): the walk starts again at the newest page, at most
+  ``MAX_CURSOR_RESTARTS`` times in a row;
+- ``GIVE_UP`` (404, 403, a body that breaks the contract): the chat is marked failed, once,
+  with its error recorded, and the worker moves on to the next chat; never asked again in
+  this run. A rejected token stops the whole export (every other chat would fail the same
+  way), as does an error that is not the API's (the store could not be written).
+
+A walk that stored anything since the last failure starts the counts again, so a long chat on
+a flaky network is not failed for its length.
 """
 
 from __future__ import annotations
@@ -29,24 +40,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Coroutine, Iterator
+from collections.abc import AsyncGenerator, Coroutine
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import attrs
 
 from .._checks import count
 from .._client import Client
-from .._errors import (
-    AuthError,
-    InvalidCursorError,
-    MessagesError,
-    RateLimitError,
-    ServerError,
-    TransportError,
-    UnsafeCursorError,
-)
+from .._errors import AuthError, MessagesError, RateLimitError, UnsafeCursorError
 from .._models import MessagesPage, Period
+from .._pool import Emit, Pool
+from .._retry import RoundVerdict, after_failed_call
 from ._state import ChatState
 from ._store import Store
 
@@ -145,6 +150,48 @@ class _Restart(Exception):
     """The walk's cursor cannot be followed any more: start again at the newest page."""
 
 
+@attrs.frozen
+class Round:
+    """What to do after a failed walk: ``restart`` at the newest page, ``wait`` then resume
+    from the checkpoint, ``fail`` the chat (with ``why``), or ``raise`` (stop the export)."""
+
+    action: Literal["restart", "wait", "fail", "raise"]
+    wait: float = 0.0
+    why: str = ""
+
+
+@attrs.define
+class Rounds:
+    """One chat's failed walks in a row, and what the next one means (no I/O, no clock)."""
+
+    restarts: int = 0
+    transient: int = 0
+
+    def after(self, exc: BaseException, *, progressed: bool) -> Round:
+        """``exc`` ended a walk; ``progressed``: the walk stored something first."""
+        if progressed:
+            self.restarts = self.transient = 0
+        verdict = RoundVerdict.RESTART if isinstance(exc, _Restart) else after_failed_call(exc)
+        if verdict is RoundVerdict.RESTART:
+            self.restarts += 1
+            if self.restarts > MAX_CURSOR_RESTARTS:
+                return Round("fail", why=f"cursor rejected {self.restarts} times in a row: {exc}")
+            return Round("restart")
+        if verdict is RoundVerdict.AGAIN:
+            retry_after = getattr(exc, "retry_after", None)
+            if isinstance(exc, RateLimitError):
+                # Outlasted the client's retries (or asked for more than its cap): waited out
+                # here, with the wait on display, and never counted.
+                return Round("wait", wait=retry_after or 5.0)
+            self.transient += 1
+            if self.transient > MAX_TRANSIENT_ROUNDS:
+                return Round("fail", why=f"failed {self.transient} times in a row: {exc}")
+            return Round("wait", wait=retry_after or min(MAX_ROUND_WAIT, 2.0**self.transient))
+        if isinstance(exc, AuthError) or not isinstance(exc, MessagesError):
+            return Round("raise")
+        return Round("fail", why=str(exc) or type(exc).__name__)
+
+
 class Exporter:
     """Exports chats from ``client`` into ``store``. Use once: ``await exporter.run()``.
 
@@ -168,7 +215,6 @@ class Exporter:
         self._options = options
         self._period = options.period()
         self._stop = stop if stop is not None else asyncio.Event()
-        self._ids: Iterator[int] = iter(())
         self.stats = ExportStats()
 
     async def run(self) -> ExportStats:
@@ -188,12 +234,20 @@ class Exporter:
                 stats.interrupted = True
                 return stats
             stats.chats_total = len(ids)
-            self._ids = iter(ids)
-            n = min(self._options.concurrency, len(ids))
-            workers = [
-                asyncio.create_task(self._worker(), name=f"export worker {i}") for i in range(n)
-            ]
-            await self._supervise(workers)
+            pool: Pool[int, None] = Pool(
+                self._export_chat,
+                workers=self._options.concurrency,
+                capacity=1,
+                jobs=ids,
+                name="export",
+            )
+            try:
+                # The pool's first failure (a rejected token, a store that cannot be
+                # written) is raised here, after every other worker was cancelled.
+                if await unless_stopped(_drain(pool), self._stop) is None:
+                    stats.interrupted = True
+            finally:
+                await pool.aclose()
         finally:
             # A worker stopped while its page was being committed never counted that page,
             # but the page is stored: the summary takes the store's own count.
@@ -216,87 +270,45 @@ class Exporter:
         await self._store.save_chats(raws)
         return ids
 
-    async def _supervise(self, workers: list[asyncio.Task[None]]) -> None:
-        stopper = asyncio.create_task(self._stop.wait(), name="export stop")
-        try:
-            pending: set[asyncio.Task[object]] = {*workers, stopper}
-            while True:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                if stopper in done:
-                    self.stats.interrupted = True
-                    break
-                if any(not t.cancelled() and t.exception() is not None for t in done):
-                    break
-                if pending == {stopper}:
-                    break
-        finally:
-            for task in (*workers, stopper):
-                task.cancel()
-            results = await asyncio.gather(*workers, stopper, return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
-                raise result
-
-    async def _worker(self) -> None:
-        for chat_id in self._ids:
-            self.stats.chats_active += 1
-            try:
-                await self._export_chat(chat_id)
-            finally:
-                self.stats.chats_active -= 1
-
-    async def _export_chat(self, chat_id: int) -> None:
+    async def _export_chat(self, chat_id: int, emit: Emit[None]) -> None:
         stats = self.stats
-        job = _ChatJob(await self._store.load(chat_id))
-        # A walk stores the chat as it was when the walk began. One that began in an earlier
-        # run (or began again after an expired cursor) may be long out of date when it ends,
-        # so it is followed by an update: a finished run leaves every chat current.
-        catch_up = job.state.in_progress
-        # Failures in a row: a walk that stored anything since the last one starts the
-        # count again, so a long chat on a flaky network is not failed for its length.
-        restarts = rounds = 0
-        while True:
-            stored = job.state.messages
-            try:
-                await self._walk(job)
-            except _Restart as exc:
-                if job.state.messages > stored:
-                    restarts = 0
-                catch_up = True
-                restarts += 1
-                if restarts > MAX_CURSOR_RESTARTS:
-                    await self._fail(job, f"cursor rejected {restarts} times in a row: {exc}")
-                    return
-                stats.cursor_restarts += 1
-                logger.info("chat %d: %s; walking again from the newest page", chat_id, exc)
-                job.state = attrs.evolve(job.state, cursor=None)
-            except RateLimitError as exc:
-                # Outlasted the client's retries (or asked for more than its cap): wait it
-                # out here, with the wait on display, then go on from the checkpoint.
-                stats.resumed_rounds += 1
-                await self._wait(exc.retry_after or 5.0)
-            except (ServerError, TransportError) as exc:
-                if job.state.messages > stored:
-                    rounds = 0
-                rounds += 1
-                if rounds > MAX_TRANSIENT_ROUNDS:
-                    await self._fail(job, f"failed {rounds} times in a row: {exc}")
-                    return
-                stats.resumed_rounds += 1
-                retry_after = getattr(exc, "retry_after", None)
-                await self._wait(retry_after or min(MAX_ROUND_WAIT, 2.0**rounds))
-            except AuthError:
-                raise
-            except MessagesError as exc:
-                await self._fail(job, str(exc) or type(exc).__name__)
-                return
-            else:
+        stats.chats_active += 1
+        try:
+            job = _ChatJob(await self._store.load(chat_id))
+            # A walk stores the chat as it was when the walk began. One that began in an
+            # earlier run (or began again after an expired cursor) may be long out of date
+            # when it ends, so it is followed by an update: a finished run leaves every chat
+            # current.
+            catch_up = job.state.in_progress
+            rounds = Rounds()
+            while True:
+                stored = job.state.messages
+                try:
+                    await self._walk(job)
+                except Exception as exc:
+                    next_round = rounds.after(exc, progressed=job.state.messages > stored)
+                    if next_round.action == "raise":
+                        raise
+                    if next_round.action == "fail":
+                        await self._fail(job, next_round.why)
+                        return
+                    if next_round.action == "restart":
+                        catch_up = True
+                        stats.cursor_restarts += 1
+                        logger.info("chat %d: %s; walking again from the newest page", chat_id, exc)
+                        job.state = attrs.evolve(job.state, cursor=None)
+                    else:
+                        stats.resumed_rounds += 1
+                        await self._wait(next_round.wait)
+                    continue
                 if catch_up:
                     catch_up = False
                     continue
                 stats.chats_done += 1
                 stats.stored_messages += job.state.messages
                 return
+        finally:
+            stats.chats_active -= 1
 
     async def _wait(self, seconds: float) -> None:
         until = time.monotonic() + seconds
@@ -367,12 +379,15 @@ class Exporter:
                 self.stats.pages += 1
                 if finished:
                     return
-        except InvalidCursorError as exc:
-            if job.state.cursor is None:
-                raise  # the newest page itself was refused: nothing to restart from
-            raise _Restart(str(exc)) from None
         finally:
             await pages.aclose()
+
+
+async def _drain(pool: Pool[int, None]) -> bool:
+    """Run the pool to its end; True (``unless_stopped`` answers None when stopped)."""
+    async for _ in pool:
+        pass
+    return True
 
 
 async def unless_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T | None:
