@@ -35,6 +35,7 @@ from typing import Any
 
 import orjson
 
+from .._converter import format_datetime
 from .._models import Message
 from ._state import ChatState, ExportMeta
 from ._store import Store, StoreError, mismatch
@@ -82,18 +83,16 @@ _UPSERT_STATE = (
     "ON CONFLICT (chat_id) DO UPDATE SET "
     + ", ".join(f"{c} = excluded.{c}" for c in (*_STATE_COLUMNS[1:], "updated_at"))
 )
-# Each statement below takes a whole batch as one JSON array, so SQLite unpacks the rows
-# without holding the GIL (executemany binds each row in Python and, under load, waited for
-# the GIL back from the event loop after every one). The raw object travels inside the array
-# as an object, and json_extract gives back its compact JSON text: one encoding per message,
-# where a string holding JSON would be encoded, escaped and unescaped again. (json_extract
-# rather than the ->> operators, which need SQLite 3.38; many systems' Pythons have older.)
-_INSERT_MESSAGES = """
-INSERT OR IGNORE INTO messages (id, chat_id, raw, uid, message, created_at)
-SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'),
-       json_extract(value, '$[3]'), json_extract(value, '$[4]'), json_extract(value, '$[5]')
-FROM json_each(?)
-"""
+# Messages are bound row by row: the raw column is each message's JSON as received, stored
+# without a re-encode, and the message column is the text itself, whole (a text holding
+# U+0000 would be cut there by SQLite's JSON functions).
+_INSERT_MESSAGES = (
+    "INSERT OR IGNORE INTO messages (id, chat_id, raw, uid, message, created_at) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+# Checkpoints go in as one JSON array, so SQLite unpacks the rows without holding the GIL.
+# (json_extract rather than the ->> operators, which need SQLite 3.38; many systems' Pythons
+# have older.)
 _STATE_VALUES = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(_STATE_COLUMNS) + 1))
 _UPSERT_STATES = (
     f"INSERT INTO export_state ({', '.join(_STATE_COLUMNS)}, updated_at) "
@@ -111,16 +110,15 @@ def _now() -> str:
 
 def _message_rows(chat_id: int, messages: list[Message], into: list[tuple[Any, ...]]) -> None:
     for message in messages:
-        raw = message.raw
-        created = raw.get("created_at")
+        created = message.created_at
         into.append(
             (
                 message.id,
                 chat_id,
-                raw,
+                str(message.raw_json, "utf-8"),
                 message.uid,
                 message.message,
-                created if isinstance(created, str) else None,
+                None if created is None else format_datetime(created),
             )
         )
 
@@ -316,7 +314,7 @@ class SqliteStore(Store):
             db.execute("BEGIN")
             try:
                 if rows:
-                    inserted = db.execute(_INSERT_MESSAGES, (orjson.dumps(rows),)).rowcount
+                    inserted = db.executemany(_INSERT_MESSAGES, rows).rowcount
                 db.execute(_UPSERT_STATES, (orjson.dumps(states),))
             except BaseException:
                 db.execute("ROLLBACK")
