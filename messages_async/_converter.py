@@ -133,9 +133,7 @@ _blank = object.__new__
     _set_created,
     _set_raw_json,
     _set_raw,
-) = (
-    Message.__dict__[name].__set__ for name in MESSAGE_FIELDS
-)
+) = (Message.__dict__[name].__set__ for name in MESSAGE_FIELDS)
 
 
 def _message(wire: _WireMessage, raw: bytes) -> Message:
@@ -172,9 +170,7 @@ def _lone_surrogates_replaced(body: bytes) -> bytes:
     return _ESCAPES.sub(replace, body)
 
 
-def _decoding(
-    body: bytes, what: str, decode: Callable[[bytes], T]
-) -> tuple[T, bytes]:
+def _decoding(body: bytes, what: str, decode: Callable[[bytes], T]) -> tuple[T, bytes]:
     """``decode(body)`` and the bytes it read; DecodeError for a body that breaks the contract."""
     try:
         return decode(body), body

@@ -27,7 +27,6 @@ from ._errors import (
     AuthError,
     BadRequestError,
     ConfigurationError,
-    DecodeError,
     InvalidCursorError,
     NotFoundError,
     PermissionDeniedError,

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import messages_async as ma
 from messages_async._converter import MESSAGE_FIELDS
-from messages_async._wire import parse_message, parse_page
+from messages_async._wire import parse_chats, parse_message, parse_page
 
 scalars = st.one_of(
     st.none(),
@@ -166,7 +166,7 @@ def test_a_page_decodes_as_the_contract_reads(items: list[dict[str, Any]], curso
     ],
 )
 def test_a_lone_surrogate_becomes_the_replacement_character(text: str, decoded: str) -> None:
-    body = ('{"items": [{"id": 1, "uid": 2, "message": "%s"}]}' % text).encode()
+    body = b'{"items": [{"id": 1, "uid": 2, "message": "' + text.encode() + b'"}]}'
     (message,) = parse_page(body).items
     assert message.message == decoded
     assert message.raw["message"] == decoded
@@ -179,8 +179,6 @@ def test_a_broken_item_is_named_by_its_path() -> None:
     with pytest.raises(ma.DecodeError, match=r"\$\.items\[3\]\.id"):
         parse_page(json.dumps({"items": items}).encode())
     with pytest.raises(ma.DecodeError, match=r"\$\.items\[1\]\.type"):
-        from messages_async._wire import parse_chats
-
         parse_chats(b'{"items": [{"chat_id": 1, "type": "group"}, {"chat_id": 2, "type": 5}]}')
 
 

@@ -17,6 +17,7 @@ import asyncio
 import base64
 import binascii
 import email.utils
+import json
 import math
 import re
 import secrets
@@ -78,6 +79,15 @@ _INT_RE: Final = re.compile(r"[+-]?\d+")
 
 Json = dict[str, Any]
 _Route = Literal["chats", "list", "get", "add", "edit", "delete"]
+
+
+def _dumps(obj: Any) -> bytes:
+    try:
+        return orjson.dumps(obj)
+    except TypeError:
+        # A text holding a lone surrogate (a JavaScript server cutting an emoji in half):
+        # sent the way such servers send it, as a \ud83d escape (legal JSON, RFC 8259 §7).
+        return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def _default_code(status: int) -> str:
@@ -432,7 +442,10 @@ class MessagesServer:
     @staticmethod
     def _copy(obj: Any) -> Any:
         # A round trip through JSON: exactly what the wire carries, and no aliasing of the store.
-        return orjson.loads(orjson.dumps(obj))
+        try:
+            return orjson.loads(orjson.dumps(obj))
+        except TypeError:  # a lone surrogate in a text: see _dumps
+            return json.loads(json.dumps(obj))
 
     def chats(self) -> list[Json]:
         """The chat objects, as ``messages/chats/`` sends them."""
@@ -703,7 +716,7 @@ class MessagesServer:
         obj: Any,
         headers: Mapping[str, str] | None = None,
     ) -> web.Response:
-        return self._bytes(request, status, orjson.dumps(obj), headers)
+        return self._bytes(request, status, _dumps(obj), headers)
 
     def _error(
         self,
@@ -1200,7 +1213,7 @@ class MessagesServer:
             body["x_meta"] = {"served": self._pages_served}
         if cache_key is None:
             return self._json(request, 200, body)
-        encoded, headers = self._encode(orjson.dumps(body), cache_key[-1])
+        encoded, headers = self._encode(_dumps(body), cache_key[-1])
         if len(self._page_cache) >= _PAGE_CACHE_SIZE:
             del self._page_cache[next(iter(self._page_cache))]
         self._page_cache[cache_key] = (encoded, headers)
