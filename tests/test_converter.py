@@ -118,7 +118,7 @@ def _got_message(m: ma.Message) -> tuple[Any, ...]:
         m.message,
         [(a.type, a.url, a.name, a.size) for a in m.attachments],
         m.created_at,
-        json.loads(m.raw_json),
+        json.loads(bytes(m.raw_json)),
     )
 
 

