@@ -143,7 +143,7 @@ def _messages(items: list[_WireMessage], raws: list[msgspec.Raw]) -> list[Messag
     blank, utc, unwrap = _blank, UTC, _attachments
     set_id, set_uid, set_text, set_attachments = _set_id, _set_uid, _set_text, _set_attachments
     set_created, set_raw_json, set_raw = _set_created, _set_raw_json, _set_raw
-    built = []
+    built: list[Message] = []
     append = built.append
     for wire, raw in zip(items, raws, strict=True):
         message = blank(Message)
