@@ -1,59 +1,251 @@
 """The one converter: every rule for mapping wire JSON to models and back lives here.
 
-Models stay plain attrs classes; this module teaches cattrs the contract's quirks:
+Models stay plain attrs classes; this module states the contract's quirks once:
 
 - integers may arrive as strings of digits (``members_count`` always does);
-- datetimes are ISO 8601, and an instant without an offset is UTC;
+- datetimes are RFC 3339 / ISO 8601 strings, and an instant without an offset is UTC;
 - a chat ``type`` the library does not know stays a plain string instead of failing;
-- attachments arrive wrapped as ``{"items": [...]}``, or as ``null``;
+- attachments arrive wrapped as ``{"items": [...]}``, or as ``null`` / absent;
+- an attachment-only message may come with ``"message": null``; the model keeps ``""``;
 - an empty cursor (``""``) means the same as ``null``: nothing more in that direction;
+- a page without ``items`` (or with ``null``) is a page of no messages that keeps its cursors;
 - ``Period.from_`` is ``from`` on the wire, and ``None`` fields are left out of requests;
-- unknown fields are ignored when decoding (a new server field must not break old clients), and
-  the raw object is kept on ``Chat.raw`` / ``Message.raw`` for exporters.
+- unknown fields are ignored when decoding (a new server field must not break old clients);
+  each message keeps its JSON exactly as received on ``Message.raw_json`` for exporters, and
+  ``Chat.raw`` keeps the chat's object;
+- a lone surrogate escape (``"\\ud83d"`` with no pair, what a JavaScript server emits when it
+  cuts a text mid-emoji; legal per RFC 8259) becomes U+FFFD, so the text stays valid Unicode
+  that every exporter can write.
 
-Decoding runs on a converter built without detailed validation because it is about 20% faster;
-only when decoding fails is the same body decoded again by an identically configured converter
-with detailed validation, to say *where* the body broke the contract.
+Decoding is msgspec, in C: a body is parsed once into the wire types below (which state the
+rules above as types; ``strict=False`` is what lets digit strings through as integers; it also
+reads ``"1e3"`` or ``1.0`` as an integer, which no server sends), and a
+second, cheap pass over the same bytes cuts out each message's JSON. The models are then
+filled in one Python loop that applies the rest (``_messages``). A body that breaks the contract
+raises :class:`DecodeError` naming where (``$.items[3].id``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import cattrs
-from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
+import msgspec
+from cattrs.gen import make_dict_unstructure_fn, override
 
 from ._errors import DecodeError
 from ._models import Attachment, Chat, ChatType, Message, MessagesPage, NewAttachment, Period
 
-__all__ = ["decode", "format_datetime", "unstructure"]
+__all__ = [
+    "decode_chats",
+    "decode_message",
+    "decode_page",
+    "format_datetime",
+    "unstructure",
+]
 
 T = TypeVar("T")
 
 
-def _int(value: object, _type: object = int) -> int:
-    # bool is an int subclass; True as an id is a server bug, not a 1.
-    if type(value) is int:
+# --- The wire, as types ------------------------------------------------------------------------
+
+
+class _Attachments(msgspec.Struct):
+    items: list[Attachment] | None = None
+
+
+class _WireMessage(msgspec.Struct):
+    id: int
+    uid: int
+    message: str | None
+    attachments: _Attachments | list[Attachment] | None = None
+    created_at: datetime | None = None
+
+
+class _WirePage(msgspec.Struct):
+    items: list[_WireMessage] | None = None
+    limit: int | None = None
+    next_cursor: str | None = None
+    prev_cursor: str | None = None
+    total_count: int | None = None
+
+
+class _RawItems(msgspec.Struct):
+    # The same body again, each message's object left as its bytes (a scan, not a parse).
+    items: list[msgspec.Raw] | None = None
+
+
+class _WireChat(msgspec.Struct):
+    chat_id: int
+    type: str
+    name: str | None = None
+    picture_url: str | None = None
+    members_count: int | None = None
+
+
+class _WireChats(msgspec.Struct):
+    items: list[msgspec.Raw] | None = None
+
+
+_page = msgspec.json.Decoder(_WirePage, strict=False)
+_page_items = msgspec.json.Decoder(_RawItems)
+_message_decoder = msgspec.json.Decoder(_WireMessage, strict=False)
+_chats = msgspec.json.Decoder(_WireChats)
+_chat = msgspec.json.Decoder(_WireChat, strict=False)
+_any = msgspec.json.Decoder()
+
+
+# --- The rules the types cannot say --------------------------------------------------------------
+
+
+def _attachments(value: _Attachments | list[Attachment]) -> list[Attachment]:
+    # A bare list is read too: it is what an older server sent.
+    if isinstance(value, list):
         return value
-    if isinstance(value, str) and value.isascii() and value.isdigit():
-        return int(value)
-    raise ValueError(f"expected an integer or a string of digits, got {value!r}")
+    return value.items or []
 
 
-def _str(value: object, _type: object = str) -> str:
-    # cattrs' default would turn anything into a str (None into "None"); be strict instead.
-    if isinstance(value, str):
+def _cursor(value: str | None) -> str | None:
+    return value or None
+
+
+def _chat_type(value: str) -> ChatType | str:
+    try:
+        return ChatType(value)
+    except ValueError:
         return value
-    raise ValueError(f"expected a string, got {value!r}")
 
 
-def _datetime(value: object, _type: object = datetime) -> datetime:
-    if not isinstance(value, str):
-        raise ValueError(f"expected an ISO 8601 string, got {value!r}")
-    parsed = datetime.fromisoformat(value)
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+# A frozen attrs __init__ sets each slot through object.__setattr__; the slots' own descriptors
+# do the same in about half the time, and every message of every page is built here. Every
+# field is set (a test checks the list against attrs.fields), so the object is what __init__
+# would build.
+MESSAGE_FIELDS = ("id", "uid", "message", "attachments", "created_at", "raw_json", "_raw")
+_blank = object.__new__
+(
+    _set_id,
+    _set_uid,
+    _set_text,
+    _set_attachments,
+    _set_created,
+    _set_raw_json,
+    _set_raw,
+) = (Message.__dict__[name].__set__ for name in MESSAGE_FIELDS)
+
+
+def _messages(items: list[_WireMessage], raws: list[msgspec.Raw]) -> list[Message]:
+    """The models of a page's messages: the rules the wire types cannot state."""
+    # One loop with everything in locals: this runs for every message of every page, and a
+    # call plus a dozen global lookups per message cost about as much as the work itself.
+    blank, utc, unwrap = _blank, UTC, _attachments
+    set_id, set_uid, set_text, set_attachments = _set_id, _set_uid, _set_text, _set_attachments
+    set_created, set_raw_json, set_raw = _set_created, _set_raw_json, _set_raw
+    built: list[Message] = []
+    append = built.append
+    for wire, raw in zip(items, raws, strict=True):
+        message = blank(Message)
+        set_id(message, wire.id)
+        set_uid(message, wire.uid)
+        text = wire.message
+        set_text(message, "" if text is None else text)
+        found = wire.attachments
+        set_attachments(message, [] if found is None else unwrap(found))
+        created = wire.created_at
+        if created is not None and created.tzinfo is None:
+            created = created.replace(tzinfo=utc)
+        set_created(message, created)
+        set_raw_json(message, raw)
+        set_raw(message, None)
+        append(message)
+    return built
+
+
+# --- Bytes to models -----------------------------------------------------------------------------
+
+# A lone surrogate escape: a high one not followed by a low one, or a low one on its own.
+# Escaped backslashes are matched first so that "\\ud83d" (a backslash, then text) is left alone.
+_ESCAPES = re.compile(
+    rb"\\\\|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|\\u[dD][89a-fA-F][0-9a-fA-F]{2}"
+)
+
+
+def _lone_surrogates_replaced(body: bytes) -> bytes:
+    def replace(match: re.Match[bytes]) -> bytes:
+        found = match.group()
+        return found if len(found) != 6 or found == b"\\\\" else b"\\ufffd"
+
+    return _ESCAPES.sub(replace, body)
+
+
+def _decoding(body: bytes, what: str, decode: Callable[[bytes], T]) -> tuple[T, bytes]:
+    """``decode(body)`` and the bytes it read; DecodeError for a body that breaks the contract."""
+    try:
+        return decode(body), body
+    except msgspec.ValidationError as exc:
+        raise _contract_error(what, exc) from None
+    except msgspec.DecodeError as exc:
+        if b"\\u" in body:
+            fixed = _lone_surrogates_replaced(body)
+            if fixed != body:
+                return _decoding(fixed, what, decode)
+        raise DecodeError(
+            f"the server's {what} is not valid JSON ({exc}); {len(body)} bytes received"
+        ) from None
+
+
+def _contract_error(what: str, exc: msgspec.ValidationError, prefix: str = "") -> DecodeError:
+    text = str(exc)
+    if " - at `$" not in text and text.startswith("Expected `object`"):
+        return DecodeError(f"the server's {what} is not a JSON object ({text})")
+    if prefix:
+        text = text.replace(" - at `$", f" - at `{prefix}")
+    return DecodeError(f"the server's {what} does not fit the API contract: {text}")
+
+
+def decode_page(body: bytes) -> MessagesPage:
+    wire, body = _decoding(body, "message page", _page.decode)
+    items = wire.items or []
+    raws = _page_items.decode(body).items or [] if items else []
+    return MessagesPage(
+        _messages(items, raws),
+        wire.limit,
+        _cursor(wire.next_cursor),
+        _cursor(wire.prev_cursor),
+        wire.total_count,
+    )
+
+
+def decode_message(body: bytes) -> Message:
+    wire, body = _decoding(body, "message", _message_decoder.decode)
+    (message,) = _messages([wire], [msgspec.Raw(body)])
+    return message
+
+
+def decode_chats(body: bytes) -> list[Chat]:
+    listing, body = _decoding(body, "chat list", _chats.decode)
+    chats = []
+    for index, raw in enumerate(listing.items or []):
+        try:
+            wire = _chat.decode(raw)
+        except msgspec.ValidationError as exc:
+            raise _contract_error("chat list", exc, prefix=f"$.items[{index}]") from None
+        chats.append(
+            Chat(
+                wire.chat_id,
+                _chat_type(wire.type),
+                wire.name,
+                wire.picture_url,
+                wire.members_count,
+                raw=_any.decode(raw),
+            )
+        )
+    return chats
+
+
+# --- Models to the wire --------------------------------------------------------------------------
 
 
 def format_datetime(value: datetime) -> str:
@@ -62,200 +254,9 @@ def format_datetime(value: datetime) -> str:
     return text[:-6] + "Z" if text.endswith("+00:00") else text
 
 
-def _chat_type(value: object, _type: object = None) -> ChatType | str:
-    text = _str(value)
-    try:
-        return ChatType(text)
-    except ValueError:
-        return text
-
-
-def _cursor(value: object, _type: object = None) -> str | None:
-    if value is None or value == "":
-        return None
-    return _str(value)
-
-
-def _message_text(value: object, _type: object = None) -> str:
-    # An attachment-only message may come with "message": null; the model keeps "" for it.
-    return "" if value is None else _str(value)
-
-
-def _optional(hook: Callable[[object, object], T]) -> Callable[[object, object], T | None]:
-    def structure(value: object, _type: object = None) -> T | None:
-        return None if value is None else hook(value, _type)
-
-    return structure
-
-
-_ATTACHMENT_SLOTS = tuple(
-    Attachment.__dict__[name].__set__ for name in ("type", "url", "name", "size")
-)
-
-
-def _fast_attachment(data: Mapping[str, Any], _type: Any = None) -> Attachment:
-    """The generated Attachment hook's rules, written out (see _fast_hooks for why)."""
-    set_type, set_url, set_name, set_size = _ATTACHMENT_SLOTS
-    kind = data["type"]
-    if type(kind) is not str:
-        kind = _str(kind)
-    url = data["url"]
-    if type(url) is not str:
-        url = _str(url)
-    name = data.get("name")
-    if name is not None and type(name) is not str:
-        name = _str(name)
-    size = data.get("size")
-    if size is not None and type(size) is not int:
-        size = _int(size)
-    attachment = object.__new__(Attachment)
-    set_type(attachment, kind)
-    set_url(attachment, url)
-    set_name(attachment, name)
-    set_size(attachment, size)
-    return attachment
-
-
-def _fast_hooks(
-    attachments: Callable[[object, object], list[Attachment]],
-) -> tuple[Callable[[Mapping[str, Any], Any], Message], Callable[[Mapping[str, Any], Any], Any]]:
-    """The hot path: every message of every page goes through here.
-
-    These apply exactly the rules of the generated hooks that the diagnostic converter uses,
-    written out, because calling one hook per field (and cattrs' generic list hook per item)
-    cost more than the fields themselves: decoding a page ran at about 0.13x the speed of
-    parsing its JSON alone, and runs at about 0.2x written out (benchmarks/README.md says where
-    the rest goes). A property test (tests/test_converter.py) keeps the two in agreement on
-    arbitrary input.
-    """
-    optional_int = _optional(_int)
-    # A frozen attrs __init__ sets each slot through object.__setattr__; the slots' own
-    # descriptors do the same work in about half the time (0.58 vs 1.03 us per Message).
-    # Every field is set, so the object is exactly what __init__ would build.
-    blank = object.__new__
-    from_iso = datetime.fromisoformat
-    slots = Message.__dict__
-    set_id, set_uid, set_text, set_attachments, set_created, set_raw = (
-        slots[name].__set__ for name in ("id", "uid", "message", "attachments", "created_at", "raw")
-    )
-
-    def message(data: Mapping[str, Any], _type: Any = None) -> Message:
-        mid = data["id"]
-        if type(mid) is not int:
-            mid = _int(mid)
-        uid = data["uid"]
-        if type(uid) is not int:
-            uid = _int(uid)
-        text = data["message"]
-        if type(text) is not str:
-            text = _message_text(text)
-        found = data.get("attachments")
-        created = data.get("created_at")
-        if created is not None:
-            # _datetime written out: one call less per message, about a tenth of a page's decode.
-            if type(created) is not str:
-                created = _datetime(created)
-            else:
-                created = from_iso(created)
-                if created.tzinfo is None:
-                    created = created.replace(tzinfo=UTC)
-        message = blank(Message)
-        set_id(message, mid)
-        set_uid(message, uid)
-        set_text(message, text)
-        set_attachments(message, [] if found is None else attachments(found, None))
-        set_created(message, created)
-        set_raw(message, data)
-        return message
-
-    def page(data: Mapping[str, Any], _type: Any = None) -> MessagesPage:
-        items = data["items"]
-        if type(items) is not list:
-            raise ValueError(f"expected a list of messages, got {items!r}")
-        return MessagesPage(
-            [message(item) for item in items],
-            optional_int(data.get("limit"), None),
-            _cursor(data.get("next_cursor")),
-            _cursor(data.get("prev_cursor")),
-            optional_int(data.get("total_count"), None),
-        )
-
-    return message, page
-
-
-def _make_converter(*, detailed_validation: bool) -> cattrs.Converter:
-    conv = cattrs.Converter(detailed_validation=detailed_validation)
-    conv.register_structure_hook(int, _int)
-    conv.register_structure_hook(str, _str)
-    conv.register_structure_hook(datetime, _datetime)
+def _make_unstructurer() -> cattrs.Converter:
+    conv = cattrs.Converter()
     conv.register_unstructure_hook(datetime, format_datetime)
-    conv.register_structure_hook(ChatType | str, _chat_type)
-    # Optional fields get direct hooks: cattrs' generic Optional dispatch costs more than the
-    # field itself, and these run for every field of every message of every page.
-    conv.register_structure_hook(int | None, _optional(_int))
-    conv.register_structure_hook(str | None, _optional(_str))
-    conv.register_structure_hook(datetime | None, _optional(_datetime))
-    conv.register_structure_hook(
-        Attachment,
-        make_dict_structure_fn(Attachment, conv, _cattrs_detailed_validation=False)
-        if detailed_validation
-        else _fast_attachment,
-    )
-    attachment = conv.get_structure_hook(Attachment)
-    attachment_list = conv.get_structure_hook(list[Attachment])
-
-    def attachments(value: object, _type: object = None) -> list[Attachment]:
-        if value is None:
-            return []
-        items = value.get("items") if isinstance(value, Mapping) else value
-        if items is None:
-            return []
-        if not isinstance(items, list):
-            raise ValueError(f"expected attachments as {{'items': [...]}}, got {value!r}")
-        if detailed_validation:
-            found: list[Attachment] = attachment_list(items, list[Attachment])
-            return found  # the generated list hook says which item broke
-        return [attachment(item, Attachment) for item in items]
-
-    def keep_raw(cls: type[T], **overrides: Any) -> Callable[[Mapping[str, Any], Any], T]:
-        base = make_dict_structure_fn(
-            cls, conv, _cattrs_detailed_validation=detailed_validation, **overrides
-        )
-
-        def structure(data: Mapping[str, Any], _type: Any) -> T:
-            obj = base(data, cls)
-            # Frozen models are built once here and never changed after: setting the raw
-            # mapping in place avoids copying every object just to carry it along.
-            object.__setattr__(obj, "raw", data)
-            return obj
-
-        return structure
-
-    conv.register_structure_hook(Chat, keep_raw(Chat, raw=override(omit=True)))
-    if detailed_validation:
-        conv.register_structure_hook(
-            Message,
-            keep_raw(
-                Message,
-                raw=override(omit=True),
-                message=override(struct_hook=_message_text),
-                attachments=override(struct_hook=attachments),
-            ),
-        )
-        conv.register_structure_hook(
-            MessagesPage,
-            make_dict_structure_fn(
-                MessagesPage,
-                conv,
-                _cattrs_detailed_validation=detailed_validation,
-                next_cursor=override(struct_hook=_cursor),
-                prev_cursor=override(struct_hook=_cursor),
-            ),
-        )
-    else:
-        message_hook, page_hook = _fast_hooks(attachments)
-        conv.register_structure_hook(Message, message_hook)
-        conv.register_structure_hook(MessagesPage, page_hook)
     conv.register_unstructure_hook(
         Period,
         make_dict_unstructure_fn(
@@ -268,26 +269,9 @@ def _make_converter(*, detailed_validation: bool) -> cattrs.Converter:
     return conv
 
 
-_converter = _make_converter(detailed_validation=False)
-_diagnostic_converter = _make_converter(detailed_validation=True)
-
-
-def decode(data: Any, cls: Any, *, what: str) -> Any:
-    """Structure already-parsed JSON into ``cls``; a body that breaks the contract raises
-    :class:`DecodeError` naming the path that broke it (``$.items[3].id``)."""
-    try:
-        return _converter.structure(data, cls)
-    except Exception:
-        pass
-    try:
-        _diagnostic_converter.structure(data, cls)
-    except Exception as exc:
-        details = "; ".join(cattrs.transform_error(exc, path="$"))
-    else:  # pragma: no cover - the two converters are configured identically
-        details = "unexpected shape"
-    raise DecodeError(f"the server's {what} does not fit the API contract: {details}") from None
+_unstructurer = _make_unstructurer()
 
 
 def unstructure(value: Any) -> Any:
     """Models to wire JSON (renames applied, ``None`` fields left out)."""
-    return _converter.unstructure(value)
+    return _unstructurer.unstructure(value)

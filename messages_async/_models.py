@@ -1,7 +1,7 @@
 """Typed models of the Messages API.
 
 Plain frozen attrs classes with no serialization logic: every wire rule (renames, digit
-strings, datetimes, the ``{"items": [...]}`` attachment envelope) lives on the one converter in
+strings, datetimes, the ``{"items": [...]}`` attachment envelope) lives in the one converter,
 ``_converter.py``. Argument checks that need no server live here, so a bad value fails at the
 line that made it, before anything is sent.
 """
@@ -14,6 +14,9 @@ from datetime import datetime
 from typing import Any
 
 import attrs
+import msgspec
+
+from ._errors import DecodeError
 
 __all__ = [
     "MAX_ATTACHMENTS",
@@ -32,6 +35,7 @@ MAX_MESSAGE_LENGTH = 4096
 MAX_ATTACHMENTS = 10
 
 _EMPTY_RAW: Mapping[str, Any] = {}
+_NO_JSON = msgspec.Raw()
 
 
 class ChatType(enum.Enum):
@@ -94,18 +98,51 @@ class NewAttachment:
 
 @attrs.frozen
 class Message:
-    """A message. ``uid`` is the sender; ``created_at`` is set when the server sends it."""
+    """A message. ``uid`` is the sender.
+
+    ``created_at`` is ``None`` only when the server leaves it out: the contract makes it an
+    extension (docs/protocol.md §4), which the emulator, and servers like it, always send.
+    Code that relies on it reads :attr:`sent_at` instead, which is never ``None``.
+    """
 
     id: int
     uid: int
     message: str
     attachments: list[Attachment] = attrs.field(factory=list, hash=False)
     created_at: datetime | None = None
-    # The object exactly as received, unknown fields included, for exporters; left out of
-    # equality, hashing and repr (two messages are equal by their data; a repr stays short).
-    raw: Mapping[str, Any] = attrs.field(
-        default=_EMPTY_RAW, eq=False, hash=False, repr=False, kw_only=True
+    #: The message's JSON object exactly as received, unknown fields included: what exporters
+    #: store. A :class:`msgspec.Raw` (bytes-like UTF-8 JSON, a view of the page's body:
+    #: ``bytes(m.raw_json)``, ``str(m.raw_json, "utf-8")``); empty for a message made in code.
+    raw_json: msgspec.Raw = attrs.field(
+        default=_NO_JSON, eq=False, hash=False, repr=False, kw_only=True
     )
+    _raw: Mapping[str, Any] | None = attrs.field(
+        default=None, init=False, eq=False, hash=False, repr=False
+    )
+
+    @property
+    def raw(self) -> Mapping[str, Any]:
+        """The object exactly as received, unknown fields included, parsed on first use
+        (``{}`` for a message made in code)."""
+        raw = self._raw
+        if raw is None:
+            raw = msgspec.json.decode(self.raw_json) if self.raw_json else _EMPTY_RAW
+            object.__setattr__(self, "_raw", raw)
+        return raw
+
+    @property
+    def sent_at(self) -> datetime:
+        """``created_at``, for code that needs it: never ``None``.
+
+        Raises:
+            DecodeError: the server did not send ``created_at`` for this message.
+        """
+        if self.created_at is None:
+            raise DecodeError(
+                f"message {self.id} has no created_at: the server does not send it "
+                "(docs/protocol.md §4 makes it an extension); use created_at, which is None then"
+            )
+        return self.created_at
 
 
 @attrs.frozen

@@ -173,13 +173,17 @@ async def walk_messages(
     try:
         if max_items is not None and max_items <= 0:
             return  # nothing wanted: send nothing
+        if max_items is None:
+            async for page in pages:
+                for message in page.items:
+                    yield message
+            return
         remaining = max_items
         async for page in pages:
             for message in page.items:
                 yield message
-                if remaining is not None:
-                    remaining -= 1
-                    if remaining <= 0:
-                        return
+                remaining -= 1
+                if remaining <= 0:
+                    return
     finally:
         await pages.aclose()

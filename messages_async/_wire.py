@@ -23,13 +23,12 @@ import orjson
 from yarl import URL
 
 from ._checks import count
-from ._converter import decode, unstructure
+from ._converter import decode_chats, decode_message, decode_page, unstructure
 from ._errors import (
     ApiError,
     AuthError,
     BadRequestError,
     ConfigurationError,
-    DecodeError,
     InvalidCursorError,
     NotFoundError,
     PermissionDeniedError,
@@ -404,40 +403,16 @@ def build_delete(root: URL, message_id: object) -> ApiRequest:
 # --- Reading answers ---------------------------------------------------------------------------
 
 
-def _loads(body: bytes, what: str) -> Any:
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise DecodeError(
-            f"the server's {what} is not valid JSON ({exc}); {len(body)} bytes received"
-        ) from None
-
-
 def parse_chats(body: bytes) -> list[Chat]:
-    data = _loads(body, "chat list")
-    if not isinstance(data, dict):
-        raise DecodeError("the server's chat list is not a JSON object with 'items'")
-    items: list[Chat] = decode(data.get("items") or [], list[Chat], what="chat list")
-    return items
+    return decode_chats(body)
 
 
 def parse_page(body: bytes) -> MessagesPage:
-    data = _loads(body, "message page")
-    if not isinstance(data, dict):
-        raise DecodeError("the server's message page is not a JSON object")
-    if data.get("items") is None:
-        # A page may come without items (filtered stretch); it still carries its cursors.
-        data = {**data, "items": []}
-    page: MessagesPage = decode(data, MessagesPage, what="message page")
-    return page
+    return decode_page(body)
 
 
 def parse_message(body: bytes) -> Message:
-    data = _loads(body, "message")
-    if not isinstance(data, dict):
-        raise DecodeError("the server's message is not a JSON object")
-    message: Message = decode(data, Message, what="message")
-    return message
+    return decode_message(body)
 
 
 def is_outage_status(status: int) -> bool:

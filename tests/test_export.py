@@ -237,6 +237,33 @@ async def test_full_export_equals_server_data(
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+async def test_text_past_a_nul_and_a_lone_surrogate_is_exported_whole(
+    server: MessagesServer, fmt: str, tmp_path: Path
+) -> None:
+    chat_id = server.chat_ids()[0]
+    nul = server.post_message(chat_id, "before\x00after")["id"]
+    cut = server.post_message(chat_id, "cut \ud83d")["id"]
+    out = _out(tmp_path, fmt)
+    stats = await export(server, fmt, out, chat_ids=(chat_id,))
+    assert stats.failures == []
+    _, messages = read(fmt, out)  # read_sqlite checks the message column against raw
+    texts = {m["id"]: m["message"] for m in messages[chat_id]}
+    assert texts[nul] == "before\x00after"
+    assert texts[cut] == "cut \ufffd"
+    if fmt == "sqlite":
+        db = sqlite3.connect(out)
+        try:
+            (whole,) = db.execute("SELECT message FROM messages WHERE id = ?", (nul,)).fetchone()
+            (created,) = db.execute(
+                "SELECT created_at FROM messages WHERE id = ?", (nul,)
+            ).fetchone()
+        finally:
+            db.close()
+        assert whole == "before\x00after"
+        assert created == server.messages(chat_id)[1]["created_at"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 async def test_incremental_update_fetches_only_new_messages(
     server: MessagesServer, fmt: str, tmp_path: Path
 ) -> None:

@@ -661,3 +661,31 @@ async def test_closing_the_client_during_a_pause_ends_the_walk() -> None:
         with pytest.raises(ma.ClientClosedError):
             await asyncio.wait_for(task, 5)
         assert got == [m["id"] for m in server.messages(chat_id)][:5]
+
+
+# --- text that stdlib json accepts and strict parsers refuse ------------------------------------
+
+CUT_EMOJI = "cut \ud83d"  # what a JavaScript server sends when it cuts a text mid-emoji
+
+
+async def test_a_lone_surrogate_is_delivered_by_iter_and_watch_as_u_fffd() -> None:
+    async with MessagesServer(chats=1, messages_per_chat=5) as server:
+        chat_id = server.chat_ids()[0]
+        cut = server.post_message(chat_id, CUT_EMOJI)["id"]
+        async with _client(server) as client:
+            got = {m.id: m for m in [m async for m in client.messages.iter(chat_id)]}
+            assert len(got) == 6
+            assert got[cut].message == got[cut].raw["message"] == "cut \ufffd"
+            # Posted after the watch started, then one more after it: both are delivered.
+            since = {chat_id: max(got)}
+            later = server.post_message(chat_id, "after " + CUT_EMOJI)["id"]
+            last = server.post_message(chat_id, "fine")["id"]
+            seen = []
+            async with asyncio.timeout(10):
+                async for _, message in client.messages.watch(
+                    [chat_id], since=since, interval=0.02
+                ):
+                    seen.append((message.id, message.message))
+                    if message.id == last:
+                        break
+            assert seen == [(later, "after cut \ufffd"), (last, "fine")]

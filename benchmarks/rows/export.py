@@ -44,6 +44,7 @@ __all__ = ["NAME", "run"]
 
 NAME = "export"
 MEMORY = Target("<=", 1.2)
+THROUGHPUT = {"sqlite": Target(">=", 0.7), "jsonl": Target(">=", 0.8)}
 CONCURRENCY = 8  # the command's default, passed explicitly so both sides use the same
 
 # The baseline child: what the export does minus storing. The GC tuning mirrors
@@ -245,6 +246,7 @@ def run(ctx: Context) -> list[Line]:
                 fmt_rate(median(results[fmt]), "msg"),
                 fmt_rate(median(results["iter_many"]), "msg"),
                 paired_ratio(results[fmt], results["iter_many"]),
+                THROUGHPUT[fmt],
             )
         )
     for fmt, title in (("sqlite", "SQLite"), ("jsonl", "JSONL")):

@@ -38,6 +38,10 @@ __all__ = ["NAME", "run"]
 
 NAME = "fanout"
 TARGET = Target("<=", 1.15)
+# At 20 ms (Issue 14): no slower than the hand-written fan-out, and within 1.12x of the bound
+# taken at the round trip a request really takes here.
+VERSUS_RAW = Target("<=", 1.0)
+VERSUS_RTT_BOUND = Target("<=", 1.12)
 LATENCIES = (0.02, 0.05)
 CONCURRENCY = 20
 ROUND_TRIPS = 20
@@ -108,14 +112,17 @@ async def _main(
     measured = median(results["fan_out"])
     ms = f"{latency * 1000:g} ms"
 
-    def versus(other: str, label: str) -> Line:
+    def versus(other: str, label: str, target: Target | None = None) -> Line:
         return Line(
             NAME,
             f"{ms}: iter_many vs {label}",
             fmt_seconds(measured),
             fmt_seconds(median(results[other])),
             paired_ratio(results["fan_out"], results[other]),
+            target,
         )
+
+    at_20 = latency == LATENCIES[0]
 
     lines = [
         Line(
@@ -133,14 +140,21 @@ async def _main(
             fmt_seconds(bound),
             median(results["raw"]) / bound,
         ),
-        versus("raw", "the hand-written aiohttp fan-out"),
+        versus("raw", "the hand-written aiohttp fan-out", VERSUS_RAW if at_20 else None),
         Line(
             NAME,
-            f"{ms}: one request's round trip here, one at a time, vs the latency (bound at it: "
-            f"{fmt_seconds(rounds * rtt)}, iter_many at {measured / (rounds * rtt):.2f}×)",
+            f"{ms}: one request's round trip here, one at a time, vs the latency",
             fmt_seconds(rtt),
             fmt_seconds(latency),
             rtt / latency,
+        ),
+        Line(
+            NAME,
+            f"{ms}: iter_many vs the latency bound at that round trip",
+            fmt_seconds(measured),
+            fmt_seconds(rounds * rtt),
+            measured / (rounds * rtt),
+            VERSUS_RTT_BOUND if at_20 else None,
         ),
     ]
     if subset:

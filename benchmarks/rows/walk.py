@@ -27,7 +27,7 @@ from ._clients import count_library, library_client, raw_aiohttp_walk, raw_httpx
 __all__ = ["NAME", "run"]
 
 NAME = "walk"
-TARGET = Target(">=", 0.8)
+TARGET = Target(">=", 0.85)
 
 
 async def _main(ctx: Context, server: ServerProcess, messages: int) -> list[Line]:

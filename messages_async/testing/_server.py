@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import math
 import time
 import zlib
@@ -40,7 +41,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from ._answers import Answer, Json, Refusal, not_found
 from ._dataset import Store
-from ._encoding import choose_encoding, encode
+from ._encoding import choose_encoding, dumps, encode
 from ._endpoints import Resources, authorize, request_chat, route
 from ._faults import Fault, FaultHandle, FaultQueue, canned_answer
 from ._listing import Lister
@@ -382,7 +383,10 @@ class MessagesServer:
     @staticmethod
     def _copy(obj: Any) -> Any:
         # A round trip through JSON: exactly what the wire carries, and no aliasing of the store.
-        return orjson.loads(orjson.dumps(obj))
+        try:
+            return orjson.loads(orjson.dumps(obj))
+        except TypeError:  # a lone surrogate in a text: see _encoding.dumps
+            return json.loads(json.dumps(obj))
 
     def chats(self) -> list[Json]:
         """The chat objects, as ``messages/chats/`` sends them."""
@@ -599,7 +603,7 @@ class MessagesServer:
         obj: Any,
         headers: Mapping[str, str] | None = None,
     ) -> web.Response:
-        body, hdrs = encode(orjson.dumps(obj), self._encoding(request))
+        body, hdrs = encode(dumps(obj), self._encoding(request))
         if headers:
             hdrs.update(headers)
         return web.Response(status=status, body=body, headers=hdrs)
@@ -746,7 +750,7 @@ class MessagesServer:
         body = lister.page(plan, request_target=request.raw_path)
         if cache_key is None:
             return self._json(request, 200, body)
-        encoded, headers = encode(orjson.dumps(body), cache_key[-1])
+        encoded, headers = encode(dumps(body), cache_key[-1])
         if len(self._page_cache) >= _PAGE_CACHE_SIZE:
             del self._page_cache[next(iter(self._page_cache))]
         self._page_cache[cache_key] = (encoded, headers)
