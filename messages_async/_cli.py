@@ -20,7 +20,9 @@ import logging
 import os
 import shlex
 import signal
+import sqlite3
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import NoReturn
@@ -300,8 +302,55 @@ def _client_options(concurrency: int, max_unreachable: float) -> dict[str, objec
 
 def _store(args: argparse.Namespace) -> Store:
     if args.format == "jsonl":
-        return JsonlStore(args.out or "export", threads=min(4, args.concurrency))
-    return SqliteStore(args.out or "export.sqlite")
+        return JsonlStore(_out_path(args), threads=min(4, args.concurrency))
+    return SqliteStore(_out_path(args))
+
+
+def _out_path(args: argparse.Namespace) -> str:
+    return str(args.out or ("export" if args.format == "jsonl" else "export.sqlite"))
+
+
+def _check_out(path: str, fmt: str) -> None:
+    """Refuse an ``--out`` that cannot be written, before anything else is done (rc 2).
+
+    Whether an existing output is *this* export is the store's question (``Store.open``);
+    this only makes sure that there is somewhere to write, and says what is wrong if not.
+    """
+    wants_dir = fmt == "jsonl"
+    if os.path.isdir(path) and not wants_dir:
+        raise _UsageError(
+            f"--out {path} is a directory; the SQLite format needs a file path "
+            f"(e.g. {os.path.join(path, 'export.sqlite')}), or use --format jsonl"
+        )
+    if os.path.exists(path) and not os.path.isdir(path) and wants_dir:
+        raise _UsageError(
+            f"--out {path} is a file; the JSONL format needs a directory (new or empty)"
+        )
+    # Where files will be created: the directory itself (JSONL), or the file's directory.
+    # The JSONL store creates missing directories; SQLite needs its directory to exist.
+    where = path if wants_dir else os.path.dirname(os.path.abspath(path))
+    existing = where
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing) or "."
+    if not os.path.isdir(existing):
+        raise _UsageError(f"--out {path}: {existing} is not a directory")
+    if existing != where and not wants_dir:
+        raise _UsageError(
+            f"--out {path}: the directory {where} does not exist; create it or choose another --out"
+        )
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".messages-async-")
+        os.close(fd)
+        os.unlink(probe)
+        if os.path.isfile(path):
+            with open(path, "r+b"):
+                pass
+    except OSError as exc:
+        target = path if existing == where else existing
+        raise _UsageError(
+            f"--out {path}: cannot create or write files in {target} "
+            f"({exc.strerror or exc}); choose another --out"
+        ) from None
 
 
 def _resume_hint(argv: Sequence[str]) -> str:
@@ -472,9 +521,11 @@ async def _run_open(
     store = _store(args)
     try:
         await store.open(meta, fresh=args.fresh)
-    except StoreError as exc:
+    except (StoreError, OSError, sqlite3.Error) as exc:
         await store.close()
-        raise _UsageError(str(exc)) from None
+        raise _UsageError(
+            f"--out {store.path}: {exc}" if not isinstance(exc, StoreError) else str(exc)
+        ) from None
     exporter = Exporter(client, store, options, stop=stop)
     progress = asyncio.create_task(
         show_progress(exporter.stats, lambda: client.stats, store.path, err, log=say),
@@ -533,6 +584,7 @@ def _export_main(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise _UsageError(
             f"--since ({args.since.isoformat()}) is after --until ({args.until.isoformat()})"
         )
+    _check_out(_out_path(args), args.format)
     # The export decodes and stores hundreds of thousands of small objects; CPython's cyclic
     # GC would scan them again and again (1.5-2.5x slower on this workload). An application
     # may tune the GC for its own process, which a library must never do behind its user's

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
@@ -15,7 +16,7 @@ import pytest
 from test_export import assert_exact, cli_env, listings, start_cli
 
 from messages_async import _cli
-from messages_async.export import _progress
+from messages_async.export import ExportMeta, _progress
 from messages_async.testing import Fault, MessagesServer
 
 SECRET = "s3cr3t-must-never-be-printed"
@@ -273,3 +274,162 @@ def test_serve_is_delegated(capsys: pytest.CaptureFixture[str]) -> None:
         _cli.main(["serve", "--help"])
     assert exc.value.code == 0
     assert "emulator" in capsys.readouterr().out
+
+
+# --- an --out that cannot be used is refused first, with rc 2 ----------------------------------
+
+
+async def _run_bare(*args: str) -> tuple[int, str, str]:
+    """The command with no credentials at all (``--demo`` needs none)."""
+    proc = await asyncio.create_subprocess_exec(
+        *_python_cli(),
+        *args,
+        env=_bare_env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def _tree(root: Path) -> list[Path]:
+    return sorted(root.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    ("fmt", "where", "says"),
+    [
+        ("sqlite", "missing/dir/x.sqlite", "does not exist"),
+        ("sqlite", "a-file/x.sqlite", "not a directory"),
+        ("sqlite", "a-dir", "is a directory"),
+        ("jsonl", "a-file", "is a file"),
+        ("jsonl", "a-file/below", "not a directory"),
+    ],
+)
+async def test_unusable_out_exits_2_before_the_demo_starts(
+    tmp_path: Path, fmt: str, where: str, says: str
+) -> None:
+    (tmp_path / "a-file").write_text("not an export")
+    (tmp_path / "a-dir").mkdir()
+    out = tmp_path / where
+    before = _tree(tmp_path)
+    code, stdout, err = await _run_bare("--demo", "--format", fmt, "--out", str(out))
+    assert code == 2, err
+    line = _one_clean_line(err)  # no demo banner, no traceback: the check came first
+    assert str(out) in line
+    assert says in line
+    assert stdout == ""
+    assert _tree(tmp_path) == before  # nothing was created
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+async def test_out_where_nothing_can_be_created_exits_2() -> None:
+    code, _, err = await _run_bare("--demo", "--format", "jsonl", "--out", "/proc/forbidden")
+    assert code == 2, err
+    line = _one_clean_line(err)
+    assert "/proc/forbidden" in line
+    assert "cannot create" in line
+
+
+async def test_unusable_out_is_refused_before_signing_in(
+    server: MessagesServer, tmp_path: Path
+) -> None:
+    out = tmp_path / "missing" / "x.sqlite"
+    code, _, err = await run(server, "--out", str(out))
+    assert code == 2, err
+    assert "does not exist" in _one_clean_line(err)
+    assert server.token_request_count == 0
+
+
+# --- the same --since instant written another way is the same export -------------------------
+
+
+async def test_same_instants_with_other_offsets_resume_the_same_export(
+    server: MessagesServer, tmp_path: Path
+) -> None:
+    out = tmp_path / "x.sqlite"
+    code, _, err = await run(
+        server, "--out", str(out), "--since", "2025-06-01", "--until", "2026-01-01T00:00Z"
+    )
+    assert code == 0, err
+    code, stdout, err = await run(
+        server,
+        "--out",
+        str(out),
+        "--since",
+        "2025-06-01T02:00:00+02:00",
+        "--until",
+        "2025-12-31T19:00:00-05:00",
+    )
+    assert code == 0, err
+    assert "  messages:  0 new" in stdout
+    # Another instant is still another export.
+    code, _, err = await run(server, "--out", str(out), "--since", "2025-06-01T00:00:01Z")
+    assert code == 2
+    assert "--fresh" in _one_clean_line(err)
+
+
+# --- after a Ctrl-C, the summary counts what the store holds ----------------------------------
+
+
+def _states(out: Path) -> dict[int, tuple[int, str | None]]:
+    if not out.exists():  # connecting would create it
+        return {}
+    db = sqlite3.connect(out)
+    try:
+        rows = db.execute("SELECT chat_id, done, cursor FROM export_state").fetchall()
+    finally:
+        db.close()
+    return {chat_id: (done, cursor) for chat_id, done, cursor in rows}
+
+
+async def _wait_for_state(
+    proc: asyncio.subprocess.Process, out: Path, chat: int, want: tuple[int, bool]
+) -> None:
+    """Until the chat's checkpoint has ``done`` and a cursor (or not) as wanted."""
+    async with asyncio.timeout(30):
+        while proc.returncode is None:
+            with contextlib.suppress(sqlite3.OperationalError):  # no schema yet
+                done, cursor = _states(out).get(chat, (0, None))
+                if (done, cursor is not None) == want:
+                    return
+            await asyncio.sleep(0.02)
+    raise AssertionError("the export ended before reaching the wanted checkpoint")
+
+
+async def test_summary_after_ctrl_c_counts_what_the_store_holds(tmp_path: Path) -> None:
+    async with MessagesServer(chats=1, messages_per_chat=250, seed=3) as srv:
+        chat = srv.chat_ids()[0]
+        out = tmp_path / "x.sqlite"
+        args = ["--out", str(out), "--concurrency", "1"]
+        # Run 1: the first page is stored with its cursor; the second hangs; Ctrl-C.
+        srv.inject(Fault.delay(30.0), path="messages/", after=1, chat_id=chat)
+        proc = await start_cli(srv, *args)
+        await _wait_for_state(proc, out, chat, (0, True))
+        proc.send_signal(signal.SIGINT)
+        await proc.communicate()
+        assert proc.returncode == 130
+        srv.clear_faults()
+        # Run 2 resumes the walk to the oldest page (the chat is then complete in the store),
+        # and then catches up from the newest page: that request hangs, and Ctrl-C.
+        srv.inject(Fault.delay(30.0), path="messages/", after=2, chat_id=chat)
+        proc = await start_cli(srv, *args)
+        await _wait_for_state(proc, out, chat, (1, False))
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = await proc.communicate()
+        assert proc.returncode == 130, stderr.decode()
+        assert _states(out)[chat][0] == 1
+        summary = stdout.decode()
+        assert "  chats:     1 complete, 0 failed, 0 not finished (of 1)" in summary, summary
+        assert "250 stored for the complete chats" in summary, summary
+
+
+def test_export_identity_compares_instants_not_spellings() -> None:
+    a = ExportMeta(source="s", since="2025-06-01", until="2026-01-01T00:00:00Z")
+    b = ExportMeta(source="s", since="2025-06-01T02:00:00+02:00", until="2025-12-31T19:00-05:00")
+    assert a == b
+    assert a.since == "2025-06-01T00:00:00+00:00"
+    # Exports written before keep whatever spelling they were written with.
+    assert ExportMeta.from_json({"version": 1, "source": "s", "since": b"x".decode()}).since == "x"
+    assert ExportMeta(source="s", since="2025-06-01T00:00:01Z") != a

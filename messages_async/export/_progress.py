@@ -103,15 +103,19 @@ async def show_progress(
 
 
 def summary_lines(stats: ExportStats, client: ClientStats, target: str) -> list[str]:
-    """The final summary, one string per line."""
+    """The final summary, one string per line.
+
+    A chat is *complete* when the store holds all of it (as of its last walk): after a run
+    that ends by itself, every complete chat is also up to date.
+    """
     status = "interrupted" if stats.interrupted else "done"
     lines = [
         f"Export {status}: {target}",
-        f"  chats:     {stats.chats_done} exported or up to date, {stats.chats_failed} failed,"
+        f"  chats:     {stats.chats_done} complete, {stats.chats_failed} failed,"
         f" {stats.chats_total - stats.chats_done - stats.chats_failed} not finished"
         f" (of {stats.chats_total})",
         f"  messages:  {stats.messages:,} new in {stats.elapsed:,.1f} s"
-        f" ({stats.rate:,.0f}/s); {stats.stored_messages:,} stored for the finished chats",
+        f" ({stats.rate:,.0f}/s); {stats.stored_messages:,} stored for the complete chats",
         f"  requests:  {client.requests:,}, {client.retries:,} retries,"
         f" {client.rate_limited:,} answered 429"
         + (f", {stats.cursor_restarts} expired cursors" if stats.cursor_restarts else ""),

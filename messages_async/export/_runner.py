@@ -227,6 +227,7 @@ class Exporter:
         """
         stats = self.stats
         committed_before = self._store.committed_messages
+        ids: list[int] | None = None
         try:
             # Listing the chats may wait out a long Retry-After: a stop must not wait for it.
             ids = await unless_stopped(self._select(), self._stop)
@@ -254,7 +255,27 @@ class Exporter:
             await self._store.settle()
             stats.messages = self._store.committed_messages - committed_before
             stats.finished = time.monotonic()
+        if stats.interrupted and ids is not None:
+            await self._count_what_is_stored(ids)
         return stats
+
+    async def _count_what_is_stored(self, ids: list[int]) -> None:
+        """Take the chat counts of a stopped run from the store's checkpoints.
+
+        A worker stopped while its chat's last commit ran, or while it caught up a chat it
+        had just completed, never counted that chat, which the store holds complete.
+        """
+        stats = self.stats
+        stats.chats_done = stats.chats_failed = stats.stored_messages = 0
+        stats.failures = []
+        for chat_id in ids:
+            state = await self._store.load(chat_id)
+            if state.error is not None:
+                stats.chats_failed += 1
+                stats.failures.append(ChatFailure(chat_id, state.error))
+            elif state.done:
+                stats.chats_done += 1
+                stats.stored_messages += state.messages
 
     async def _select(self) -> list[int]:
         chats = await self._client.messages.chats()

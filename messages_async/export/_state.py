@@ -18,6 +18,7 @@ is killed at any instant can go on from the last checkpoint without a duplicate 
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import attrs
@@ -64,6 +65,19 @@ class ChatState:
         return cls(**{k: v for k, v in obj.items() if k in fields})
 
 
+def _one_spelling(instant: str | None) -> str | None:
+    """An ISO 8601 instant written one way (UTC), so that equal instants compare equal."""
+    if instant is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(instant)
+    except ValueError:
+        return instant  # not an instant this code wrote: compared as written
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)  # docs/protocol.md §2: no offset means UTC
+    return parsed.astimezone(UTC).isoformat()
+
+
 @attrs.frozen
 class ExportMeta:
     """What makes two runs the same export: where the data comes from and which filters apply.
@@ -74,8 +88,10 @@ class ExportMeta:
 
     source: str
     query: str | None = None
-    since: str | None = None
-    until: str | None = None
+    #: ``--since 2025-06-01`` and ``--since 2025-06-01T02:00:00+02:00`` are the same instant,
+    #: hence the same export: both are kept in UTC.
+    since: str | None = attrs.field(default=None, converter=_one_spelling)
+    until: str | None = attrs.field(default=None, converter=_one_spelling)
 
     def to_json(self) -> dict[str, Any]:
         return {"version": FORMAT_VERSION, **attrs.asdict(self)}
