@@ -223,12 +223,41 @@ def _check_text(message: object, attachments: Sequence[NewAttachment] | None) ->
             raise ValueError(
                 f"a message takes at most {MAX_ATTACHMENTS} attachments, got {len(attachments)}"
             )
+        for item in attachments:
+            _check_attachment_url(item.url)
     if message is not None and len(message) > MAX_MESSAGE_LENGTH:
         raise ValueError(
             f"message is {len(message)} characters; the API takes at most {MAX_MESSAGE_LENGTH}"
         )
-    if not message and not attachments:
-        raise ValueError("a message needs text or at least one attachment")
+    if not attachments and (not message or message.isspace()):
+        # Text of only whitespace shows as an empty message: it is no text.
+        raise ValueError(
+            "a message needs text or at least one attachment"
+            + ("; this text is only whitespace" if message else "")
+        )
+
+
+def _check_attachment_url(url: str) -> None:
+    # docs/protocol.md §6: an attachment is fetched with a plain GET, from any origin.
+    try:
+        parsed = URL(url)
+    except (TypeError, ValueError):
+        parsed = None
+    # Shown without its query: a file host's URL may carry a signature.
+    bare = repr(str(parsed.with_query(None).with_fragment(None))) if parsed is not None else ""
+    if parsed is None:
+        shown = "a URL that cannot be parsed"
+    elif not parsed.scheme:
+        shown = f"{bare}, which has no scheme"
+    elif parsed.scheme not in ("http", "https"):
+        shown = f"a URL with the scheme {parsed.scheme!r}"
+    elif not parsed.absolute:
+        shown = f"{bare}, which has no host"
+    else:
+        return
+    raise ValueError(
+        f"an attachment's url must be an absolute http:// or https:// URL, got {shown}"
+    )
 
 
 # --- Building requests -------------------------------------------------------------------------

@@ -107,6 +107,24 @@ async def test_wait_polled_waits_for_the_bots_watch(
         bot.cancel()
 
 
+async def test_helpers_name_a_chat_the_emulator_does_not_have(
+    messages_server, messages_wait_polled, messages_wait_for
+):
+    with pytest.raises(LookupError, match="no chat 999999; its chats are 20"):
+        await messages_wait_for(999999, lambda m: True)
+    with pytest.raises(LookupError, match="messages_wait_polled: the emulator has no chat 999999"):
+        await messages_wait_polled([messages_server.chat_ids()[0], 999999])
+    with pytest.raises(TypeError, match="predicate"):
+        await messages_wait_for(messages_server.chat_ids()[0], "pong")
+
+
+async def test_post_message_posts_the_text_it_is_given(messages_server):
+    chat = messages_server.chat_ids()[0]
+    assert messages_server.post_message(chat, "")["message"] == ""
+    assert messages_server.messages(chat)[0]["message"] == ""
+    assert messages_server.post_message(chat)["message"]  # no text at all: some random text
+
+
 CLIENTS = []
 
 
@@ -159,13 +177,13 @@ def write_bot_tests(tmp_path: Path, *, strict: bool = False) -> str:
 def test_fixtures_with_the_plugin_loaded_explicitly(tmp_path: Path) -> None:
     result = run_pytest(tmp_path, write_bot_tests(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "7 passed" in result.stdout
+    assert "9 passed" in result.stdout
 
 
 def test_fixtures_in_pytest_asyncio_strict_mode(tmp_path: Path) -> None:
     result = run_pytest(tmp_path, write_bot_tests(tmp_path, strict=True), mode="strict")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "7 passed" in result.stdout
+    assert "9 passed" in result.stdout
 
 
 def test_a_failing_bot_test_is_reported_as_failing(tmp_path: Path) -> None:
@@ -189,4 +207,4 @@ def test_the_readme_example_test_passes(tmp_path: Path) -> None:
 def test_fixtures_through_the_installed_entry_point(tmp_path: Path) -> None:
     result = run_pytest(tmp_path, write_bot_tests(tmp_path), autoload=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "7 passed" in result.stdout
+    assert "9 passed" in result.stdout

@@ -124,7 +124,7 @@ def test_bad_add_arguments(message: object, attachments: object, error: type, ma
 
 def test_message_of_exactly_4096_characters_and_attachment_only_are_fine() -> None:
     build_add(ROOT, 5, "é" * 4096, None, False)
-    build_add(ROOT, 5, "", [ma.NewAttachment(type="image", url="u")], False)
+    build_add(ROOT, 5, "", [ma.NewAttachment(type="image", url="https://x.test/u")], False)
 
 
 def test_edit_is_idempotent_and_needs_chat_id() -> None:

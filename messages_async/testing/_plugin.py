@@ -113,6 +113,24 @@ async def messages_client(
         yield client
 
 
+def _check_chats(server: MessagesServer, chat_ids: Iterable[object], helper: str) -> set[int]:
+    """The chat ids, refused with a message that helps when the emulator has no such chat."""
+    wanted: set[int] = set()
+    for chat_id in chat_ids:
+        if isinstance(chat_id, bool) or not isinstance(chat_id, int):
+            raise TypeError(f"{helper}: a chat id is an int, got {chat_id!r}")
+        wanted.add(chat_id)
+    known = server.chat_ids()
+    unknown = sorted(wanted - set(known))
+    if unknown:
+        shown = ", ".join(map(str, known[:10])) + (", ..." if len(known) > 10 else "")
+        raise LookupError(
+            f"{helper}: the emulator has no chat {', '.join(map(str, unknown))}; its chats are "
+            f"{shown} (messages_server.chat_ids())"
+        )
+    return wanted
+
+
 WaitPolled = Callable[..., Awaitable[None]]
 WaitFor = Callable[..., Awaitable[dict[str, Any]]]
 
@@ -128,7 +146,8 @@ def messages_wait_polled(
     made during the test is awaited with :meth:`Watch.ready` (and ``LookupError`` if one of
     ``chat_ids`` is watched by none). For a bot that polls by itself, it waits until each chat
     (default: every chat of the server) has had a listing answered with 200 after the call.
-    ``TimeoutError`` after ``WAIT_TIMEOUT`` seconds, saying which chats are missing.
+    ``TimeoutError`` after ``WAIT_TIMEOUT`` seconds, saying which chats are missing;
+    ``LookupError`` at once for a chat the emulator does not have.
     """
     watches: list[ma.Watch] = []
     original = ma.Messages.watch
@@ -141,7 +160,11 @@ def messages_wait_polled(
     monkeypatch.setattr(ma.Messages, "watch", recording_watch)
 
     async def wait(chat_ids: Iterable[int] | None = None) -> None:
-        wanted = set(messages_server.chat_ids() if chat_ids is None else chat_ids)
+        wanted = _check_chats(
+            messages_server,
+            messages_server.chat_ids() if chat_ids is None else chat_ids,
+            "messages_wait_polled",
+        )
         missing = wanted
         # Without a watch, only listings answered from now on count: the test's own calls
         # made before it started the bot must not pass for the bot's polls.
@@ -187,10 +210,17 @@ def messages_wait_for(messages_server: MessagesServer) -> WaitFor:
 
     Waits until the chat holds a message for which ``predicate(message)`` is true (newest
     first), e.g. ``lambda m: m["message"].startswith("echo:")``. ``TimeoutError`` after
-    ``WAIT_TIMEOUT`` seconds (wrap the call in ``asyncio.timeout(...)`` to give up sooner).
+    ``WAIT_TIMEOUT`` seconds (wrap the call in ``asyncio.timeout(...)`` to give up sooner);
+    ``LookupError`` at once for a chat the emulator does not have.
     """
 
     async def wait(chat_id: int, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        _check_chats(messages_server, [chat_id], "messages_wait_for")
+        if not callable(predicate):
+            raise TypeError(
+                "messages_wait_for: predicate must be a function of the message dict, e.g. "
+                f"lambda m: m['message'] == 'hi'; got {predicate!r}"
+            )
         try:
             async with asyncio.timeout(WAIT_TIMEOUT):
                 while True:

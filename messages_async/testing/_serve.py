@@ -113,6 +113,10 @@ async def serve(
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
+        if ready_file:
+            # Gone with the server: a script that finds the file may rely on it listening.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(ready_file)
 
 
 def _messages_per_chat(text: str) -> int | tuple[int, int]:
@@ -126,35 +130,78 @@ def _messages_per_chat(text: str) -> int | tuple[int, int]:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="messages-async serve",
-        description="Run the Messages API emulator (token endpoint and API on two ports).",
+        description=(
+            "Run the Messages API emulator (token endpoint and API on two ports) until "
+            "Ctrl-C. It prints the URLs and the credentials to use."
+        ),
+        allow_abbrev=False,
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
-    p.add_argument("--port", type=int, default=0, help="API port (0: any free port)")
-    p.add_argument("--token-port", type=int, default=0, help="token endpoint port (0: any)")
-    p.add_argument("--chats", type=int, default=20, help="number of chats to generate")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    p.add_argument(
+        "--port", type=int, default=0, help="API port (default: %(default)s, any free port)"
+    )
+    p.add_argument(
+        "--token-port",
+        type=int,
+        default=0,
+        help="token endpoint port (default: %(default)s, any free port)",
+    )
+    p.add_argument(
+        "--chats", type=int, default=20, help="number of chats to generate (default: %(default)s)"
+    )
     p.add_argument(
         "--messages-per-chat",
         type=_messages_per_chat,
         default=200,
         metavar="N|MIN-MAX",
-        help="messages in each chat, or a random size per chat in MIN-MAX",
+        help="messages in each chat, or a random size per chat in MIN-MAX (default: %(default)s)",
     )
-    p.add_argument("--seed", type=int, default=0, help="same seed, same dataset")
-    p.add_argument("--latency", type=float, default=0.0, help="seconds added to each API call")
-    p.add_argument("--rate-limit", type=float, default=None, help="API requests per second")
-    p.add_argument("--burst", type=int, default=None, help="rate limiter bucket size")
+    p.add_argument(
+        "--seed", type=int, default=0, help="same seed, same dataset (default: %(default)s)"
+    )
+    p.add_argument(
+        "--latency",
+        type=float,
+        default=0.0,
+        help="seconds added to each API call (default: %(default)s)",
+    )
+    p.add_argument(
+        "--rate-limit",
+        type=float,
+        default=None,
+        help="API requests per second, answered 429 with Retry-After above it (default: no limit)",
+    )
+    p.add_argument(
+        "--burst",
+        type=int,
+        default=None,
+        help="requests allowed at once above --rate-limit (default: one second's worth)",
+    )
     p.add_argument(
         "--cursor-mode",
         choices=("url", "token"),
         default="url",
-        help="cursors as absolute URLs (default) or bare tokens",
+        help="cursors as absolute URLs or bare tokens (default: %(default)s)",
     )
     p.add_argument(
-        "--token-ttl", type=float, default=3600.0, help="access token lifetime in seconds"
+        "--token-ttl",
+        type=float,
+        default=3600.0,
+        help="access token lifetime in seconds (default: %(default)s)",
     )
-    p.add_argument("--extra-fields", action="store_true", help="send fields clients must ignore")
+    p.add_argument(
+        "--extra-fields",
+        action="store_true",
+        help="send fields clients must ignore (default: off)",
+    )
     p.add_argument("--no-compress", action="store_true", help="never gzip responses")
-    p.add_argument("--ready-file", metavar="PATH", help="write connection details here as JSON")
+    p.add_argument(
+        "--ready-file",
+        metavar="PATH",
+        help="write the URLs and credentials here as JSON once listening; removed on exit",
+    )
     return p
 
 

@@ -411,19 +411,20 @@ class MessagesServer:
     def post_message(
         self,
         chat_id: int,
-        text: str = "",
+        text: str | None = None,
         *,
         uid: int | None = None,
         attachments: Sequence[Mapping[str, Any]] = (),
     ) -> Json:
         """A message from another user, as if posted now (id ``max_id() + 1``).
 
-        Empty ``text`` and no attachments: some random text. KeyError: unknown chat.
+        No ``text``: some random text (``""`` posts an empty message, as a careless server
+        might store one). KeyError: unknown chat.
         """
         if not self._store.has_chat(chat_id):
             raise KeyError(chat_id)
-        if not text and not attachments:
-            text = self._store.random_text()
+        if text is None:
+            text = "" if attachments else self._store.random_text()
         sender = self._store.other_user(chat_id) if uid is None else uid
         result: Json = self._copy(self._store.add(chat_id, sender, text, attachments))
         return result

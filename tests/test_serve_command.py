@@ -1,0 +1,82 @@
+"""``messages-async serve`` as a user runs it: a process, stopped with Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import messages_async as ma
+
+SERVE = [sys.executable, "-m", "messages_async", "serve"]
+
+
+def test_help_shows_every_default() -> None:
+    result = subprocess.run(
+        [*SERVE, "--help"], capture_output=True, text=True, timeout=30, check=True
+    )
+    text = " ".join(result.stdout.split())  # argparse wraps to the terminal's width
+    for shown in (
+        "(default: 127.0.0.1)",
+        "(default: 0, any free port)",
+        "number of chats to generate (default: 20)",
+        "(default: 200)",
+        "same dataset (default: 0)",
+        "(default: 0.0)",
+        "(default: no limit)",
+        "(default: url)",
+        "(default: 3600.0)",
+        "removed on exit",
+    ):
+        assert shown in text, shown
+
+
+def _left_in(directory: Path) -> list[Path]:
+    return list(directory.iterdir())
+
+
+def _ready(path: Path) -> dict[str, object] | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+async def test_ready_file_is_there_while_serving_and_gone_after(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    ready = tmp_path / "ready.json"
+    proc = await asyncio.create_subprocess_exec(
+        *SERVE,
+        "--chats",
+        "2",
+        "--messages-per-chat",
+        "3",
+        "--ready-file",
+        str(ready),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(30):
+            while (info := _ready(ready)) is None:
+                assert proc.returncode is None, "the server exited before it was ready"
+                await asyncio.sleep(0.02)
+        # The file says how to reach a server that is listening.
+        async with ma.Client(
+            token_url=str(info["token_url"]),
+            client_id=str(info["client_id"]),
+            client_secret=str(info["client_secret"]),
+        ) as client:
+            assert len(await client.messages.chats()) == 2
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(sig)
+        stdout, stderr = await proc.communicate()
+    assert proc.returncode == 0, stderr.decode()
+    assert "Traceback" not in stderr.decode()
+    assert _left_in(tmp_path) == []  # neither the file nor a temporary one beside it
+    assert str(info["client_secret"]) in stdout.decode()
