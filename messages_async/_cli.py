@@ -6,9 +6,8 @@ user through ``ps``): ``MESSAGES_TOKEN_URL``, ``MESSAGES_CLIENT_ID`` and
 ``MESSAGES_RESOURCE_URI`` for a pre-issued token. ``--token-url`` and ``--client-id`` may name
 the first two, which are not secret.
 
-Exit status: 0 everything exported; 1 some chats failed (listed in the summary) or the export
-could not go on (server unreachable, disk error); 2 bad usage, credentials or ``--out``;
-130 interrupted by Ctrl-C (143 by SIGTERM), with everything fetched so far kept.
+Exit status: see the ``export`` parser's epilog (``messages-async export --help``), which the
+README repeats word for word.
 """
 
 from __future__ import annotations
@@ -150,10 +149,15 @@ def _parser() -> argparse.ArgumentParser:
             f"environment: {ENV_TOKEN_URL}, {ENV_CLIENT_ID} and {ENV_CLIENT_SECRET}, or "
             f"{ENV_ACCESS_TOKEN} and {ENV_RESOURCE_URI}."
         ),
+        # The same words as the README's "Exit status" (tests/test_readme.py compares them).
         epilog=(
-            "exit status: 0 done; 1 some chats failed or the export could not go on (a server "
-            "unreachable or failing); 2 bad usage, refused credentials, a wrong token URL or "
-            "--out; 130 interrupted by Ctrl-C, 143 by SIGTERM (resume by running it again)"
+            "exit status: 0 everything exported; 1 some chats failed (listed in the summary) "
+            "or the export could not go on (a server unreachable or failing, the token endpoint "
+            "included; a disk error); 2 bad usage, missing or refused credentials, a wrong token "
+            "URL, or an unusable --out; 130 interrupted by Ctrl-C (143 by SIGTERM), with the "
+            "command that resumes. A server that cannot be connected to is retried for "
+            "--max-unreachable seconds (default 20), each wait logged with its cause, then given "
+            "up on."
         ),
         allow_abbrev=False,
     )
@@ -184,7 +188,9 @@ def _parser() -> argparse.ArgumentParser:
         help="chats exported at once (default 8); each may have a second page in flight, so "
         "up to 2N requests",
     )
-    export.add_argument("--query", metavar="TEXT", help="only messages whose text contains TEXT")
+    export.add_argument(
+        "--query", metavar="TEXT", help="only messages whose text contains TEXT (any case)"
+    )
     export.add_argument(
         "--since",
         type=_instant,

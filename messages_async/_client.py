@@ -449,7 +449,9 @@ class Messages:
 
         Args:
             chat_id: The chat (for a private chat, the other user's id).
-            limit: Page size (the server's default is 20, its maximum 100); not a total.
+            limit: Page size (the server's default is 20, its maximum 100); not a total. A
+                larger one is sent as is and the server answers with at most 100 messages
+                (``page.limit`` says how many it used).
             cursor: A ``next_cursor`` or ``prev_cursor`` from an earlier page.
             query: Case-insensitive substring filter on the text.
             period: A date filter.

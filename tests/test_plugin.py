@@ -208,3 +208,41 @@ def test_fixtures_through_the_installed_entry_point(tmp_path: Path) -> None:
     result = run_pytest(tmp_path, write_bot_tests(tmp_path), autoload=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "9 passed" in result.stdout
+
+
+def test_the_readme_set_up_runs_the_example_without_a_warning(tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Testing a bot: the pytest plugin") :]
+    toml = section[section.index("```toml\n") + len("```toml\n") :]
+    (tmp_path / "pyproject.toml").write_text(toml[: toml.index("```")])
+    for name in ("echo_bot.py", "test_echo_bot.py"):
+        (tmp_path / name).write_text((ROOT / "examples" / name).read_text())
+    env = dict(os.environ)
+    env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"  # the plugins a bot author has, and only those
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "pytest_asyncio.plugin",
+            "-p",
+            PLUGIN,
+            "-W",
+            "error::pytest.PytestDeprecationWarning",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "1 passed" in result.stdout
+    assert "asyncio_default_fixture_loop_scope" not in output
+    assert "warning" not in output.lower()

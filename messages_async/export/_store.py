@@ -15,7 +15,7 @@ import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from .._models import Message
 from ._state import ChatState, ExportMeta
@@ -131,6 +131,16 @@ class Store(abc.ABC):
             await loop.run_in_executor(self._executor, self._close)
         finally:
             await loop.run_in_executor(None, functools.partial(self._executor.shutdown, wait=True))
+
+    async def __aenter__(self) -> Self:
+        """``async with SqliteStore(path) as store:`` closes the store however the block ends.
+
+        Entering does not open it: call :meth:`open` inside the block.
+        """
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
 
     # --- implemented by the backends, run on the store's threads ----------------------------
 
