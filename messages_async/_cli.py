@@ -18,6 +18,7 @@ import gc
 import logging
 import os
 import shlex
+import shutil
 import signal
 import sqlite3
 import sys
@@ -359,9 +360,23 @@ def _check_out(path: str, fmt: str) -> None:
         ) from None
 
 
-def _resume_hint(argv: Sequence[str]) -> str:
+def _invoked_as(argv0: str) -> str:
+    """The command to repeat, as it can be typed again from where the user is."""
+    if os.path.basename(argv0) == PROG:
+        found = shutil.which(PROG)
+        if found is not None and os.path.samefile(found, argv0):
+            return PROG
+        # Run by its path (say .venv/bin/messages-async, the environment not activated):
+        # a bare "messages-async" would not be found.
+        return shlex.quote(argv0)
+    if os.path.basename(argv0) == "__main__.py":
+        return f"{shlex.quote(sys.executable)} -m messages_async"
+    return PROG
+
+
+def _resume_hint(argv: Sequence[str], program: str = PROG) -> str:
     again = [a for a in argv if a != "--fresh"]
-    return f"{PROG} {shlex.join(again)}"
+    return f"{program} {shlex.join(again)}"
 
 
 class _Signals:
@@ -569,7 +584,7 @@ def _report(
     if stats.interrupted:
         print(
             f"Interrupted: every page fetched so far is saved. To resume, run:\n"
-            f"  {_resume_hint(argv)}",
+            f"  {_resume_hint(argv, _invoked_as(sys.argv[0] if sys.argv else PROG))}",
             file=sys.stderr,
         )
         return EXIT_TERMINATED if signals.received == signal.SIGTERM else EXIT_INTERRUPTED

@@ -133,6 +133,24 @@ def test_resume_hint_repeats_the_command_without_fresh() -> None:
     assert hint == "messages-async export --out 'my dir' --format jsonl"
 
 
+def test_resume_hint_names_the_command_as_it_can_be_typed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = tmp_path / "my env" / "bin" / "messages-async"
+    script.parent.mkdir(parents=True)
+    script.write_text("")
+    script.chmod(0o755)
+    # Not on PATH (an environment that is not activated): the path it was run by.
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert _cli._invoked_as(str(script)) == f"'{script}'"
+    monkeypatch.setenv("PATH", str(script.parent))  # activated
+    assert _cli._invoked_as(str(script)) == "messages-async"
+    assert (
+        _cli._invoked_as("/x/messages_async/__main__.py") == f"{sys.executable} -m messages_async"
+    )
+    assert _cli._invoked_as("something-else") == "messages-async"
+
+
 async def test_export_then_update_through_the_command(
     server: MessagesServer, tmp_path: Path
 ) -> None:
@@ -210,7 +228,8 @@ async def test_ctrl_c_stops_cleanly_with_130_and_a_resume_hint(tmp_path: Path) -
         assert proc.returncode == 130, stderr.decode()
         err = stderr.decode()
         assert "Traceback" not in err
-        assert f"messages-async export --out {out} --concurrency 2" in err
+        # Run as python -m messages_async, so that is what the hint repeats.
+        assert f"{sys.executable} -m messages_async export --out {out} --concurrency 2" in err
         assert b"Export interrupted" in stdout
         db = sqlite3.connect(out)
         try:
