@@ -17,8 +17,9 @@ from messages_async.testing import Fault, MessagesServer
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "echo_bot.py"
 
 
-def load_example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("echo_bot_example", EXAMPLE)
+def load_example(path: Path = EXAMPLE) -> ModuleType:
+    """An example module, loaded from its file as a user would run it."""
+    spec = importlib.util.spec_from_file_location(f"{path.stem}_example", path)
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 from pathlib import Path
-from types import ModuleType
 
 import aiohttp
 import pytest
 from aiohttp import web
+from test_example_bot import load_example
 
 import messages_async as ma
 from messages_async.testing import MessagesServer
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "web_app.py"
-
-
-def load_example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("web_app_example", EXAMPLE)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def client_of(server: MessagesServer) -> ma.Client:
@@ -35,7 +25,7 @@ def client_of(server: MessagesServer) -> ma.Client:
 
 
 async def test_handlers_share_one_client_opened_at_startup_and_closed_at_cleanup() -> None:
-    app_module = load_example()
+    app_module = load_example(EXAMPLE)
     async with MessagesServer(chats=3, messages_per_chat=12, seed=5, latency=0.005) as server:
         client = client_of(server)
         runner = web.AppRunner(app_module.make_app(client))
@@ -79,7 +69,7 @@ async def test_handlers_share_one_client_opened_at_startup_and_closed_at_cleanup
 
 
 async def test_a_refused_secret_stops_the_app_at_startup() -> None:
-    app_module = load_example()
+    app_module = load_example(EXAMPLE)
     async with MessagesServer(chats=1) as server:
         client = ma.Client(
             token_url=server.token_url, client_id=server.client_id, client_secret="wrong"
