@@ -19,7 +19,8 @@ Installed with the package and loaded by pytest through the ``pytest11`` entry p
   holds a message (a raw dict, as the server sends it) for which ``predicate`` is true.
 
 The fixtures are async; they run under pytest-asyncio (``asyncio_mode = "auto"``, or mark the
-tests with ``@pytest.mark.asyncio``).
+tests with ``@pytest.mark.asyncio``). Setting ``asyncio_default_fixture_loop_scope =
+"function"`` as well silences pytest-asyncio's warning that it is unset.
 """
 
 from __future__ import annotations
