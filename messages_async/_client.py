@@ -320,7 +320,10 @@ class Client:
     async def open(self) -> None:
         """Open the HTTP session and exchange the credentials for a token.
 
-        ``async with Client(...)`` calls this for you.
+        ``async with Client(...)`` calls this for you. For a client that lives as long as an
+        app, call it from the app's startup hook and :meth:`aclose` from its shutdown hook
+        (``examples/web_app.py`` does this with aiohttp.web). A client whose ``open()``
+        failed, or that was closed, cannot be opened again: make a new one.
         """
         self._check_owner("open()")
         if self._state is _State.OPEN:
