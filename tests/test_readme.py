@@ -99,30 +99,37 @@ def test_configuration_table_lists_every_client_option_with_its_default() -> Non
 
 def test_error_tree_is_the_class_tree() -> None:
     tree = _block(_section("### Errors"), "")
-    listed: dict[str, type] = {}
-    parents: list[tuple[int, type]] = []
+    drawn: list[tuple[int, type, str | None]] = []  # depth, class, "(also X)"
     for line in tree.splitlines():
         match = re.match(r"^([ │├└─]*)(\w+)(?: \(also (\w+)\))?", line)
-        assert match is not None, line
-        depth = len(match.group(1))
-        cls = getattr(ma, match.group(2))
-        listed[cls.__name__] = cls
+        if match is None:
+            assert line.strip(" │").startswith("("), line  # a note continued from above
+            continue
+        drawn.append((len(match.group(1)), getattr(ma, match.group(2)), match.group(3)))
+    listed = {cls for _, cls, _ in drawn}
+    under: dict[type, set[type]] = {cls: set() for cls in listed}
+    parents: list[tuple[int, type]] = []
+    for depth, cls, also in drawn:
         while parents and parents[-1][0] >= depth:
             parents.pop()
         if parents:
-            parent = parents[-1][1]
-            # The nearest listed ancestor is the one drawn above it.
-            nearest = next(b for b in cls.__mro__[1:] if b.__name__ in listed)
-            assert nearest is parent, f"{cls.__name__} is drawn under {parent.__name__}"
-        if match.group(3):
-            assert issubclass(cls, getattr(builtins, match.group(3))), line
+            under[cls].add(parents[-1][1])
+        if also:
+            assert issubclass(cls, getattr(builtins, also)), cls
         parents.append((depth, cls))
+    for cls, drawn_under in under.items():
+        # Drawn under exactly its nearest listed ancestors (two, for multiple inheritance).
+        ancestors = {b for b in cls.__mro__[1:] if b in listed}
+        nearest = {
+            a for a in ancestors if not any(b is not a and issubclass(b, a) for b in ancestors)
+        }
+        assert drawn_under == nearest, f"{cls.__name__} is drawn under {drawn_under}"
     public_errors = {
-        name
+        getattr(ma, name)
         for name in ma.__all__
         if isinstance(getattr(ma, name), type) and issubclass(getattr(ma, name), ma.MessagesError)
     }
-    assert public_errors == set(listed)
+    assert public_errors == listed
 
 
 def _options(parser: argparse.ArgumentParser) -> set[str]:
