@@ -24,6 +24,7 @@ from ._errors import (
     TransportError,
     UnsafeCursorError,
 )
+from ._hooks import ErrorView, RequestView, ResponseView
 from ._limiter import ClientStats
 from ._models import (
     Attachment,
@@ -50,6 +51,7 @@ __all__ = [
     "ClientStats",
     "ConfigurationError",
     "DecodeError",
+    "ErrorView",
     "InvalidCursorError",
     "Message",
     "Messages",
@@ -62,6 +64,8 @@ __all__ = [
     "PermissionDeniedError",
     "RateLimitError",
     "RequestTimeoutError",
+    "RequestView",
+    "ResponseView",
     "ScopeError",
     "ServerError",
     "TransportError",

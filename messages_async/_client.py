@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import copy
 import enum
+import functools
 import random
 from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Literal, Self, overload
+from typing import TYPE_CHECKING, Literal, Self, overload
 
 import aiohttp
+import attrs
 from yarl import URL
 
 from ._errors import ClientClosedError, ConfigurationError
 from ._fanout import OnError, fan_out
+from ._hooks import EventHooks, Hook
 from ._limiter import ClientStats, Limiter
 from ._models import Chat, ChatFailed, Message, MessagesPage, NewAttachment, Period
+from ._observe import Observer
 from ._pagination import Direction, walk_messages, walk_pages
 from ._secret import Secret
 from ._session import Credentials, SessionManager
@@ -46,6 +50,9 @@ from ._wire import (
     parse_page,
     resource_root,
 )
+
+if TYPE_CHECKING:
+    from ._telemetry import OtelWalk
 
 __all__ = ["Client", "Messages"]
 
@@ -151,6 +158,11 @@ class Client:
             spend in a burst across all its calls; each success earns back a tenth of one.
             Stops a failing server from being hit ``max_retries + 1`` times harder.
         allow_insecure_http: Allow plain ``http://`` to non-loopback hosts.
+        event_hooks: Functions called around each attempt of a request, in the style of
+            httpx: ``{"request": [...], "response": [...], "error": [...]}``, given a
+            :class:`RequestView`, a :class:`ResponseView` or an :class:`ErrorView` (never the
+            token, a header sent or the query string). Plain or ``async`` functions; one that
+            raises is logged and the request goes on.
     """
 
     def __init__(
@@ -173,6 +185,7 @@ class Client:
         max_response_bytes: int = 32 * 1024 * 1024,
         retry_budget: int = 50,
         allow_insecure_http: bool = False,
+        event_hooks: Mapping[str, Iterable[Hook]] | None = None,
     ) -> None:
         self._life = _Lifecycle()
         self._is_view = False
@@ -218,6 +231,7 @@ class Client:
             requested = _scopes(DEFAULT_SCOPES if scopes is NOT_GIVEN else scopes)
             credentials = Credentials(url, client_id, secret, requested)
         max_concurrency = _count("max_concurrency", max_concurrency, minimum=1)
+        hooks = None if event_hooks is None else EventHooks(event_hooks)
         self._policy = RetryPolicy(
             max_retries=_count("max_retries", max_retries, minimum=0),
             timeout=_positive("timeout", timeout),
@@ -227,6 +241,8 @@ class Client:
             deadline=None if deadline is None else _positive("deadline", deadline),
         )
         rng = random.Random()
+        self._limiter = Limiter(max_concurrency)
+        self._observer = Observer(hooks, self._limiter)
         self._sessions = SessionManager(
             credentials=credentials,
             access_token=token,
@@ -241,14 +257,15 @@ class Client:
             allow_insecure_http=bool(allow_insecure_http),
             user_agent=f"messages-async/{__version__}",
             rng=rng,
+            observer=self._observer,
         )
-        self._limiter = Limiter(max_concurrency)
         self._transport = Transport(
             self._sessions,
             self._limiter,
             max_response_bytes=_count("max_response_bytes", max_response_bytes, minimum=1),
             retry_budget=RetryBudget(_count("retry_budget", retry_budget, minimum=0)),
             rng=rng,
+            observer=self._observer,
         )
         self.messages = Messages(self)
 
@@ -361,9 +378,9 @@ class Client:
                 else "the client is not open; use 'async with Client(...) as client:'"
             )
 
-    async def _send(self, request: ApiRequest) -> bytes | None:
+    async def _send(self, request: ApiRequest, parent: OtelWalk | None = None) -> bytes | None:
         self._require_open()
-        return await self._transport.send(request, self._policy)
+        return await self._transport.send(request, self._policy, parent)
 
     # --- state ----------------------------------------------------------------------------------
 
@@ -389,7 +406,7 @@ class Client:
     @property
     def stats(self) -> ClientStats:
         """A snapshot of the request counters and the adaptive concurrency."""
-        return self._limiter.stats()
+        return attrs.evolve(self._limiter.stats(), paused_total=self._observer.pauses.total)
 
     @property
     def token_exchanges(self) -> int:
@@ -417,8 +434,8 @@ class Messages:
         self._client._require_open()
         return self._client._sessions.resource_root
 
-    async def _page(self, request: ApiRequest) -> MessagesPage:
-        body = await self._client._send(request)
+    async def _page(self, request: ApiRequest, parent: OtelWalk | None = None) -> MessagesPage:
+        body = await self._client._send(request, parent)
         return parse_page(body or b"")
 
     async def chats(self) -> list[Chat]:
@@ -517,11 +534,14 @@ class Messages:
                 "direction='newer' walks up from a saved cursor (a page's prev_cursor); the "
                 "first page is already the newest"
             )
-        return self._walk(listing, cursor=cursor, direction=direction, prefetch=prefetch)
+        return self._walk(
+            listing, "messages.pages", cursor=cursor, direction=direction, prefetch=prefetch
+        )
 
     def _walk(
         self,
         listing: ListQuery,
+        name: str,
         *,
         cursor: str | None = None,
         direction: Direction = "older",
@@ -534,14 +554,16 @@ class Messages:
             check_cursor_chat(first, listing.chat_id)
         else:
             first = build_list(root, listing)
-        return walk_pages(
-            self._page,
+        walk = self._client._observer.walk(name)  # a span for the walk, when traced
+        pages = walk_pages(
+            self._page if walk is None else functools.partial(self._page, parent=walk),
             first,
             lambda c: cursor_request(self._root(), c, listing),
             direction=direction,
             prefetch=prefetch,
             max_items=max_items,
         )
+        return pages if walk is None else walk.wrap(pages)
 
     def iter(
         self,
@@ -561,7 +583,7 @@ class Messages:
         if max_items is not None:
             _count("max_items", max_items, minimum=0)
         listing = ListQuery.checked(chat_id, limit, query, period)
-        pages = self._walk(listing, prefetch=prefetch, max_items=max_items)
+        pages = self._walk(listing, "messages.iter", prefetch=prefetch, max_items=max_items)
         return walk_messages(pages, max_items)
 
     @overload

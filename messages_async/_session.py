@@ -18,6 +18,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import aiohttp
 from yarl import URL
@@ -25,6 +26,9 @@ from yarl import URL
 from ._errors import AuthError, ClientClosedError, ScopeError
 from ._secret import Secret
 from ._wire import TokenGrant, backoff_delay, build_token_form, parse_token_response
+
+if TYPE_CHECKING:
+    from ._observe import Observer
 
 __all__ = ["Credentials", "SessionManager", "Token"]
 
@@ -95,7 +99,9 @@ class SessionManager:
         user_agent: str,
         rng: random.Random,
         clock: Callable[[], float] = time.monotonic,
+        observer: Observer | None = None,
     ) -> None:
+        self._observer = observer
         self._credentials = credentials
         self._resource_root = resource_root
         self._granted = granted
@@ -244,7 +250,10 @@ class SessionManager:
             ) from None
 
     def _start_renewal(self, current: Token | None) -> asyncio.Task[Token]:
-        renewal = asyncio.create_task(self._exchange(current), name="messages_async token renewal")
+        exchange = self._exchange(current)
+        if self._observer is not None:
+            exchange = self._observer.renewal(exchange)  # a span of its own, when traced
+        renewal = asyncio.create_task(exchange, name="messages_async token renewal")
         renewal.add_done_callback(self._renewal_done)
         self._renewal = renewal
         return renewal

@@ -23,8 +23,9 @@ import logging
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import aiohttp
 from multidict import CIMultiDictProxy
@@ -39,6 +40,7 @@ from ._errors import (
     UnsafeCursorError,
 )
 from ._limiter import Limiter, Outcome
+from ._observe import BACKOFF, RETRY_AFTER, CallObserver, Observer
 from ._session import SessionManager, Token
 from ._wire import (
     ApiRequest,
@@ -48,6 +50,9 @@ from ._wire import (
     error_from_response,
     same_origin,
 )
+
+if TYPE_CHECKING:
+    from ._telemetry import OtelWalk
 
 __all__ = ["RetryBudget", "RetryPolicy", "Transport"]
 
@@ -145,8 +150,9 @@ class _Answer:
         self.body = body
 
 
-def _headers(token: Token, *, json_body: bool) -> dict[str, str]:
+def _headers(token: Token, *, json_body: bool, extra: Mapping[str, str]) -> dict[str, str]:
     headers = {
+        **extra,  # first: nothing an observer adds can replace the ones below
         "Authorization": "Bearer " + token.access_token.reveal(),
         "Accept": "application/json",
     }
@@ -168,7 +174,9 @@ class Transport:
         rng: random.Random,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        observer: Observer | None = None,
     ) -> None:
+        self._observer = observer if observer is not None else Observer(None, limiter)
         self._sessions = sessions
         self._limiter = limiter
         self._max_response_bytes = max_response_bytes
@@ -177,8 +185,25 @@ class Transport:
         self._sleep = sleep
         self._budget = retry_budget
 
-    async def send(self, request: ApiRequest, policy: RetryPolicy) -> bytes | None:
-        """Send ``request``; the body of the 2xx answer (``None`` for 204), else an exception."""
+    async def send(
+        self, request: ApiRequest, policy: RetryPolicy, parent: OtelWalk | None = None
+    ) -> bytes | None:
+        """Send ``request``; the body of the 2xx answer (``None`` for 204), else an exception.
+
+        ``parent``: the walk this is a page of, for tracing.
+        """
+        call = self._observer.call(request, parent)
+        try:
+            body = await self._send(request, policy, call)
+        except BaseException as exc:
+            call.ended(exc)
+            raise
+        call.ended(None)
+        return body
+
+    async def _send(
+        self, request: ApiRequest, policy: RetryPolicy, call: CallObserver
+    ) -> bytes | None:
         sessions = self._sessions
         sessions.check_scope(request.scope)
         retries = 0
@@ -215,6 +240,8 @@ class Transport:
                         else "beyond the call's deadline; nothing was sent"
                     ),
                 )
+            if paused_for > 0:
+                call.waiting(RETRY_AFTER, paused_for)
             try:
                 async with self._until(ends_at):
                     token = await sessions.token()
@@ -226,13 +253,15 @@ class Transport:
             self._limiter.count_attempt(retry=bool(retries))
             attempts += 1
             outcome = Outcome.FAILED
-            started = self._clock()
             try:
+                # Inside the try: the slot is handed back even if a hook is cancelled.
+                extra = await call.attempt_started(url, attempts, retry=bool(retries))
+                started = self._clock()
                 # The deadline cuts the attempt short through asyncio (exact, and at once if it
                 # has already passed) rather than through aiohttp's timeout, which treats a
                 # total of zero as none and rounds long ones up to whole seconds.
                 async with self._until(ends_at):
-                    answer = await self._attempt(request, url, token, policy)
+                    answer = await self._attempt(request, url, token, policy, extra)
             except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as exc:
                 error: BaseException = exc  # a certificate will not fix itself on a retry
                 retryable = False
@@ -256,6 +285,7 @@ class Transport:
                 self._limiter.release(ticket, outcome)
             elapsed = (self._clock() - started) * 1000
             if error is not None:
+                await call.attempt_ended(elapsed / 1000, error=error)
                 logger.debug(
                     "%s %s -> %s (attempt %d, %.1f ms)",
                     request.method,
@@ -277,11 +307,13 @@ class Transport:
                     raise self._transport_error(
                         request, error, attempts, maybe_acted, why
                     ) from error.with_traceback(None)
+                call.waiting(BACKOFF, delay)
                 await self._sleep(delay)
                 retries += 1
                 continue
 
             status = answer.status
+            await call.attempt_ended(elapsed / 1000, status=status, headers=answer.headers)
             logger.debug(
                 "%s %s -> %d (attempt %d, %.1f ms)",
                 request.method,
@@ -300,6 +332,7 @@ class Transport:
                     raise TransportError(f"{request.op}: more than {_MAX_REDIRECTS} redirects")
                 continue
             if status == 401 and not renewed:
+                call.token_refused()
                 try:
                     async with self._until(ends_at):
                         await sessions.renew_after_401(token)
@@ -350,6 +383,7 @@ class Transport:
             if shared_pause:
                 self._limiter.pause(delay)  # everyone waits; acquire() holds us too
             else:
+                call.waiting(BACKOFF, delay)
                 await self._sleep(delay)
             retries += 1
 
@@ -392,7 +426,12 @@ class Transport:
         )
 
     async def _attempt(
-        self, request: ApiRequest, url: URL, token: Token, policy: RetryPolicy
+        self,
+        request: ApiRequest,
+        url: URL,
+        token: Token,
+        policy: RetryPolicy,
+        extra: Mapping[str, str],
     ) -> _Answer:
         # The headers are built in the call expression, never bound to a local of this frame:
         # a traceback formatter that prints locals must not find the token here.
@@ -400,7 +439,7 @@ class Transport:
             request.method,
             url,
             data=request.body,
-            headers=_headers(token, json_body=request.body is not None),
+            headers=_headers(token, json_body=request.body is not None, extra=extra),
             allow_redirects=False,
             raise_for_status=False,
             timeout=policy.attempt_timeout,
