@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from ._hooks import ErrorView, EventHooks, RequestView, ResponseView, run_hooks
@@ -54,6 +55,29 @@ def public_url(url: URL) -> str:
     """``url`` as telemetry and hooks may show it: no query string (cursors and filters carry
     search text), no fragment, no user info."""
     return str(url.with_query(None).with_fragment(None).with_user(None))
+
+
+#: Answer headers that may carry a URL with its query string (cursors, search text).
+_URL_HEADERS: Final = frozenset({"location", "content-location"})
+#: Answer headers that may carry a credential of the server's.
+_SECRET_HEADERS: Final = frozenset({"set-cookie", "set-cookie2"})
+
+
+def public_headers(headers: Mapping[str, str]) -> Mapping[str, str]:
+    """Answer headers as hooks may see them: read-only, cookies left out, and URLs in them
+    without their query strings."""
+    shown: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lowered = name.lower()
+        if lowered in _SECRET_HEADERS:
+            continue
+        if lowered in _URL_HEADERS:
+            try:
+                value = public_url(URL(value))
+            except ValueError:
+                continue
+        shown.add(name, value)
+    return CIMultiDictProxy(shown)
 
 
 class PauseTally:
@@ -170,7 +194,8 @@ class ObservedCall(CallObserver):
             return
         if status is not None:
             if hooks.response:
-                answer = ResponseView(view, status, headers if headers is not None else {}, elapsed)
+                shown = _NO_HEADERS if headers is None else public_headers(headers)
+                answer = ResponseView(view, status, shown, elapsed)
                 await run_hooks(hooks.response, answer)
         elif hooks.error:
             name = type(error).__name__ if error is not None else "unknown"
