@@ -16,7 +16,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Literal, Self, overload
 
 import aiohttp
-import attrs
 from yarl import URL
 
 from ._errors import ClientClosedError, ConfigurationError
@@ -406,7 +405,7 @@ class Client:
     @property
     def stats(self) -> ClientStats:
         """A snapshot of the request counters and the adaptive concurrency."""
-        return attrs.evolve(self._limiter.stats(), paused_total=self._observer.pauses.total)
+        return self._observer.stats()
 
     @property
     def token_exchanges(self) -> int:

@@ -22,11 +22,12 @@ import time
 from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
+import attrs
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from ._hooks import ErrorView, EventHooks, RequestView, ResponseView, run_hooks
-from ._limiter import Limiter
+from ._limiter import ClientStats, Limiter
 from ._wire import ApiRequest
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ __all__ = [
     "RETRY_AFTER",
     "CallObserver",
     "Observer",
-    "PauseTally",
+    "Waits",
     "public_url",
 ]
 
@@ -54,7 +55,14 @@ _NO_HEADERS: Final[Mapping[str, str]] = {}
 def public_url(url: URL) -> str:
     """``url`` as telemetry and hooks may show it: no query string (cursors and filters carry
     search text), no fragment, no user info."""
-    return str(url.with_query(None).with_fragment(None).with_user(None))
+    if url.raw_user is not None or url.raw_password is not None:
+        url = url.with_user(None)
+    text = str(url)  # cut as text: cheaper than building another URL for every attempt
+    for mark in ("?", "#"):
+        cut = text.find(mark)
+        if cut >= 0:
+            text = text[:cut]
+    return text
 
 
 #: Answer headers that may carry a URL with its query string (cursors, search text).
@@ -80,30 +88,34 @@ def public_headers(headers: Mapping[str, str]) -> Mapping[str, str]:
     return CIMultiDictProxy(shown)
 
 
-class PauseTally:
-    """Seconds the server has held this client's requests back, each pause counted once.
+class Waits:
+    """Seconds this client's calls have waited before attempts, by reason.
 
-    Every call that waits out the same ``Retry-After`` reports it; only the part of a pause
-    that reaches beyond the ones already counted is added.
+    ``paused``: the server's pauses (``Retry-After``). Every call that waits out the same pause
+    reports it; only the part of a pause that reaches beyond the ones already counted is added,
+    so this is how long the client was held, not the sum over its calls. ``backoff``: the calls'
+    own backoff, summed over calls.
     """
 
-    __slots__ = ("_clock", "_until", "total")
+    __slots__ = ("_clock", "_until", "backoff", "paused")
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._until = 0.0
-        self.total = 0.0
+        self.paused = 0.0
+        self.backoff = 0.0
 
-    def note(self, seconds: float) -> float:
-        """A call will wait ``seconds`` for a pause; returns the seconds newly counted."""
+    def note(self, reason: str, seconds: float) -> None:
+        """A call will wait ``seconds`` for ``reason``."""
+        if reason != RETRY_AFTER:
+            self.backoff += seconds
+            return
         now = self._clock()
         until = now + seconds
         added = until - max(now, self._until)
-        if added <= 0:
-            return 0.0
-        self._until = until
-        self.total += added
-        return added
+        if added > 0:
+            self._until = until
+            self.paused += added
 
 
 class CallObserver:
@@ -138,38 +150,39 @@ class CallObserver:
 
 
 class QuietCall(CallObserver):
-    """Every call of a client nobody observes: counts pauses, nothing else."""
+    """Every call of a client nobody observes: counts its waits, nothing else."""
 
-    __slots__ = ("_pauses",)
+    __slots__ = ("_waits",)
 
-    def __init__(self, pauses: PauseTally) -> None:
-        self._pauses = pauses
+    def __init__(self, waits: Waits) -> None:
+        self._waits = waits
 
     def waiting(self, reason: str, seconds: float) -> None:
-        if reason == RETRY_AFTER:
-            self._pauses.note(seconds)
+        self._waits.note(reason, seconds)
 
 
 class ObservedCall(CallObserver):
     """One call that OpenTelemetry (``otel``), the hooks, or both hear about."""
 
-    __slots__ = ("_hooks", "_otel", "_pauses", "_request", "_view")
+    __slots__ = ("_hooks", "_otel", "_request", "_url", "_view", "_waits")
 
     def __init__(
         self,
         request: ApiRequest,
         otel: OtelCall | None,
         hooks: EventHooks | None,
-        pauses: PauseTally,
+        waits: Waits,
     ) -> None:
         self._request = request
         self._otel = otel
         self._hooks = hooks
-        self._pauses = pauses
+        self._waits = waits
         self._view: RequestView | None = None
+        self._url = request.url
 
     async def attempt_started(self, url: URL, number: int, *, retry: bool) -> Mapping[str, str]:
         request, hooks = self._request, self._hooks
+        self._url = url
         shown = public_url(url)
         if hooks is not None:
             self._view = RequestView(request.op, request.method, shown, number)
@@ -188,7 +201,7 @@ class ObservedCall(CallObserver):
         error: BaseException | None = None,
     ) -> None:
         if self._otel is not None:
-            self._otel.attempt_ended(elapsed, status=status, error=error)
+            self._otel.attempt_ended(elapsed, self._url, status=status, error=error)
         hooks, view = self._hooks, self._view
         if hooks is None or view is None:
             return
@@ -202,9 +215,9 @@ class ObservedCall(CallObserver):
             await run_hooks(hooks.error, ErrorView(view, name, elapsed))
 
     def waiting(self, reason: str, seconds: float) -> None:
-        counted = self._pauses.note(seconds) if reason == RETRY_AFTER else seconds
+        self._waits.note(reason, seconds)
         if self._otel is not None:
-            self._otel.waiting(reason, seconds, counted)
+            self._otel.waiting(reason, seconds)
 
     def token_refused(self) -> None:
         if self._otel is not None:
@@ -218,7 +231,7 @@ class ObservedCall(CallObserver):
 class Observer:
     """The observers of one client's calls (shared by its ``with_options`` views)."""
 
-    __slots__ = ("_hooks", "_limiter", "_quiet", "pauses")
+    __slots__ = ("__weakref__", "_hooks", "_limiter", "_quiet", "_watched_by", "waits", "where")
 
     def __init__(
         self,
@@ -229,8 +242,15 @@ class Observer:
     ) -> None:
         self._hooks = hooks if hooks else None
         self._limiter = limiter
-        self.pauses = PauseTally(clock)
-        self._quiet = QuietCall(self.pauses)
+        self.waits = Waits(clock)
+        self._quiet = QuietCall(self.waits)
+        #: The API's host and port, once a call has been made; metrics are labelled with it.
+        self.where: tuple[str, int] | None = None
+        self._watched_by: object = None
+
+    def stats(self) -> ClientStats:
+        """``client.stats``: the limiter's counters and the waits counted here."""
+        return attrs.evolve(self._limiter.stats(), paused_total=self.waits.paused)
 
     def call(self, request: ApiRequest, parent: OtelWalk | None = None) -> CallObserver:
         """The observer of a call of ``request`` (a page of the walk ``parent``)."""
@@ -238,8 +258,17 @@ class Observer:
         hooks = self._hooks
         if telemetry is None and hooks is None:
             return self._quiet
-        otel = None if telemetry is None else telemetry.call(request, parent, self._limiter)
-        return ObservedCall(request, otel, hooks, self.pauses)
+        otel = None
+        if telemetry is not None:
+            instruments = telemetry.instruments
+            if instruments is not None and self._watched_by is not instruments:
+                # The counters and gauges read this client's state when they are collected.
+                url = request.url
+                self.where = (url.host or "", url.port or 0)
+                instruments.watch(self)
+                self._watched_by = instruments
+            otel = telemetry.call(request, parent)
+        return ObservedCall(request, otel, hooks, self.waits)
 
     def walk(self, name: str) -> OtelWalk | None:
         """A span for a walk (its ``wrap`` runs the walk's pages under it), when traced."""

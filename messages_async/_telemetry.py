@@ -12,8 +12,10 @@ while it has configured a global tracer or meter provider. What it records:
 - waits between attempts as ``messages.wait`` events on the call's span (reason and seconds), a
   refused token as a ``messages.token.refused`` event, and each token exchange as a
   ``messages.token`` span (a child of the call that started it);
-- ``traceparent`` on each attempt, with the attempt's span: only ever to the API's origin,
-  because only the transport's attempts carry it and they only go there;
+- ``traceparent`` on each attempt, naming the attempt's span: only ever to the API's origin,
+  because only the transport's attempts carry it and they only go there. W3C trace context
+  only, not the application's global propagator: a third-party API has no business with the
+  application's baggage;
 - the metrics listed in :class:`Instruments`.
 
 Nothing secret or personal goes into an attribute or event: no header, no body, no query
@@ -27,19 +29,20 @@ the token endpoint through it either.
 from __future__ import annotations
 
 import contextvars
-import math
-from collections.abc import AsyncGenerator, Coroutine, Mapping
+import weakref
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable, Mapping
 from typing import Any, Final, TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
+from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import SpanKind, Status, StatusCode
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from yarl import URL
 
 from ._client import __version__
-from ._limiter import Limiter
+from ._limiter import ClientStats
 from ._models import MessagesPage
+from ._observe import BACKOFF, RETRY_AFTER, Observer
 from ._wire import ApiRequest
 
 try:
@@ -56,9 +59,7 @@ _SCHEMA: Final = "https://opentelemetry.io/schemas/1.26.0"
 #: Set in the context of our own requests: instrumentations of aiohttp then record nothing
 #: for them (the key that ``opentelemetry.instrumentation.utils`` reads).
 _SUPPRESS_HTTP: Final = getattr(otel_context, "_SUPPRESS_HTTP_INSTRUMENTATION_KEY", None)
-#: W3C trace context only, not the application's global propagator: a third-party API has no
-#: business with the application's baggage.
-_PROPAGATOR: Final = TraceContextTextMapPropagator()
+_NO_HEADERS: Final[Mapping[str, str]] = {}
 #: The HTTP semantic conventions' advice for ``http.client.request.duration``.
 _DURATION_BUCKETS: Final = (
     0.005,
@@ -78,10 +79,9 @@ _DURATION_BUCKETS: Final = (
 )
 
 
-def controller_state(limiter: Limiter) -> tuple[float | None, int]:
+def controller_state(stats: ClientStats) -> tuple[float | None, int]:
     """The rate controller's pace (requests per second, None while it sets none) and its
-    current bound on requests in flight."""
-    stats = limiter.stats()
+    current bound on requests in flight, as the client's stats tell them."""
     return stats.pace, stats.concurrency
 
 
@@ -91,6 +91,10 @@ def _error_type(status: int | None, error: BaseException | None) -> str | None:
     if status is not None and status >= 400:
         return str(status)
     return None
+
+
+#: What each of the client's own metrics reads from a client: its stats and its waits.
+_Reading = Callable[[ClientStats, "Observer"], "float | None"]
 
 
 class Instruments:
@@ -103,55 +107,104 @@ class Instruments:
     - ``messages.client.rate_limited``: 429 answers (``client.stats.rate_limited``);
     - ``messages.client.paused`` (s): seconds waited before attempts, by
       ``messages.wait.reason``: ``retry_after`` (the server's pauses, each counted once for the
-      client, ``client.stats.paused_total``) and ``backoff`` (each call's own waits);
-    - ``messages.client.in_flight``: attempts being sent or awaiting an answer;
+      client, ``client.stats.paused_total``) and ``backoff`` (the calls' own waits);
+    - ``messages.client.in_flight``: requests in flight (``client.stats.in_flight``);
     - ``messages.client.pace`` ({request}/s) and ``messages.client.concurrency``: the rate
-      controller's current pace and bound on requests in flight, after each attempt.
+      controller's pace and bound on requests in flight.
+
+    Only the duration is recorded as calls go; the others are observed: read from the clients
+    (held weakly) when the application's reader collects, so they cost a call nothing and
+    agree with ``client.stats`` by construction. Clients of the same server are summed.
     """
 
-    __slots__ = (
-        "concurrency",
-        "duration",
-        "in_flight",
-        "pace",
-        "paused",
-        "rate_limited",
-        "requests",
-        "retries",
-    )
+    __slots__ = ("_clients", "duration")
 
     def __init__(self, meter: metrics.Meter) -> None:
+        self._clients: weakref.WeakSet[Observer] = weakref.WeakSet()
         self.duration = meter.create_histogram(
             "http.client.request.duration",
             unit="s",
             description="Duration of HTTP client requests.",
             explicit_bucket_boundaries_advisory=_DURATION_BUCKETS,
         )
-        self.requests = meter.create_counter(
-            "messages.client.requests", unit="{request}", description="Attempts sent."
+        counters: tuple[tuple[str, str, str, _Reading], ...] = (
+            ("requests", "{request}", "Attempts sent.", lambda st, _: st.requests),
+            ("retries", "{request}", "Attempts that were retries.", lambda st, _: st.retries),
+            ("rate_limited", "{response}", "429 answers.", lambda st, _: st.rate_limited),
         )
-        self.retries = meter.create_counter(
-            "messages.client.retries", unit="{request}", description="Attempts that were retries."
+        for name, unit, description, read in counters:
+            meter.create_observable_counter(
+                "messages.client." + name,
+                callbacks=[self._observe(read)],
+                unit=unit,
+                description=description,
+            )
+        meter.create_observable_counter(
+            "messages.client.paused",
+            callbacks=[self._observe_waits],
+            unit="s",
+            description="Seconds waited before attempts, by reason.",
         )
-        self.rate_limited = meter.create_counter(
-            "messages.client.rate_limited", unit="{response}", description="429 answers."
+        meter.create_observable_up_down_counter(
+            "messages.client.in_flight",
+            callbacks=[self._observe(lambda st, _: st.in_flight)],
+            unit="{request}",
+            description="Requests in flight.",
         )
-        self.paused = meter.create_counter(
-            "messages.client.paused", unit="s", description="Seconds waited before attempts."
-        )
-        self.in_flight = meter.create_up_down_counter(
-            "messages.client.in_flight", unit="{request}", description="Attempts in flight."
-        )
-        self.pace = meter.create_gauge(
+        meter.create_observable_gauge(
             "messages.client.pace",
+            callbacks=[self._observe(lambda st, _: controller_state(st)[0])],
             unit="{request}/s",
             description="The pace the rate controller holds the client to.",
         )
-        self.concurrency = meter.create_gauge(
+        meter.create_observable_gauge(
             "messages.client.concurrency",
+            callbacks=[self._observe(lambda st, _: controller_state(st)[1])],
             unit="{request}",
-            description="The rate controller's bound on attempts in flight.",
+            description="The rate controller's bound on requests in flight.",
         )
+
+    def watch(self, client: Observer) -> None:
+        """Report ``client`` from now on (until it is garbage)."""
+        self._clients.add(client)
+
+    def _totals(self, read: _Reading) -> dict[tuple[str, int], float]:
+        totals: dict[tuple[str, int], float] = {}
+        for client in list(self._clients):
+            where = client.where
+            value = read(client.stats(), client)
+            if where is not None and value is not None:
+                totals[where] = totals.get(where, 0.0) + value
+        return totals
+
+    def _observe(self, read: _Reading) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def callback(_options: CallbackOptions) -> Iterable[Observation]:
+            return [
+                Observation(value, {"server.address": host, "server.port": port})
+                for (host, port), value in self._totals(read).items()
+            ]
+
+        return callback
+
+    def _observe_waits(self, _options: CallbackOptions) -> Iterable[Observation]:
+        observations = []
+        for reason, read in ((RETRY_AFTER, _paused), (BACKOFF, _backoff)):
+            for (host, port), value in self._totals(read).items():
+                attributes: dict[str, str | int] = {
+                    "messages.wait.reason": reason,
+                    "server.address": host,
+                    "server.port": port,
+                }
+                observations.append(Observation(value, attributes))
+        return observations
+
+
+def _paused(_stats: ClientStats, client: Observer) -> float:
+    return client.waits.paused
+
+
+def _backoff(_stats: ClientStats, client: Observer) -> float:
+    return client.waits.backoff
 
 
 class Telemetry:
@@ -163,8 +216,8 @@ class Telemetry:
         self.tracer = tracer
         self.instruments = instruments
 
-    def call(self, request: ApiRequest, parent: OtelWalk | None, limiter: Limiter) -> OtelCall:
-        return OtelCall(self, request, parent, limiter)
+    def call(self, request: ApiRequest, parent: OtelWalk | None) -> OtelCall:
+        return OtelCall(self, request, parent)
 
     def walk(self, name: str) -> OtelWalk | None:
         return None if self.tracer is None else OtelWalk(self.tracer, name)
@@ -239,68 +292,47 @@ class OtelWalk:
 
 
 class OtelCall:
-    """One call's span, its attempts' spans, and the metrics they add to."""
+    """One call's span, its attempts' spans, and their durations."""
 
     __slots__ = (
         "_attempt",
         "_attempt_token",
         "_context",
-        "_instruments",
-        "_limiter",
+        "_duration",
         "_method",
-        "_open",
         "_span",
         "_token",
         "_tracer",
-        "_where",
     )
 
-    def __init__(
-        self, telemetry: Telemetry, request: ApiRequest, parent: OtelWalk | None, limiter: Limiter
-    ) -> None:
+    def __init__(self, telemetry: Telemetry, request: ApiRequest, parent: OtelWalk | None) -> None:
         self._tracer = tracer = telemetry.tracer
-        self._instruments = telemetry.instruments
-        self._limiter = limiter
+        instruments = telemetry.instruments
+        self._duration = None if instruments is None else instruments.duration
         self._method = request.method
-        url = request.url
-        self._where: dict[str, str | int] = {
-            "server.address": url.host or "",
-            "server.port": url.port or 0,
-        }
-        self._open = False
         self._attempt: trace.Span | None = None
         self._attempt_token: contextvars.Token[otel_context.Context] | None = None
         self._span: trace.Span | None = None
         self._context: otel_context.Context | None = None
         self._token: contextvars.Token[otel_context.Context] | None = None
         if tracer is not None:
+            parent_context = None if parent is None else parent.context
             span = tracer.start_span(
                 "messages." + request.op,
-                context=None if parent is None else parent.context,
+                context=parent_context,
                 kind=SpanKind.INTERNAL,
-                attributes={"messages.operation": request.op},
             )
             self._span = span
-            self._context = trace.set_span_in_context(
-                span, None if parent is None else parent.context
-            )
+            self._context = trace.set_span_in_context(span, parent_context)
             # Current while the call runs, so a token exchange it starts is its child.
             self._token = otel_context.attach(self._context)
 
     def attempt_started(
         self, url: URL, shown: str, number: int, *, retry: bool
     ) -> Mapping[str, str]:
-        self._open = True
-        instruments = self._instruments
-        if instruments is not None:
-            where = self._where
-            instruments.requests.add(1, where)
-            if retry:
-                instruments.retries.add(1, where)
-            instruments.in_flight.add(1, where)
         tracer = self._tracer
         if tracer is None:
-            return {}
+            return _NO_HEADERS
         attributes: dict[str, str | int] = {
             "http.request.method": self._method,
             "url.full": shown,
@@ -317,36 +349,27 @@ class OtelCall:
         if _SUPPRESS_HTTP is not None:
             context = otel_context.set_value(_SUPPRESS_HTTP, True, context)
         self._attempt_token = otel_context.attach(context)
-        headers: dict[str, str] = {}
-        _PROPAGATOR.inject(headers, context)
-        return headers
+        return _trace_context(span)
 
     def attempt_ended(
-        self, elapsed: float, *, status: int | None, error: BaseException | None
+        self, elapsed: float, url: URL, *, status: int | None, error: BaseException | None
     ) -> None:
-        self._open = False
         error_type = _error_type(status, error)
-        instruments = self._instruments
-        if instruments is not None:
-            where = self._where
-            attributes: dict[str, str | int] = {"http.request.method": self._method, **where}
+        duration = self._duration
+        if duration is not None and elapsed >= 0:
+            attributes: dict[str, str | int] = {
+                "http.request.method": self._method,
+                "server.address": url.host or "",
+                "server.port": url.port or 0,
+            }
             if status is not None:
                 attributes["http.response.status_code"] = status
             if error_type is not None:
                 attributes["error.type"] = error_type
-            if elapsed >= 0 and math.isfinite(elapsed):
-                instruments.duration.record(elapsed, attributes)
-            instruments.in_flight.add(-1, where)
-            if status == 429:
-                instruments.rate_limited.add(1, where)
-            pace, bound = controller_state(self._limiter)
-            instruments.concurrency.set(bound, where)
-            if pace is not None:
-                instruments.pace.set(pace, where)
-        span = self._attempt
+            duration.record(elapsed, attributes)
+        span, self._attempt = self._attempt, None
         if span is None:
             return
-        self._attempt = None
         if status is not None:
             span.set_attribute("http.response.status_code", status)
         if error_type is not None:
@@ -354,21 +377,23 @@ class OtelCall:
         span.end()
         _detach(self._attempt_token)
 
-    def waiting(self, reason: str, seconds: float, counted: float) -> None:
+    def waiting(self, reason: str, seconds: float) -> None:
         if self._span is not None:
             self._span.add_event(
                 "messages.wait", {"messages.wait.reason": reason, "messages.wait.seconds": seconds}
             )
-        if self._instruments is not None and counted > 0:
-            self._instruments.paused.add(counted, {"messages.wait.reason": reason, **self._where})
 
     def token_refused(self) -> None:
         if self._span is not None:
             self._span.add_event("messages.token.refused")
 
     def ended(self, error: BaseException | None) -> None:
-        if self._open:
-            self._cut_short(error)
+        attempt, self._attempt = self._attempt, None
+        if attempt is not None:
+            # Cut short without an answer or an error of its own: cancelled.
+            _fail(attempt, type(error).__qualname__ if error is not None else "unfinished")
+            attempt.end()
+            _detach(self._attempt_token)
         span = self._span
         if span is None:
             return
@@ -377,16 +402,19 @@ class OtelCall:
         span.end()
         _detach(self._token)
 
-    def _cut_short(self, error: BaseException | None) -> None:
-        """End an attempt that never ended by itself (cancelled, or past the deadline)."""
-        self._open = False
-        if self._instruments is not None:
-            self._instruments.in_flight.add(-1, self._where)
-        span, self._attempt = self._attempt, None
-        if span is not None:
-            _fail(span, type(error).__qualname__ if error is not None else "unfinished")
-            span.end()
-            _detach(self._attempt_token)
+
+def _trace_context(span: trace.Span) -> Mapping[str, str]:
+    """The W3C ``traceparent`` (and ``tracestate``) naming ``span``."""
+    context = span.get_span_context()
+    if not context.is_valid:
+        return _NO_HEADERS
+    headers = {
+        "traceparent": f"00-{context.trace_id:032x}-{context.span_id:016x}-"
+        f"{context.trace_flags:02x}"
+    }
+    if context.trace_state:
+        headers["tracestate"] = context.trace_state.to_header()
+    return headers
 
 
 _cached: tuple[object, object, Telemetry | None] | None = None

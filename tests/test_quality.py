@@ -73,7 +73,7 @@ def test_public_names_are_exported_and_documented() -> None:
                     "QuietCall",
                     "ObservedCall",
                     "Observer",
-                    "PauseTally",
+                    "Waits",
                     "Instruments",
                     "Telemetry",
                     "OtelCall",

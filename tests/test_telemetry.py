@@ -30,7 +30,7 @@ from opentelemetry.trace import SpanKind
 from opentelemetry.util._once import Once
 
 import messages_async as ma
-from messages_async._observe import PauseTally
+from messages_async._observe import Waits
 from messages_async._wire import build_chats
 from messages_async.testing import Fault, MessagesServer, OriginRecorder
 
@@ -204,7 +204,7 @@ async def test_span_tree_of_a_walk_is_the_one_the_readme_draws(
     assert walk.attributes == {"messages.pages": 3, "messages.items": 250}
     assert walk.parent is None
     pages = children(spans, walk)
-    assert all(p.attributes == {"messages.operation": "list"} for p in pages)
+    assert all(p.name == "messages.list" and not p.attributes for p in pages)
     attempts = [a for p in pages for a in children(spans, p) if a.kind is SpanKind.CLIENT]
     assert len(attempts) == stats.requests == 6
     origin = server.resource_origin.removeprefix("http://")
@@ -330,15 +330,22 @@ async def test_metrics_add_up_to_client_stats(otel: Collected) -> None:
 
 def test_a_pause_is_counted_once_however_many_calls_wait_it_out() -> None:
     now = [100.0]
-    tally = PauseTally(clock=lambda: now[0])
-    assert tally.note(2.0) == 2.0  # the call that got the 429
+    waits = Waits(clock=lambda: now[0])
+    waits.note("retry_after", 2.0)  # the call that got the 429
+    assert waits.paused == 2.0
     now[0] += 0.5
-    assert tally.note(1.5) == 0.0  # another call meets the same pause, 0.5 s into it
+    waits.note("retry_after", 1.5)  # another call meets the same pause, 0.5 s into it
+    assert waits.paused == 2.0
     now[0] += 0.5
-    assert tally.note(3.0) == pytest.approx(2.0)  # a longer pause extends it by 2 s
+    waits.note("retry_after", 3.0)  # a longer pause extends it by 2 s
+    assert waits.paused == pytest.approx(4.0)
     now[0] += 10
-    assert tally.note(1.0) == 1.0  # a new pause later on
-    assert tally.total == pytest.approx(5.0)
+    waits.note("retry_after", 1.0)  # a new pause later on
+    assert waits.paused == pytest.approx(5.0)
+    waits.note("backoff", 0.25)
+    waits.note("backoff", 0.25)  # backoffs are each call's own: summed
+    assert waits.backoff == 0.5
+    assert waits.paused == pytest.approx(5.0)
 
 
 # --- calls cut short ---------------------------------------------------------------------------
