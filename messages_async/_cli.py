@@ -63,6 +63,7 @@ DEMO_CHATS = 300
 DEMO_MESSAGES_PER_CHAT = (50, 650)
 DEMO_SEED = 2026
 DEMO_SOURCE = f"the built-in demo emulator (seed {DEMO_SEED})"
+DEFAULT_MAX_UNREACHABLE = 20.0
 
 
 class _UsageError(Exception):
@@ -98,6 +99,16 @@ def _concurrency(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if not 1 <= value <= 256:
         raise argparse.ArgumentTypeError(f"must be between 1 and 256, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text}")
     return value
 
 
@@ -137,9 +148,9 @@ def _parser() -> argparse.ArgumentParser:
             f"{ENV_ACCESS_TOKEN} and {ENV_RESOURCE_URI}."
         ),
         epilog=(
-            "exit status: 0 done; 1 some chats failed or the export could not go on; "
-            "2 bad usage, credentials or --out; 130 interrupted by Ctrl-C, 143 by SIGTERM "
-            "(resume by running it again)"
+            "exit status: 0 done; 1 some chats failed or the export could not go on (a server "
+            "unreachable or failing); 2 bad usage, refused credentials, a wrong token URL or "
+            "--out; 130 interrupted by Ctrl-C, 143 by SIGTERM (resume by running it again)"
         ),
         allow_abbrev=False,
     )
@@ -190,6 +201,14 @@ def _parser() -> argparse.ArgumentParser:
         "--demo",
         action="store_true",
         help="export a generated dataset from the built-in emulator (no credentials needed)",
+    )
+    export.add_argument(
+        "--max-unreachable",
+        type=_seconds,
+        default=DEFAULT_MAX_UNREACHABLE,
+        metavar="SECONDS",
+        help="give up on a server that cannot be connected to after SECONDS of retrying "
+        f"(default {DEFAULT_MAX_UNREACHABLE:g}); the export then exits with status 1",
     )
     export.add_argument("--token-url", metavar="URL", help=f"default: ${ENV_TOKEN_URL}")
     export.add_argument("--client-id", metavar="ID", help=f"default: ${ENV_CLIENT_ID}")
@@ -260,10 +279,12 @@ def _client(args: argparse.Namespace, **options: object) -> Client:
     )
 
 
-def _client_options(concurrency: int) -> dict[str, object]:
+def _client_options(concurrency: int, max_unreachable: float) -> dict[str, object]:
     # An export is patient where a single call is not: a long Retry-After is waited out (the
-    # progress display shows the countdown), and transient errors get more retries.
+    # progress display shows the countdown), and transient errors get more retries; but a
+    # server that cannot be connected to at all is given up on after --max-unreachable.
     return {
+        "max_unreachable": max_unreachable,
         "max_retries": 10,
         "max_retry_after": 3600.0,
         "backoff_max": 30.0,
@@ -334,7 +355,7 @@ async def _export(args: argparse.Namespace, argv: Sequence[str], err: Console) -
     )
     if args.demo:
         return await _demo(args, argv, options, err, say)
-    client = _client(args, **_client_options(args.concurrency))
+    client = _client(args, **_client_options(args.concurrency, args.max_unreachable))
     return await _run(client, None, args, argv, options, err, say)
 
 
@@ -373,7 +394,7 @@ async def _demo(
             client_id=server.client_id,
             client_secret=server.client_secret,
             scopes=("messages_read",),
-            **_client_options(args.concurrency),  # type: ignore[arg-type]
+            **_client_options(args.concurrency, args.max_unreachable),  # type: ignore[arg-type]
         )
         return await _run(client, DEMO_SOURCE, args, argv, options, err, say)
 
@@ -399,10 +420,9 @@ async def _run(
         try:
             # Signing in may wait out retries and a Retry-After: Ctrl-C must not wait for it.
             signed_in = await unless_stopped(sign_in(), stop)
-        except (AuthError, ScopeError) as exc:
-            raise _UsageError(f"the server refused the credentials: {exc}") from None
-        except TransportError as exc:
-            raise _UsageError(f"could not sign in: {exc}") from None
+        except (AuthError, ScopeError, TransportError) as exc:
+            say(f"{PROG} export: {_sign_in_failure(exc, 'sign in')}")
+            return _sign_in_exit(exc)
         if not signed_in:
             await client.aclose()  # already closed by the cancelled sign-in; to be sure
             say("interrupted while signing in: nothing was exported")
@@ -413,6 +433,30 @@ async def _run(
             await client.aclose()
     finally:
         signals.remove()
+
+
+def _outage(exc: MessagesError) -> bool:
+    """The server is unreachable or failing, rather than refusing these credentials."""
+    if isinstance(exc, TransportError):  # a TokenEndpointUnreachableError among them
+        return True
+    status = exc.status if isinstance(exc, AuthError) else None
+    return status is not None and (status >= 500 or status == 429)
+
+
+def _sign_in_failure(exc: MessagesError, doing: str) -> str:
+    if _outage(exc):
+        return f"could not {doing}, the server is unreachable or failing: {exc}"
+    refused = isinstance(exc, ScopeError) or (
+        isinstance(exc, AuthError) and exc.status in (400, 401, 403)
+    )
+    if refused:
+        return f"the server refused the credentials: {exc}"
+    return f"could not {doing}: {exc}"  # e.g. a token_url that is no token endpoint
+
+
+def _sign_in_exit(exc: MessagesError) -> int:
+    """An outage is 1 (try again later); refused credentials or a wrong URL are 2."""
+    return EXIT_FAILED if _outage(exc) else EXIT_USAGE
 
 
 async def _run_open(
@@ -446,8 +490,9 @@ async def _run_open(
     try:
         try:
             stats = await exporter.run()
-        except (AuthError, ScopeError) as exc:
-            raise _UsageError(f"the server refused the credentials: {exc}") from None
+        except (AuthError, ScopeError, TransportError) as exc:
+            say(f"{PROG} export: {_sign_in_failure(exc, 'export')}")
+            return _sign_in_exit(exc)
         except MessagesError as exc:
             say(f"{PROG} export: {exc}")
             return EXIT_FAILED

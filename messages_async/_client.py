@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Literal, Self, overload
 import aiohttp
 from yarl import URL
 
+from ._checks import count, seconds
 from ._errors import ClientClosedError, ConfigurationError
 from ._fanout import OnError, fan_out
 from ._hooks import EventHooks, Hook
@@ -25,9 +26,10 @@ from ._limiter import ClientStats, Limiter
 from ._models import Chat, ChatFailed, Message, MessagesPage, NewAttachment, Period
 from ._observe import Observer
 from ._pagination import Direction, walk_messages, walk_pages
+from ._retry import RetryBudget, RetryPolicy
 from ._secret import Secret
 from ._session import Credentials, SessionManager
-from ._transport import RetryBudget, RetryPolicy, Transport
+from ._transport import Transport
 from ._watch import Watch
 from ._wire import (
     READ,
@@ -44,6 +46,9 @@ from ._wire import (
     check_cursor_chat,
     check_secure_url,
     cursor_request,
+    is_bearer_token,
+    is_client_id,
+    is_scope_token,
     parse_chats,
     parse_message,
     parse_page,
@@ -83,22 +88,6 @@ class _Lifecycle:
         self.state = _State.UNOPENED
 
 
-def _positive(name: str, value: object, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if value < 0 or (value == 0 and not allow_zero) or value != value:
-        raise ValueError(f"{name} must be a positive number, got {value}")
-    return float(value)
-
-
-def _count(name: str, value: object, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}")
-    return value
-
-
 def _secret_or_none(name: str, value: object) -> Secret | None:
     if value is None:
         return None
@@ -113,8 +102,11 @@ def _scopes(value: object) -> frozenset[str]:
             "scopes must be a collection of scope names, e.g. ('messages_read',), not a str"
         )
     scopes = frozenset(value)
-    if not scopes or not all(isinstance(s, str) and s and " " not in s for s in scopes):
-        raise ValueError(f"scopes must be non-empty scope names without spaces, got {value!r}")
+    if not scopes or not all(isinstance(s, str) and is_scope_token(s) for s in scopes):
+        raise ValueError(
+            "scopes must be scope names of printable ASCII without spaces, quotes or "
+            f"backslashes (RFC 6749 §3.3), got {value!r}"
+        )
     return scopes
 
 
@@ -138,14 +130,14 @@ class Client:
             provides it otherwise).
         session: A caller-owned ``aiohttp.ClientSession`` to use; the client never closes it.
         timeout: Seconds allowed for each attempt of a request, from connecting to the last
-            byte of the answer.
+            byte of the answer; connecting gets at most 10 s of it.
         deadline: Seconds each request may take in all: every attempt, wait and token renewal
             (``None``: no limit beyond the attempts' own timeouts). For a walk it applies to
             each page; bound a whole walk with ``asyncio.timeout()``. A wait that would leave
             less than a tenth of it is not begun: the error that caused it is raised instead.
         max_retries: Retries after the first attempt (0 disables retrying). aiohttp itself
             may send a GET again, once, when a kept-alive connection turns out to be closed;
-            that is not counted here (PROTOCOL §7).
+            that is not counted here (docs/protocol.md §7).
         max_concurrency: Most requests this client has in flight at once (the adaptive bound
             starts here and never exceeds it).
         backoff_base: First backoff step in seconds; doubles per retry, with full jitter.
@@ -156,6 +148,9 @@ class Client:
         retry_budget: Retries of failures (5xx, connection errors, timeouts) the client may
             spend in a burst across all its calls; each success earns back a tenth of one.
             Stops a failing server from being hit ``max_retries + 1`` times harder.
+        max_unreachable: Seconds a request (or a token exchange) keeps retrying a server it
+            cannot connect to (refused, unresolvable, no route) before raising; ``None``:
+            only ``max_retries`` bounds it.
         allow_insecure_http: Allow plain ``http://`` to non-loopback hosts.
         event_hooks: Functions called around each attempt of a request, in the style of
             httpx: ``{"request": [...], "response": [...], "error": [...]}``, given a
@@ -183,6 +178,7 @@ class Client:
         max_retry_after: float = 60.0,
         max_response_bytes: int = 32 * 1024 * 1024,
         retry_budget: int = 50,
+        max_unreachable: float | None = 20.0,
         allow_insecure_http: bool = False,
         event_hooks: Mapping[str, Iterable[Hook]] | None = None,
     ) -> None:
@@ -194,6 +190,11 @@ class Client:
         secret = _secret_or_none("client_secret", client_secret)
         token = _secret_or_none("access_token", access_token)
         del client_secret, access_token
+        if token is not None and not is_bearer_token(token.reveal()):
+            raise ConfigurationError(
+                "access_token is not RFC 6750 token syntax (letters, digits and -._~+/ then "
+                "'=' padding); it would break the Authorization header. Value not shown."
+            )
         if session is not None and not isinstance(session, aiohttp.ClientSession):
             raise TypeError("session must be an aiohttp.ClientSession")
         given = {"token_url": token_url, "client_id": client_id, "client_secret": secret}
@@ -225,20 +226,30 @@ class Client:
                 )
             if not isinstance(client_id, str) or not client_id:
                 raise TypeError("client_id must be a non-empty str")
+            if not is_client_id(client_id):
+                raise ConfigurationError(
+                    f"client_id must be printable ASCII (RFC 6749), got {client_id!r}"
+                )
             assert secret is not None  # not missing, checked above
             url = self._checked_url(token_url, "token_url", allow_insecure_http)
             requested = _scopes(DEFAULT_SCOPES if scopes is NOT_GIVEN else scopes)
             credentials = Credentials(url, client_id, secret, requested)
-        max_concurrency = _count("max_concurrency", max_concurrency, minimum=1)
+        max_concurrency = count("max_concurrency", max_concurrency, minimum=1)
         hooks = None if event_hooks is None else EventHooks(event_hooks)
         self._policy = RetryPolicy(
-            max_retries=_count("max_retries", max_retries, minimum=0),
-            timeout=_positive("timeout", timeout),
-            backoff_base=_positive("backoff_base", backoff_base, allow_zero=True),
-            backoff_max=_positive("backoff_max", backoff_max, allow_zero=True),
-            max_retry_after=_positive("max_retry_after", max_retry_after, allow_zero=True),
-            deadline=None if deadline is None else _positive("deadline", deadline),
+            max_retries=count("max_retries", max_retries, minimum=0),
+            timeout=seconds("timeout", timeout),
+            backoff_base=seconds("backoff_base", backoff_base, allow_zero=True),
+            backoff_max=seconds("backoff_max", backoff_max, allow_zero=True),
+            max_retry_after=seconds("max_retry_after", max_retry_after, allow_zero=True),
+            deadline=None if deadline is None else seconds("deadline", deadline),
+            max_unreachable=(
+                None
+                if max_unreachable is None
+                else seconds("max_unreachable", max_unreachable, allow_zero=True)
+            ),
         )
+        response_cap = count("max_response_bytes", max_response_bytes, minimum=1)
         rng = random.Random()
         self._limiter = Limiter(max_concurrency)
         self._observer = Observer(hooks, self._limiter)
@@ -249,10 +260,8 @@ class Client:
             granted=granted,
             session=session,
             connection_limit=max(100, max_concurrency),
-            timeout=self._policy.timeout,
-            max_retries=self._policy.max_retries,
-            backoff_base=self._policy.backoff_base,
-            backoff_max=self._policy.backoff_max,
+            policy=self._policy,
+            max_response_bytes=response_cap,
             allow_insecure_http=bool(allow_insecure_http),
             user_agent=f"messages-async/{__version__}",
             rng=rng,
@@ -261,8 +270,8 @@ class Client:
         self._transport = Transport(
             self._sessions,
             self._limiter,
-            max_response_bytes=_count("max_response_bytes", max_response_bytes, minimum=1),
-            retry_budget=RetryBudget(_count("retry_budget", retry_budget, minimum=0)),
+            max_response_bytes=response_cap,
+            retry_budget=RetryBudget(count("retry_budget", retry_budget, minimum=0)),
             rng=rng,
             observer=self._observer,
         )
@@ -304,11 +313,11 @@ class Client:
         """
         changes: dict[str, object] = {}
         if timeout is not NOT_GIVEN:
-            changes["timeout"] = _positive("timeout", timeout)
+            changes["timeout"] = seconds("timeout", timeout)
         if deadline is not NOT_GIVEN:
-            changes["deadline"] = None if deadline is None else _positive("deadline", deadline)
+            changes["deadline"] = None if deadline is None else seconds("deadline", deadline)
         if max_retries is not NOT_GIVEN:
-            changes["max_retries"] = _count("max_retries", max_retries, minimum=0)
+            changes["max_retries"] = count("max_retries", max_retries, minimum=0)
         view = copy.copy(self)
         view._policy = self._policy.replace(**changes)
         view._is_view = True
@@ -348,6 +357,7 @@ class Client:
         self._check_owner("aclose()")
         if self._state is _State.CLOSED:
             return
+        self._sessions.check_loop()
         self._life.state = _State.CLOSED
         self._limiter.close()
         await self._sessions.close()
@@ -580,7 +590,7 @@ class Messages:
         after that many messages.
         """
         if max_items is not None:
-            _count("max_items", max_items, minimum=0)
+            count("max_items", max_items, minimum=0)
         listing = ListQuery.checked(chat_id, limit, query, period)
         pages = self._walk(listing, "messages.iter", prefetch=prefetch, max_items=max_items)
         return walk_messages(pages, max_items)
@@ -635,9 +645,9 @@ class Messages:
         if isinstance(chat_ids, (str, bytes)) or not isinstance(chat_ids, Iterable):
             raise TypeError("chat_ids must be an iterable of int chat ids")
         ids = [check_chat_id(c) for c in chat_ids]
-        concurrency = _count("concurrency", concurrency, minimum=1)
+        concurrency = count("concurrency", concurrency, minimum=1)
         if max_items is not None:
-            _count("max_items", max_items, minimum=0)
+            count("max_items", max_items, minimum=0)
         if on_error not in ("raise", "yield"):
             raise ValueError(f"on_error must be 'raise' or 'yield', got {on_error!r}")
         ListQuery.checked(0, limit, query, period)  # fail now, not in a worker

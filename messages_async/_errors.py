@@ -5,11 +5,15 @@ Every exception the library raises on purpose derives from :class:`MessagesError
 
     MessagesError
      ├── ConfigurationError (also ValueError)   bad arguments to Client(...)
-     ├── ClientClosedError (also RuntimeError)  the client is not open
+     ├── ClientClosedError (also RuntimeError)  the client is not open, or closed mid-call
+     ├── EventLoopError (also RuntimeError)     used from an event loop it was not opened in
      ├── AuthError                              token exchange failed, or token refused twice
+     │    └── TokenEndpointUnreachableError     the token endpoint could not be reached
+     │                                          (also a TransportError)
      ├── ScopeError                             the call needs a scope the token was not granted
      ├── TransportError (also ConnectionError)  server unreachable, or connection dropped
-     │    └── RequestTimeoutError (also TimeoutError)
+     │    ├── RequestTimeoutError (also TimeoutError)
+     │    └── TokenEndpointUnreachableError     (also an AuthError)
      ├── ApiError                               the server answered with an error status
      │    ├── BadRequestError                   400
      │    │    └── InvalidCursorError           400 invalid_cursor (unknown or expired cursor)
@@ -34,6 +38,7 @@ __all__ = [
     "ClientClosedError",
     "ConfigurationError",
     "DecodeError",
+    "EventLoopError",
     "InvalidCursorError",
     "MessagesError",
     "NotFoundError",
@@ -43,6 +48,7 @@ __all__ = [
     "RequestTimeoutError",
     "ScopeError",
     "ServerError",
+    "TokenEndpointUnreachableError",
     "TransportError",
     "UnsafeCursorError",
 ]
@@ -57,7 +63,18 @@ class ConfigurationError(MessagesError, ValueError):
 
 
 class ClientClosedError(MessagesError, RuntimeError):
-    """The client is not open: use ``async with Client(...)`` or ``await client.open()`` first."""
+    """The client is not open: use ``async with Client(...)`` or ``await client.open()`` first.
+
+    Also raised by every call that the client's own ``aclose()`` cut short.
+    """
+
+
+class EventLoopError(MessagesError, RuntimeError):
+    """The client was used from an event loop other than the one it was opened in.
+
+    Its connections belong to that loop; nothing was sent. Open one client per event loop
+    (per thread, per ``asyncio.run``).
+    """
 
 
 class AuthError(MessagesError):
@@ -90,6 +107,15 @@ class ScopeError(MessagesError):
 
 class TransportError(MessagesError, ConnectionError):
     """The request could not be completed at the network level (after any retries)."""
+
+
+class TokenEndpointUnreachableError(AuthError, TransportError):
+    """The token endpoint could not be reached (after any retries): an outage or a wrong
+    ``token_url`` host, not refused credentials.
+
+    An :class:`AuthError` (no token could be had) and a :class:`TransportError` (the network
+    failed), so ``except ConnectionError`` catches it and ``error``/``status`` are ``None``.
+    """
 
 
 class RequestTimeoutError(TransportError, TimeoutError):

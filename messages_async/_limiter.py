@@ -34,6 +34,7 @@ from collections.abc import Callable
 
 import attrs
 
+from ._checks import count
 from ._errors import ClientClosedError
 
 __all__ = ["ClientStats", "Limiter", "Outcome"]
@@ -103,10 +104,7 @@ class Limiter:
     """The gate every resource request passes through. One per client."""
 
     def __init__(self, max_concurrency: int, *, clock: Callable[[], float] = time.monotonic):
-        if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int):
-            raise TypeError("max_concurrency must be an int")
-        if max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        count("max_concurrency", max_concurrency, minimum=1)
         self._clock = clock
         self._max = max_concurrency
         self._limit = float(max_concurrency)

@@ -6,7 +6,8 @@ that token carries. The token exchange follows RFC 6749 (client credentials, §4
 - the first exchange happens when the client opens, so ``client.scopes`` is known from then on;
 - a token is renewed ahead of expiry (at half its life, at most a minute early), and after a 401;
 - renewal is single-flight: forty calls that meet an expired token cause one exchange, and a
-  waiter that is cancelled does not cancel the exchange the others are waiting on (PROTOCOL §7);
+  waiter that is cancelled does not cancel the exchange the others are waiting on
+  (docs/protocol.md §7);
 - a refresh refused with ``invalid_grant`` (a dead refresh token) falls back to a new
   client-credentials exchange.
 """
@@ -14,23 +15,45 @@ that token carries. The token exchange follows RFC 6749 (client credentials, §4
 from __future__ import annotations
 
 import asyncio
+import copy
+import functools
 import logging
 import random
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import aiohttp
 from yarl import URL
 
-from ._errors import AuthError, ClientClosedError, ScopeError
+from ._errors import (
+    AuthError,
+    ClientClosedError,
+    EventLoopError,
+    ScopeError,
+    TokenEndpointUnreachableError,
+)
+from ._http import ERROR_BODY_CAP, describe, failure_of, read_capped, scrubbed
+from ._retry import (
+    TOKEN_EXCHANGE,
+    Attempt,
+    CallState,
+    Failure,
+    GiveUp,
+    RetryIn,
+    RetryPolicy,
+    attempts_text,
+    decide,
+    describe_wait,
+)
 from ._secret import Secret
-from ._wire import TokenGrant, backoff_delay, build_token_form, parse_token_response
+from ._wire import TokenGrant, build_token_form, parse_retry_after, parse_token_response
 
 if TYPE_CHECKING:
     from ._observe import Observer
 
-__all__ = ["Credentials", "SessionManager", "Token"]
+__all__ = ["Credentials", "SessionManager", "Token", "attempt_timeout"]
 
 logger = logging.getLogger("messages_async")
 
@@ -38,7 +61,25 @@ logger = logging.getLogger("messages_async")
 _REFRESH_MARGIN = 60.0
 #: Longest time a failed renewal's error is given to callers without asking again.
 _REFUSAL_HOLD_MAX = 30.0
-_TRANSIENT_TOKEN_STATUSES = frozenset({429, 500, 502, 503, 504})
+#: Connecting gets at most this long of an attempt's timeout: a host that drops packets is
+#: unreachable, and waiting a whole export timeout for each SYN would hide that for minutes.
+_CONNECT_TIMEOUT = 10.0
+
+
+@functools.lru_cache(maxsize=16)
+def attempt_timeout(total: float) -> aiohttp.ClientTimeout:
+    """aiohttp's timeout of one attempt (built once per value, not once per attempt)."""
+    return aiohttp.ClientTimeout(total=total, sock_connect=min(total, _CONNECT_TIMEOUT))
+
+
+class _TokenAnswer:
+    __slots__ = ("body", "complete", "retry_after", "status")
+
+    def __init__(self, status: int, retry_after: float | None, body: bytes, complete: bool):
+        self.status = status
+        self.retry_after = retry_after
+        self.body = body
+        self.complete = complete
 
 
 class Credentials:
@@ -91,10 +132,8 @@ class SessionManager:
         granted: frozenset[str] | None,
         session: aiohttp.ClientSession | None,
         connection_limit: int,
-        timeout: float,
-        max_retries: int,
-        backoff_base: float,
-        backoff_max: float,
+        policy: RetryPolicy,
+        max_response_bytes: int,
         allow_insecure_http: bool,
         user_agent: str,
         rng: random.Random,
@@ -110,10 +149,10 @@ class SessionManager:
         self._session = session
         self._owns_session = session is None
         self._connection_limit = connection_limit
-        self._timeout = timeout
-        self._max_retries = max_retries
-        self._backoff_base = backoff_base
-        self._backoff_max = backoff_max
+        # Token exchanges keep the client's own settings; a request's deadline bounds its
+        # wait for one from the outside.
+        self._policy = policy.replace(deadline=None)
+        self._answer_cap = min(max_response_bytes, ERROR_BODY_CAP)
         self._allow_insecure_http = allow_insecure_http
         self._user_agent = user_agent
         self._rng = rng
@@ -124,11 +163,15 @@ class SessionManager:
         self._refusal: AuthError | None = None
         self._refused_until = 0.0
         self._refusals = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: Set when close() begins: a call failing from then on was cut short by it.
+        self.closing = False
         self.exchanges = 0
 
     # --- lifecycle ------------------------------------------------------------------------------
 
     async def open(self) -> None:
+        self._loop = asyncio.get_running_loop()
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self._connection_limit),
@@ -141,6 +184,7 @@ class SessionManager:
             await self._renew(None)
 
     async def close(self) -> None:
+        self.closing = True
         renewal, self._renewal = self._renewal, None
         try:
             if renewal is not None and not renewal.done():
@@ -155,6 +199,16 @@ class SessionManager:
             session, self._session = self._session, None
             if self._owns_session and session is not None:
                 await session.close()
+
+    def check_loop(self) -> None:
+        """Raise :class:`EventLoopError` unless called from the loop the client opened in."""
+        loop = self._loop
+        if loop is not None and asyncio.get_running_loop() is not loop:
+            raise EventLoopError(
+                "this client was opened in another event loop, and its connections and token "
+                "renewal belong to that loop; nothing was sent. Open a Client in each event "
+                "loop (each thread, each asyncio.run) that makes calls"
+            )
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -233,8 +287,9 @@ class SessionManager:
         ):
             # The endpoint refused moments ago: the same error, at once (a copy, so that
             # concurrent callers do not share one traceback).
-            refusal = self._refusal
-            raise AuthError(str(refusal), error=refusal.error, status=refusal.status)
+            refusal = copy.copy(self._refusal)
+            refusal.__traceback__ = None
+            raise refusal
         renewal = self._renewal or self._start_renewal(current)
         try:
             # Shielded: one waiter's cancellation must not cancel the exchange the others
@@ -322,51 +377,120 @@ class SessionManager:
 
     async def _request_token(self, credentials: Credentials, refresh: Secret | None) -> TokenGrant:
         grant_type = "refresh_token" if refresh is not None else "client_credentials"
-        attempt = 0
+        policy = self._policy
+        call = CallState()
+        attempts = 0
+        first = self._clock()
         while True:
             self.exchanges += 1
+            attempts += 1
             started = self._clock()
             try:
-                async with self.session.post(
-                    credentials.token_url,
-                    data=build_token_form(
-                        client_id=credentials.client_id,
-                        client_secret=credentials.client_secret,
-                        scopes=credentials.scopes,
-                        refresh_token=refresh,
-                    ),
-                    headers={"Accept": "application/json"},
-                    allow_redirects=False,
-                    raise_for_status=False,
-                    timeout=aiohttp.ClientTimeout(total=self._timeout),
-                ) as response:
-                    status = response.status
-                    body = await response.read()
-            except (aiohttp.ClientError, TimeoutError) as exc:
+                answer = await self._post_token(credentials, refresh)
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 logger.debug("token exchange (%s) failed: %s", grant_type, type(exc).__name__)
-                if attempt >= self._max_retries:
+                failure = failure_of(exc)
+                decision, call = decide(
+                    TOKEN_EXCHANGE,
+                    call,
+                    Attempt(failure=failure),
+                    policy,
+                    now=self._clock(),
+                    ends_at=None,
+                    budget=float("inf"),
+                    rng=self._rng,
+                )
+                if not isinstance(decision, RetryIn):
+                    note = decision.note if isinstance(decision, GiveUp) else ""
                     # The cause keeps its type and message but not its traceback: aiohttp's
                     # frames hold the form with the client secret in their locals.
-                    raise AuthError(
-                        f"could not reach the token endpoint {credentials.token_url.origin()} "
-                        f"after {attempt + 1} attempts: {type(exc).__name__}: {exc}"
-                    ) from exc.with_traceback(None)
+                    raise self._unreachable(
+                        credentials, exc, failure, attempts, self._clock() - first, note
+                    ) from scrubbed(exc)
+                cause = f"{failure.value} ({describe(exc)})"
             else:
                 logger.debug(
                     "POST %s (%s) -> %d (attempt %d, %.1f ms)",
                     credentials.token_url.path,
                     grant_type,
-                    status,
-                    attempt + 1,
+                    answer.status,
+                    attempts,
                     (self._clock() - started) * 1000,
                 )
-                if status not in _TRANSIENT_TOKEN_STATUSES or attempt >= self._max_retries:
-                    return parse_token_response(
-                        status, body, allow_insecure_http=self._allow_insecure_http
+                note = ""
+                if answer.status != 200:
+                    decision, call = decide(
+                        TOKEN_EXCHANGE,
+                        call,
+                        Attempt(status=answer.status, retry_after=answer.retry_after),
+                        policy,
+                        now=self._clock(),
+                        ends_at=None,
+                        budget=float("inf"),
+                        rng=self._rng,
                     )
-            await asyncio.sleep(
-                backoff_delay(
-                    attempt, base=self._backoff_base, cap=self._backoff_max, rng=self._rng
-                )
+                    note = decision.note if isinstance(decision, GiveUp) else ""
+                if answer.status == 200 or not isinstance(decision, RetryIn):
+                    return self._grant(answer, note)
+
+                cause = f"HTTP {answer.status}"
+            what = f"token exchange at {credentials.token_url.origin()}"
+            logger.warning("%s", describe_wait(what, cause, decision.delay, call.retries, policy))
+            await asyncio.sleep(decision.delay)
+
+    @staticmethod
+    def _unreachable(
+        credentials: Credentials,
+        exc: BaseException,
+        failure: Failure,
+        attempts: int,
+        spent: float,
+        note: str,
+    ) -> TokenEndpointUnreachableError:
+        if failure is Failure.CERTIFICATE:
+            note = "a certificate problem is not retried: check the endpoint's certificate"
+        return TokenEndpointUnreachableError(
+            f"could not reach the token endpoint {credentials.token_url.origin()} "
+            f"{attempts_text(attempts)} in {spent:.0f} s: {failure.value} ({describe(exc)})"
+            + (f"; {note}" if note else "")
+        )
+
+    def _grant(self, answer: _TokenAnswer, note: str) -> TokenGrant:
+        """The grant the answer holds, else the AuthError it means."""
+        assert self._credentials is not None
+        body, answer.body = answer.body, b""
+        try:
+            return parse_token_response(
+                answer.status,
+                body,
+                allow_insecure_http=self._allow_insecure_http,
+                token_url=self._credentials.token_url,
+                cut_at=None if answer.complete else self._answer_cap,
             )
-            attempt += 1
+        except AuthError as exc:
+            refused = exc
+        # The answer may hold a token the parser refused: no frame the error passes through
+        # keeps it (the parser's own frames are dropped with its traceback).
+        del body
+        if note:
+            refused.add_note(note)
+        raise refused.with_traceback(None)
+
+    async def _post_token(self, credentials: Credentials, refresh: Secret | None) -> _TokenAnswer:
+        # The form is built in the call expression, never bound to a local of this frame.
+        async with self.session.post(
+            credentials.token_url,
+            data=build_token_form(
+                client_id=credentials.client_id,
+                client_secret=credentials.client_secret,
+                scopes=credentials.scopes,
+                refresh_token=refresh,
+            ),
+            headers={"Accept": "application/json"},
+            allow_redirects=False,
+            raise_for_status=False,
+            timeout=attempt_timeout(self._policy.timeout),
+        ) as response:
+            retry_after = parse_retry_after(response.headers.get("Retry-After"), datetime.now(UTC))
+            body, complete = await read_capped(response, self._answer_cap)
+            return _TokenAnswer(response.status, retry_after, body, complete)

@@ -60,7 +60,6 @@ import asyncio
 import enum
 import heapq
 import logging
-import math
 import random
 import weakref
 from collections import deque
@@ -68,6 +67,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mappin
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
+from ._checks import count, seconds
 from ._errors import (
     AuthError,
     DecodeError,
@@ -138,14 +138,6 @@ def _transient(exc: BaseException) -> bool:
         # The token endpoint unreachable or failing is an outage, not revoked credentials.
         return exc.status is None or exc.status >= 500 or exc.status == 429
     return False
-
-
-def _number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
-    if not value > 0 or math.isinf(value):
-        raise ValueError(f"{name} must be a positive, finite number of seconds, got {value}")
-    return float(value)
 
 
 class _ChatState:
@@ -605,10 +597,10 @@ class Watch(AsyncIterator[tuple[int, Message]]):
             ids = list(dict.fromkeys(check_chat_id(c) for c in chat_ids))
             if not ids:
                 raise ValueError("chat_ids is empty: give chat ids, or None to watch every chat")
-        interval = _number("interval", interval)
+        interval = seconds("interval", interval, finite=True)
         if max_interval is None:
             max_interval = interval * _DEFAULT_CAP_FACTOR
-        max_interval = _number("max_interval", max_interval)
+        max_interval = seconds("max_interval", max_interval, finite=True)
         if max_interval < interval:
             raise ValueError(
                 f"max_interval ({max_interval}) must be at least interval ({interval})"
@@ -616,24 +608,15 @@ class Watch(AsyncIterator[tuple[int, Message]]):
         checked_limit = check_limit(limit)
         if checked_limit is None:
             raise TypeError("limit must be an int page size, got None")
-        if isinstance(concurrency, bool) or not isinstance(concurrency, int):
-            raise TypeError(f"concurrency must be an int, got {type(concurrency).__name__}")
-        if concurrency < 1:
-            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
-        rediscover = _number("rediscover", rediscover)
+        count("concurrency", concurrency, minimum=1)
+        rediscover = seconds("rediscover", rediscover, finite=True)
         marks: dict[int, int] = {}
         if since is not None:
             if not isinstance(since, Mapping):
                 raise TypeError("since must be a mapping {chat_id: last_seen_message_id}")
             for key, value in since.items():
                 chat_id = check_chat_id(key)
-                if isinstance(value, bool) or not isinstance(value, int):
-                    raise TypeError(
-                        f"since[{chat_id}] must be an int message id, got {type(value).__name__}"
-                    )
-                if value < 0:
-                    raise ValueError(f"since[{chat_id}] must be a message id >= 0, got {value}")
-                marks[chat_id] = value
+                marks[chat_id] = count(f"since[{chat_id}]", value, what="an int message id")
             if ids is not None:
                 unknown = sorted(set(marks) - set(ids))
                 if unknown:

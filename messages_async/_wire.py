@@ -12,6 +12,7 @@ import enum
 import ipaddress
 import math
 import random
+import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -21,6 +22,7 @@ import attrs
 import orjson
 from yarl import URL
 
+from ._checks import count
 from ._converter import decode, unstructure
 from ._errors import (
     ApiError,
@@ -69,7 +71,10 @@ __all__ = [
     "check_secure_url",
     "cursor_request",
     "error_from_response",
+    "is_bearer_token",
+    "is_client_id",
     "is_loopback",
+    "is_scope_token",
     "parse_chats",
     "parse_message",
     "parse_page",
@@ -77,6 +82,7 @@ __all__ = [
     "parse_token_response",
     "resource_root",
     "same_origin",
+    "server_text",
 ]
 
 READ = "messages_read"
@@ -127,7 +133,11 @@ def is_loopback(host: str | None) -> bool:
 def check_secure_url(url: URL, *, what: str, allow_insecure_http: bool) -> None:
     """Refuse URLs that would send credentials in the clear or to an unclear place."""
     if not url.absolute or url.scheme not in ("http", "https"):
-        raise ConfigurationError(f"{what} must be an absolute http(s) URL, got {_show(url)}")
+        missing = " (it does not start with https:// or http://)"
+        raise ConfigurationError(
+            f"{what} must be an absolute http(s) URL such as https://host/path, got "
+            f"{_show(url)!r}{missing}"
+        )
     if url.user is not None or url.password is not None:
         raise ConfigurationError(f"{what} must not carry user info; pass credentials separately")
     if url.scheme == "http" and not allow_insecure_http and not is_loopback(url.host):
@@ -157,18 +167,33 @@ def same_origin(a: URL, b: URL) -> bool:
 
 def _show(url: URL) -> str:
     # Only scheme, host, port and path: a URL's user info or query could carry secrets.
-    return str(url.with_user(None).with_query(None).with_fragment(None))
+    if url.absolute:
+        url = url.with_user(None)
+    return server_text(str(url.with_query(None).with_fragment(None)), limit=200)
+
+
+#: Longest piece of server-provided text (an error message, a token type) quoted in an error.
+_SERVER_TEXT_LIMIT = 300
+
+
+def server_text(text: str, *, limit: int = _SERVER_TEXT_LIMIT) -> str:
+    """Text a server sent, fit to quote in an exception or a log line.
+
+    Control characters (a CR/LF that would forge a log line, an ANSI escape that would
+    rewrite the terminal) are shown escaped, and the text is cut at ``limit`` characters.
+    """
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    if len(text) > limit:
+        text = text[:limit] + f"... ({len(text) - limit} more characters)"
+    return text
 
 
 # --- Argument checks (before anything is sent) -------------------------------------------------
 
 
 def _check_int_id(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value}")
-    return value
+    return count(name, value, minimum=0)
 
 
 def check_chat_id(value: object) -> int:
@@ -179,11 +204,7 @@ def check_limit(value: object) -> int | None:
     """``limit`` is a page size. Above 100 it is sent as is: the server clamps it and says so."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"limit must be an int page size, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"limit is a page size and must be at least 1, got {value}")
-    return value
+    return count("limit", value, minimum=1, what="an int page size")
 
 
 def _check_text(message: object, attachments: Sequence[NewAttachment] | None) -> None:
@@ -261,7 +282,8 @@ def cursor_request(root: URL, cursor: str, listing: ListQuery) -> ApiRequest:
     """The request that follows ``cursor``, checked to stay inside the API before it is built.
 
     A cursor is an absolute URL (followed as given), a relative one (resolved against the
-    resource root), or a bare token (sent as ``cursor=`` with the listing's filters, PROTOCOL §3).
+    resource root), or a bare token (sent as ``cursor=`` with the listing's filters,
+    docs/protocol.md §3).
     Any URL that would leave the resource origin, or climb above the resource path, raises
     :class:`UnsafeCursorError`, so the bearer token is never sent anywhere else.
     """
@@ -287,7 +309,7 @@ def cursor_request(root: URL, cursor: str, listing: ListQuery) -> ApiRequest:
 
 
 def _looks_like_url(cursor: str) -> bool:
-    # PROTOCOL §3: a cursor is an absolute URL or an opaque token, and tokens may hold any
+    # docs/protocol.md §3: a cursor is an absolute URL or an opaque token, and tokens may hold any
     # character ("1700000000:42", standard base64 with "/" and "+"). So only a scheme
     # ("https://…"), a network path ("//host/…") or a path with a query ("/api/v1/messages/?…",
     # "messages/?…") makes a URL; everything else is sent as ``cursor=`` to the API's own
@@ -456,6 +478,10 @@ _HINTS = {
     404: "check the chat or message id; it may have been deleted",
     413: "the request body is too large; send a shorter message or fewer attachments",
 }
+#: A 404 that cannot be about an id: the API is not where ``resource_uri`` says.
+_WRONG_RESOURCE_URI = (
+    "the server has no such endpoint here: check resource_uri (the API's base URI)"
+)
 
 
 def _error_body(body: bytes) -> tuple[str | None, str | None]:
@@ -468,8 +494,8 @@ def _error_body(body: bytes) -> tuple[str | None, str | None]:
         code = err.get("code")
         message = err.get("message")
         return (
-            code if isinstance(code, str) else None,
-            message if isinstance(message, str) else None,
+            server_text(code, limit=60) if isinstance(code, str) else None,
+            server_text(message) if isinstance(message, str) else None,
         )
     return None, None
 
@@ -494,13 +520,21 @@ def error_from_response(
     *,
     now: datetime,
     granted: frozenset[str] | None = None,
+    op: str | None = None,
+    cut_at: int | None = None,
 ) -> Exception:
-    """Map an error answer to the library's exception (it is returned, not raised)."""
-    content_type = headers.get("Content-Type")
-    code, message = _error_body(body)
+    """Map an error answer to the library's exception (it is returned, not raised).
+
+    ``op`` names the call (a 404 on the chat list cannot be about an id); ``cut_at`` is the
+    cap the body was cut at, when it was longer.
+    """
+    content_type = server_text(headers.get("Content-Type") or "no content type", limit=80)
+    code, message = _error_body(body) if cut_at is None else (None, None)
+    contract = code is not None
     if message is None:
+        size = f"{len(body)} bytes" if cut_at is None else f"more than {cut_at} bytes"
         message = (
-            f"non-JSON error body ({content_type or 'no content type'}, {len(body)} bytes); "
+            f"non-JSON error body ({content_type}, {size}); "
             "often a proxy or load balancer in front of the API"
             if code is None
             else "no message"
@@ -509,7 +543,7 @@ def error_from_response(
     if status == 403 and (
         code == "insufficient_scope" or challenge.get("error") == "insufficient_scope"
     ):
-        required = challenge.get("scope") or "unknown"
+        required = server_text(challenge.get("scope") or "unknown", limit=60)
         return ScopeError(
             f"the server refused the call for lack of the {required!r} scope; ask for it in "
             f"Client(scopes=...) and make sure the client is allowed it: {message}",
@@ -543,7 +577,11 @@ def error_from_response(
     if status == 403:
         return PermissionDeniedError(status, code, message, hint="this token may not do that")
     if status == 404:
+        if op == "chats" or not contract:
+            hint = _WRONG_RESOURCE_URI
         return NotFoundError(status, code, message, hint=hint)
+    if status == 405 and op is not None:
+        hint = _WRONG_RESOURCE_URI
     return ApiError(status, code, message, hint=hint)
 
 
@@ -585,59 +623,121 @@ def build_token_form(
     }
 
 
-def parse_token_response(status: int, body: bytes, *, allow_insecure_http: bool) -> TokenGrant:
-    """Read the token endpoint's answer; a failure raises :class:`AuthError`."""
+#: RFC 6750 §2.1 ``b64token``: what may follow ``Bearer `` in an Authorization header.
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+#: RFC 6749 Appendix A: a refresh token is printable ASCII (VSCHAR).
+_VSCHARS = re.compile(r"[\x20-\x7e]+")
+#: RFC 6749 §3.3 ``scope-token``.
+_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+_TOKEN_HINTS = {
+    "invalid_client": "check client_id and client_secret",
+    "invalid_scope": "ask only for scopes this client is allowed",
+    "invalid_grant": "the grant was refused",
+}
+
+
+def is_scope_token(value: str) -> bool:
+    """Whether ``value`` is one scope name (RFC 6749 §3.3 scope-token)."""
+    return _SCOPE_TOKEN.fullmatch(value) is not None
+
+
+def is_client_id(value: str) -> bool:
+    """Whether ``value`` may be a client_id (RFC 6749 Appendix A: printable ASCII)."""
+    return _VSCHARS.fullmatch(value) is not None
+
+
+def is_bearer_token(value: str) -> bool:
+    """Whether ``value`` may be sent as a bearer token (RFC 6750 §2.1 token syntax)."""
+    return _B64TOKEN.fullmatch(value) is not None
+
+
+def parse_token_response(
+    status: int,
+    body: bytes,
+    *,
+    allow_insecure_http: bool,
+    token_url: URL | None = None,
+    cut_at: int | None = None,
+) -> TokenGrant:
+    """Read the token endpoint's answer; a failure raises :class:`AuthError`.
+
+    ``cut_at`` is the cap the answer was cut at, when it was longer. Nothing the endpoint sent is
+    quoted raw: no token value ever, other text only through :func:`server_text`.
+    """
+    where = (
+        f"the token endpoint {_show(token_url)}" if token_url is not None else "the token endpoint"
+    )
+    if cut_at is not None:
+        raise AuthError(
+            f"{where} answered HTTP {status} with more than {cut_at} bytes; a token answer "
+            "is far smaller: check token_url",
+            status=status,
+        )
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
         data = None
     if status != 200:
-        error = data.get("error") if isinstance(data, dict) else None
-        description = data.get("error_description") if isinstance(data, dict) else None
-        if not isinstance(error, str):
-            error = None
-        hints = {
-            "invalid_client": "check client_id and client_secret",
-            "invalid_scope": "ask only for scopes this client is allowed",
-            "invalid_grant": "the grant was refused",
-        }
+        raise _token_refusal(status, data, where)
+    if not isinstance(data, dict):
         raise AuthError(
-            f"token exchange failed with HTTP {status}"
-            + (f" {error}" if error else "")
-            + (f": {description}" if isinstance(description, str) else "")
-            + (f" ({hints[error]})" if error in hints else ""),
-            error=error,
+            f"{where} answered HTTP 200 with a body that is not a JSON object; is token_url "
+            "the token endpoint?",
             status=status,
         )
-    if not isinstance(data, dict):
-        raise AuthError("the token endpoint's answer is not a JSON object", status=status)
     token = data.get("access_token")
     if not isinstance(token, str) or not token:
-        raise AuthError("the token endpoint's answer has no access_token", status=status)
+        raise AuthError(f"{where}'s answer has no access_token", status=status)
+    if not is_bearer_token(token):
+        # Sent as is, it would break the Authorization header (a CR/LF, a space) or be
+        # refused by the HTTP library with the token in its traceback (RFC 6750 §2.1).
+        raise AuthError(
+            f"{where} issued an access_token that is not RFC 6750 token syntax "
+            f"({len(token)} characters, value not shown); refusing to send it",
+            status=status,
+        )
     token_type = data.get("token_type", "Bearer")
     if not isinstance(token_type, str) or token_type.lower() != "bearer":
+        shown = server_text(token_type, limit=40) if isinstance(token_type, str) else token_type
         raise AuthError(
-            f"the token endpoint issued a {token_type!r} token; only Bearer is supported"
+            f"{where} issued a {shown!r} token; only Bearer is supported", status=status
         )
     uri = data.get("resource_uri")
     if not isinstance(uri, str) or not uri:
-        raise AuthError("the token endpoint's answer has no resource_uri")
+        raise AuthError(f"{where}'s answer has no resource_uri", status=status)
     try:
         root = resource_root(uri)
         check_secure_url(root, what="resource_uri", allow_insecure_http=allow_insecure_http)
     except (ConfigurationError, ValueError) as exc:
-        raise AuthError(f"the token endpoint returned an unusable resource_uri: {exc}") from None
+        raise AuthError(
+            f"{where} returned an unusable resource_uri: {server_text(str(exc))}", status=status
+        ) from None
     expires_in = data.get("expires_in")
-    if isinstance(expires_in, str) and expires_in.isdigit():
+    if isinstance(expires_in, str) and expires_in.isascii() and expires_in.isdigit():
         expires_in = int(expires_in)
-    if not isinstance(expires_in, (int, float)) or isinstance(expires_in, bool) or expires_in <= 0:
+    if (
+        not isinstance(expires_in, (int, float))
+        or isinstance(expires_in, bool)
+        or not 0 < expires_in < 10**9  # beyond ~30 years: no expiry worth planning for
+    ):
         expires_in = None
     refresh = data.get("refresh_token")
+    if isinstance(refresh, str) and refresh and _VSCHARS.fullmatch(refresh) is None:
+        raise AuthError(
+            f"{where} issued a refresh_token that is not RFC 6749 syntax (value not shown)",
+            status=status,
+        )
     scope = data.get("scope")
     # Absent: as asked (a first exchange) or unchanged (a refresh, RFC 6749 §5.1, §6).
-    scopes = frozenset(scope.split()) if isinstance(scope, str) else None
+    scopes = frozenset(scope.split(" ")) - {""} if isinstance(scope, str) else None
+    if scopes is not None and not all(is_scope_token(s) for s in scopes):
+        raise AuthError(
+            f"{where} granted scopes that are not RFC 6749 scope syntax: "
+            f"{server_text(str(scope), limit=80)!r}",
+            status=status,
+        )
     user_id = data.get("user_id")
-    if isinstance(user_id, str) and user_id.isdigit():
+    if isinstance(user_id, str) and user_id.isascii() and user_id.isdigit():
         user_id = int(user_id)
     return TokenGrant(
         access_token=Secret(token),
@@ -647,3 +747,28 @@ def parse_token_response(status: int, body: bytes, *, allow_insecure_http: bool)
         resource_uri=root,
         user_id=user_id if isinstance(user_id, int) and not isinstance(user_id, bool) else None,
     )
+
+
+def _token_refusal(status: int, data: object, where: str) -> AuthError:
+    error = data.get("error") if isinstance(data, dict) else None
+    description = data.get("error_description") if isinstance(data, dict) else None
+    error = server_text(error, limit=60) if isinstance(error, str) else None
+    if status in (404, 405) and error is None:
+        # No OAuth error object: this is not a token endpoint at all.
+        return AuthError(
+            f"{where} answered HTTP {status}: that URL looks wrong, there is no token "
+            "endpoint there; check token_url",
+            status=status,
+        )
+    text = f"token exchange failed with HTTP {status}"
+    if error:
+        text += f" {error}"
+    if isinstance(description, str):
+        text += f": {server_text(description)}"
+    if error in _TOKEN_HINTS:
+        text += f" ({_TOKEN_HINTS[error]})"
+    elif status >= 500 or status == 429:
+        text += f" ({where} is failing or overloaded; try again later)"
+    elif error is None:
+        text += " (not an OAuth error answer: check token_url)"
+    return AuthError(text, error=error, status=status)

@@ -63,6 +63,14 @@ def test_public_names_are_exported_and_documented() -> None:
                     "Transport",
                     "RetryPolicy",
                     "RetryBudget",
+                    "Operation",
+                    "Attempt",
+                    "CallState",
+                    "Failure",
+                    "RetryIn",
+                    "Renew",
+                    "Done",
+                    "GiveUp",
                     "Limiter",
                     "Outcome",
                     "Secret",
@@ -89,7 +97,7 @@ def test_py_typed_is_shipped() -> None:
 
 def test_pure_core_does_no_io() -> None:
     # The wall between the pure core and the I/O layers: these modules never import aiohttp.
-    for module in ("_wire", "_converter", "_models", "_errors", "_secret"):
+    for module in ("_wire", "_converter", "_models", "_errors", "_secret", "_retry", "_checks"):
         source = (ROOT / "messages_async" / f"{module}.py").read_text()
         assert "aiohttp" not in source, f"{module} imports aiohttp"
 

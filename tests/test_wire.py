@@ -21,6 +21,7 @@ from messages_async._wire import (
     build_get,
     build_list,
     build_token_form,
+    check_secure_url,
     cursor_request,
     error_from_response,
     parse_chats,
@@ -29,6 +30,7 @@ from messages_async._wire import (
     parse_retry_after,
     parse_token_response,
     resource_root,
+    server_text,
 )
 
 ROOT = resource_root("https://api.example.test/v1")
@@ -386,3 +388,154 @@ def test_token_failure_is_auth_error_with_code() -> None:
     with pytest.raises(ma.AuthError, match="invalid_client") as info:
         parse_token_response(401, body, allow_insecure_http=False)
     assert info.value.error == "invalid_client"
+
+
+# --- what a hostile server sends, quoted safely ------------------------------------------------
+
+
+def test_server_text_escapes_control_characters_and_is_cut() -> None:
+    assert server_text("plain words") == "plain words"
+    assert server_text("forged\r\nINFO all good") == "forged\\r\\nINFO all good"
+    assert server_text("\x1b[2Jcleared") == "\\x1b[2Jcleared"
+    long = server_text("x" * 10_000)
+    assert len(long) < 400
+    assert long.endswith("(9700 more characters)")
+
+
+def test_an_error_message_from_the_server_is_quoted_safely() -> None:
+    body = orjson.dumps(
+        {"error": {"code": "internal\r\nX", "message": "line one\nline two " + "y" * 5000}}
+    )
+    exc = error_from_response(500, {}, body, now=NOW)
+    assert isinstance(exc, ma.ServerError)
+    text = str(exc)
+    assert "\n" not in text
+    assert "\r" not in text
+    assert "line one\\nline two" in text
+    assert len(text) < 500
+
+
+def test_an_error_body_cut_at_its_cap_says_so() -> None:
+    exc = error_from_response(502, {"Content-Type": "text/html"}, b"<html>", now=NOW, cut_at=65536)
+    assert "more than 65536 bytes" in str(exc)
+
+
+@pytest.mark.parametrize(
+    ("op", "body", "hint"),
+    [
+        ("chats", b'{"error": {"code": "not_found", "message": "x"}}', "check resource_uri"),
+        ("list", b"404: Not Found", "check resource_uri"),
+        ("get", b"<html>nope</html>", "check resource_uri"),
+        ("get", b'{"error": {"code": "not_found", "message": "x"}}', "check the chat or message"),
+        ("list", b'{"error": {"code": "not_found", "message": "x"}}', "check the chat or message"),
+    ],
+)
+def test_a_404_points_at_the_id_or_at_the_resource_uri(op: str, body: bytes, hint: str) -> None:
+    exc = error_from_response(404, {}, body, now=NOW, op=op)
+    assert isinstance(exc, ma.NotFoundError)
+    assert hint in str(exc)
+
+
+def test_a_scope_challenge_is_quoted_safely() -> None:
+    headers = {"WWW-Authenticate": 'Bearer error="insufficient_scope", scope="a\x1bb"'}
+    exc = error_from_response(403, headers, b"{}", now=NOW)
+    assert isinstance(exc, ma.ScopeError)
+    assert "\x1b" not in str(exc)
+
+
+def _grant(**fields: object) -> bytes:
+    body: dict[str, object] = {
+        "access_token": "at_ok-._~+/==",
+        "token_type": "Bearer",
+        "resource_uri": "https://api.example.test/v1/",
+    }
+    body.update(fields)
+    return orjson.dumps({k: v for k, v in body.items() if v is not None})
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"access_token": "a\r\nb"}, "not RFC 6750 token syntax"),
+        ({"access_token": "a b"}, "not RFC 6750 token syntax"),
+        ({"access_token": "a=b"}, "not RFC 6750 token syntax"),  # '=' only as padding
+        ({"refresh_token": "r\nt"}, "refresh_token that is not RFC 6749"),
+        ({"scope": "messages_read\x1b[31m"}, "not RFC 6749 scope syntax"),
+        ({"token_type": "mac" + "!" * 500}, "only Bearer is supported"),
+    ],
+)
+def test_a_token_answer_that_breaks_the_rfcs_is_refused(
+    fields: dict[str, object], match: str
+) -> None:
+    with pytest.raises(ma.AuthError, match=match) as info:
+        parse_token_response(200, _grant(**fields), allow_insecure_http=False)
+    assert info.value.status == 200
+    assert "\r" not in str(info.value)
+    assert "\n" not in str(info.value)
+    assert len(str(info.value)) < 300
+
+
+def test_a_token_answer_keeps_odd_but_valid_values() -> None:
+    grant = parse_token_response(
+        200, _grant(expires_in=10**12, scope="a  b"), allow_insecure_http=False
+    )
+    assert grant.access_token.reveal() == "at_ok-._~+/=="
+    assert grant.expires_in is None  # beyond any useful horizon: as if it never expires
+    assert grant.scopes == frozenset({"a", "b"})
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "match"),
+    [
+        (404, b"404: Not Found", "that URL looks wrong.*check token_url"),
+        (405, b"", "that URL looks wrong"),
+        (200, b"<html>login</html>", "is token_url the token endpoint"),
+        (502, b"<html>bad gateway</html>", "failing or overloaded; try again later"),
+        (401, b'{"error": "invalid_client"}', "check client_id and client_secret"),
+    ],
+)
+def test_a_token_failure_points_the_right_way(status: int, body: bytes, match: str) -> None:
+    with pytest.raises(ma.AuthError, match=match) as info:
+        parse_token_response(
+            status,
+            body,
+            allow_insecure_http=False,
+            token_url=URL("https://auth.example.test/oauth/tokn"),
+        )
+    assert info.value.status == status
+
+
+def test_a_token_answer_cut_at_its_cap_is_refused() -> None:
+    with pytest.raises(ma.AuthError, match="more than 65536 bytes"):
+        parse_token_response(200, b"{", allow_insecure_http=False, cut_at=65536)
+
+
+@pytest.mark.parametrize(
+    "url", ["auth.example.test/oauth/token", "localhost:9/token", "ftp://auth.example.test/"]
+)
+def test_a_url_without_an_http_scheme_gets_a_message_of_ours(url: str) -> None:
+    with pytest.raises(ma.ConfigurationError, match="such as https://host/path") as info:
+        check_secure_url(URL(url), what="token_url", allow_insecure_http=False)
+    assert "does not start with https:// or http://" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"scopes": ("messages_read\n",)}, "RFC 6749"),
+        ({"scopes": ('say"hi',)}, "RFC 6749"),
+        ({"client_id": "me\r\nyou"}, "client_id must be printable ASCII"),
+        ({"max_unreachable": -1}, "max_unreachable must be a non-negative number"),
+    ],
+)
+def test_arguments_that_would_break_the_wire_are_refused(
+    kwargs: dict[str, object], match: str
+) -> None:
+    settings: dict[str, object] = {
+        "token_url": "https://auth.example.test/oauth/token",
+        "client_id": "me",
+        "client_secret": "s",
+    }
+    settings.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        ma.Client(**settings)  # type: ignore[arg-type]

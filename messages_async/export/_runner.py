@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 
 import attrs
 
+from .._checks import count
 from .._client import Client
 from .._errors import (
     AuthError,
@@ -85,8 +86,7 @@ class ExportOptions:
     page_size: int = 100
 
     def __attrs_post_init__(self) -> None:
-        if self.concurrency < 1:
-            raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
+        count("concurrency", self.concurrency, minimum=1)
         if not 1 <= self.page_size <= 100:
             raise ValueError(f"page_size must be between 1 and 100, got {self.page_size}")
         # Period checks awareness and order, with messages that say what to fix.
