@@ -523,3 +523,103 @@ async def test_without_a_provider_calls_share_one_quiet_observer(
         await client.messages.chats()
         configure(otel)
         assert observer.call(request) is not observer.call(request)
+
+
+# --- the export's progress ---------------------------------------------------------------------
+
+
+async def test_export_log_json_prints_one_object_per_line(tmp_path: Path) -> None:
+    async with MessagesServer(chats=3, messages_per_chat=120, seed=6) as server:
+        server.inject(Fault.status(503), path="messages/", after=2)  # a retry, logged
+        server.inject(Fault.rate_limited("0.05"), path="messages/", after=4)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MESSAGES_", "OTEL_"))}
+        env.update(
+            MESSAGES_TOKEN_URL=server.token_url,
+            MESSAGES_CLIENT_ID=server.client_id,
+            MESSAGES_CLIENT_SECRET=server.client_secret,
+        )
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "messages_async",
+            "export",
+            "--out",
+            str(tmp_path / "out.sqlite"),
+            "--log-json",
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+        sent = len(server.resource_requests())
+    assert proc.returncode == 0, err.decode()
+    records = [json.loads(line) for line in err.decode().splitlines()]  # every line is JSON
+    assert [r["event"] for r in records if r["event"] != "log"][-1:] == ["export.done"]
+    assert any(r["event"] == "log" and "503" in r["message"] for r in records)
+    done = records[-1]
+    assert done["chats_done"] == done["chats_total"] == 3
+    assert done["messages"] == 360
+    assert done["requests"] == sent
+    assert done["retries"] == 2
+    assert done["rate_limited"] == 1
+    assert done["paused_s"] == pytest.approx(0.05, abs=0.03)
+    assert done["in_flight"] == 0
+    assert {"concurrency", "max_concurrency", "pace", "waiting_s", "elapsed_s"} <= set(done)
+    assert f"requests:  {sent:,}," in out.decode()  # the summary agrees
+    assert server.client_secret not in err.decode() + out.decode()
+
+
+async def test_progress_logs_json_every_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from rich.console import Console
+
+    from messages_async.export import ExportStats, _progress
+
+    monkeypatch.setattr(_progress, "LOG_INTERVAL", 0.01)
+    sink = io.StringIO()
+    stats = ExportStats(chats_total=2, chats_done=1, messages=40)
+    client = ma.ClientStats(
+        requests=7,
+        retries=1,
+        rate_limited=1,
+        in_flight=2,
+        concurrency=4,
+        max_concurrency=8,
+        paused_for=0.5,
+        pace=12.5,
+        paused_total=1.25,
+    )
+    task = asyncio.create_task(
+        _progress.show_progress(
+            stats, lambda: client, "out", Console(file=sink), log=print, log_json=True
+        )
+    )
+    await asyncio.sleep(0.1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    records = [json.loads(line) for line in sink.getvalue().splitlines()]
+    assert len(records) >= 3
+    assert {r["event"] for r in records[:-1]} == {"export.progress"}
+    assert records[-1]["event"] == "export.done"
+    assert records[0] | {"time": None, "elapsed_s": None} == {
+        "time": None,
+        "event": "export.progress",
+        "elapsed_s": None,
+        "chats_total": 2,
+        "chats_done": 1,
+        "chats_failed": 0,
+        "chats_active": 0,
+        "messages": 40,
+        "messages_per_s": records[0]["messages_per_s"],
+        "requests": 7,
+        "retries": 1,
+        "rate_limited": 1,
+        "paused_s": 1.25,
+        "waiting_s": 0.5,
+        "in_flight": 2,
+        "concurrency": 4,
+        "max_concurrency": 8,
+        "pace": 12.5,
+    }
