@@ -6,8 +6,8 @@ error, the call waits (and why), the token was refused, the call ends. It never 
 listening. This module decides, once per call:
 
 - nobody (no OpenTelemetry provider, no hooks): the client's one :class:`QuietCall`, shared by
-  every call, which does nothing but keep the tally of pauses for ``client.stats``; no
-  allocation, no import;
+  every call, which does nothing but count the waits for ``client.stats``; no allocation, no
+  import;
 - otherwise an :class:`ObservedCall` that feeds ``_telemetry.py`` and ``_hooks.py``.
 
 OpenTelemetry is looked up when a call is made, not when the client is built, because

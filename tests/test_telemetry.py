@@ -28,6 +28,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 from opentelemetry.util._once import Once
+from test_export import start_cli
 
 import messages_async as ma
 from messages_async._observe import Waits
@@ -532,24 +533,7 @@ async def test_export_log_json_prints_one_object_per_line(tmp_path: Path) -> Non
     async with MessagesServer(chats=3, messages_per_chat=120, seed=6) as server:
         server.inject(Fault.status(503), path="messages/", after=2)  # a retry, logged
         server.inject(Fault.rate_limited("0.05"), path="messages/", after=4)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MESSAGES_", "OTEL_"))}
-        env.update(
-            MESSAGES_TOKEN_URL=server.token_url,
-            MESSAGES_CLIENT_ID=server.client_id,
-            MESSAGES_CLIENT_SECRET=server.client_secret,
-        )
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "messages_async",
-            "export",
-            "--out",
-            str(tmp_path / "out.sqlite"),
-            "--log-json",
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        proc = await start_cli(server, "--out", str(tmp_path / "out.sqlite"), "--log-json")
         out, err = await proc.communicate()
         sent = len(server.resource_requests())
     assert proc.returncode == 0, err.decode()
