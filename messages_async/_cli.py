@@ -29,6 +29,7 @@ from rich.console import Console
 
 from ._client import Client, __version__
 from ._errors import AuthError, ConfigurationError, MessagesError, ScopeError, TransportError
+from ._retry import is_outage
 from .export import (
     Exporter,
     ExportMeta,
@@ -444,16 +445,8 @@ async def _run(
         signals.remove()
 
 
-def _outage(exc: MessagesError) -> bool:
-    """The server is unreachable or failing, rather than refusing these credentials."""
-    if isinstance(exc, TransportError):  # a TokenEndpointUnreachableError among them
-        return True
-    status = exc.status if isinstance(exc, AuthError) else None
-    return status is not None and (status >= 500 or status == 429)
-
-
 def _sign_in_failure(exc: MessagesError, doing: str) -> str:
-    if _outage(exc):
+    if is_outage(exc):
         return f"could not {doing}, the server is unreachable or failing: {exc}"
     refused = isinstance(exc, ScopeError) or (
         isinstance(exc, AuthError) and exc.status in (400, 401, 403)
@@ -465,7 +458,7 @@ def _sign_in_failure(exc: MessagesError, doing: str) -> str:
 
 def _sign_in_exit(exc: MessagesError) -> int:
     """An outage is 1 (try again later); refused credentials or a wrong URL are 2."""
-    return EXIT_FAILED if _outage(exc) else EXIT_USAGE
+    return EXIT_FAILED if is_outage(exc) else EXIT_USAGE
 
 
 async def _run_open(

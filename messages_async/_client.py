@@ -239,8 +239,8 @@ class Client:
         self._policy = RetryPolicy(
             max_retries=count("max_retries", max_retries, minimum=0),
             timeout=seconds("timeout", timeout),
-            backoff_base=seconds("backoff_base", backoff_base, allow_zero=True),
-            backoff_max=seconds("backoff_max", backoff_max, allow_zero=True),
+            backoff_base=seconds("backoff_base", backoff_base, allow_zero=True, finite=True),
+            backoff_max=seconds("backoff_max", backoff_max, allow_zero=True, finite=True),
             max_retry_after=seconds("max_retry_after", max_retry_after, allow_zero=True),
             deadline=None if deadline is None else seconds("deadline", deadline),
             max_unreachable=(

@@ -7,6 +7,7 @@ without anything a server or a request could smuggle into a log line or an excep
 from __future__ import annotations
 
 import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from ._retry import Failure
 from ._wire import server_text
@@ -67,10 +68,12 @@ def describe(exc: BaseException) -> str:
 
 
 def scrubbed(exc: BaseException) -> BaseException:
-    """``exc`` with the tracebacks of it and its whole chain dropped.
+    """``exc`` with the tracebacks of it and its whole chain dropped, and no request headers.
 
     aiohttp's frames hold the request's headers (the bearer token) and the token form (the
-    client secret) in their locals; the exception keeps its type and message only.
+    client secret) in their locals, and a ``ClientResponseError`` carries the request's
+    headers in its ``request_info`` (shown by its repr): the exception keeps its type, its
+    message and the URL only.
     """
     seen: set[int] = set()
     todo: list[BaseException | None] = [exc]
@@ -80,5 +83,13 @@ def scrubbed(exc: BaseException) -> BaseException:
             continue
         seen.add(id(current))
         current.__traceback__ = None
+        if isinstance(current, aiohttp.ClientResponseError):
+            info = current.request_info
+            headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+            current.request_info = aiohttp.RequestInfo(
+                info.url, info.method, headers, info.real_url
+            )
+            current.history = ()
+            current.args = (current.request_info, ())
         todo += [current.__cause__, current.__context__]
     return exc

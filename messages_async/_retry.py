@@ -31,7 +31,7 @@ from ._errors import (
     ServerError,
     TransportError,
 )
-from ._wire import backoff_delay
+from ._wire import backoff_delay, is_outage_status
 
 __all__ = [
     "TABLE",
@@ -52,6 +52,7 @@ __all__ = [
     "attempts_text",
     "decide",
     "describe_wait",
+    "is_outage",
 ]
 
 #: Statuses that may succeed when asked again (docs/protocol.md §6): throttling and server failures.
@@ -343,18 +344,23 @@ class RoundVerdict(enum.Enum):
     GIVE_UP = "give_up"
 
 
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` says the server is unreachable, failing or throttling, rather than
+    refusing this request (or these credentials)."""
+    if isinstance(exc, (ServerError, RateLimitError, TransportError)):
+        return True  # an unreachable token endpoint is a TransportError too
+    if isinstance(exc, AuthError):
+        return exc.status is None or is_outage_status(exc.status)
+    return False
+
+
 def after_failed_call(exc: BaseException) -> RoundVerdict:
     """Classify an exception that ended a call after the transport's own retries."""
     if isinstance(exc, InvalidCursorError):
         return RoundVerdict.RESTART
-    if isinstance(exc, (ServerError, RateLimitError, TransportError, PaginationError)):
+    if is_outage(exc) or isinstance(exc, PaginationError):
         # A misbehaving listing (PaginationError) may be a server mid-deploy; callers bound it.
-        # An unreachable token endpoint is a TransportError too.
         return RoundVerdict.AGAIN
-    if isinstance(exc, AuthError):
-        # The token endpoint failing or throttling is an outage, not refused credentials.
-        outage = exc.status is None or exc.status >= 500 or exc.status == 429
-        return RoundVerdict.AGAIN if outage else RoundVerdict.GIVE_UP
-    # A DecodeError among them: the server sent a body that breaks the contract, and asking
-    # again gets the same body.
+    # A DecodeError among the rest: the server sent a body that breaks the contract, and
+    # asking again gets the same body; a refused credential or a 4xx fails the same way.
     return RoundVerdict.GIVE_UP

@@ -212,11 +212,18 @@ class SessionManager:
 
     @property
     def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
+        session = self._session
+        if session is None:
             raise ClientClosedError(
                 "the client is not open; use 'async with Client(...) as client:'"
             )
-        return self._session
+        if session.closed:
+            # Only a caller-owned session can be closed behind the client's back.
+            raise ClientClosedError(
+                "the aiohttp session passed as Client(session=...) is closed; keep it open "
+                "for as long as the client is used"
+            )
+        return session
 
     @property
     def resource_root(self) -> URL:
@@ -377,7 +384,6 @@ class SessionManager:
 
     async def _request_token(self, credentials: Credentials, refresh: Secret | None) -> TokenGrant:
         grant_type = "refresh_token" if refresh is not None else "client_credentials"
-        policy = self._policy
         call = CallState()
         attempts = 0
         first = self._clock()
@@ -385,57 +391,51 @@ class SessionManager:
             self.exchanges += 1
             attempts += 1
             started = self._clock()
+            answer: _TokenAnswer | None = None
             try:
                 answer = await self._post_token(credentials, refresh)
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-                logger.debug("token exchange (%s) failed: %s", grant_type, type(exc).__name__)
-                failure = failure_of(exc)
-                decision, call = decide(
-                    TOKEN_EXCHANGE,
-                    call,
-                    Attempt(failure=failure),
-                    policy,
-                    now=self._clock(),
-                    ends_at=None,
-                    budget=float("inf"),
-                    rng=self._rng,
-                )
-                if not isinstance(decision, RetryIn):
-                    note = decision.note if isinstance(decision, GiveUp) else ""
-                    # The cause keeps its type and message but not its traceback: aiohttp's
-                    # frames hold the form with the client secret in their locals.
-                    raise self._unreachable(
-                        credentials, exc, failure, attempts, self._clock() - first, note
-                    ) from scrubbed(exc)
-                cause = f"{failure.value} ({describe(exc)})"
+                # Kept without its traceback: aiohttp's frames hold the form with the client
+                # secret in their locals.
+                error = scrubbed(exc)
+                failure = failure_of(error)
+                attempt = Attempt(failure=failure)
+                cause = f"{failure.value} ({describe(error)})"
+                result = type(error).__name__
             else:
-                logger.debug(
-                    "POST %s (%s) -> %d (attempt %d, %.1f ms)",
-                    credentials.token_url.path,
-                    grant_type,
-                    answer.status,
-                    attempts,
-                    (self._clock() - started) * 1000,
-                )
-                note = ""
-                if answer.status != 200:
-                    decision, call = decide(
-                        TOKEN_EXCHANGE,
-                        call,
-                        Attempt(status=answer.status, retry_after=answer.retry_after),
-                        policy,
-                        now=self._clock(),
-                        ends_at=None,
-                        budget=float("inf"),
-                        rng=self._rng,
-                    )
-                    note = decision.note if isinstance(decision, GiveUp) else ""
-                if answer.status == 200 or not isinstance(decision, RetryIn):
-                    return self._grant(answer, note)
-
-                cause = f"HTTP {answer.status}"
+                if answer.status == 200:
+                    return self._grant(answer, "")
+                attempt = Attempt(status=answer.status, retry_after=answer.retry_after)
+                cause = result = f"HTTP {answer.status}"
+            logger.debug(
+                "POST %s (%s) -> %s (attempt %d, %.1f ms)",
+                credentials.token_url.path,
+                grant_type,
+                result,
+                attempts,
+                (self._clock() - started) * 1000,
+            )
+            decision, call = decide(
+                TOKEN_EXCHANGE,
+                call,
+                attempt,
+                self._policy,
+                now=self._clock(),
+                ends_at=None,
+                budget=float("inf"),
+                rng=self._rng,
+            )
+            if not isinstance(decision, RetryIn):
+                note = decision.note if isinstance(decision, GiveUp) else ""
+                if answer is not None:
+                    return self._grant(answer, note)  # raises the AuthError it means
+                assert attempt.failure is not None
+                raise self._unreachable(
+                    credentials, error, attempt.failure, attempts, self._clock() - first, note
+                ) from error
             what = f"token exchange at {credentials.token_url.origin()}"
-            logger.warning("%s", describe_wait(what, cause, decision.delay, call.retries, policy))
+            line = describe_wait(what, cause, decision.delay, call.retries, self._policy)
+            logger.warning("%s", line)
             await asyncio.sleep(decision.delay)
 
     @staticmethod

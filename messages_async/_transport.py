@@ -127,9 +127,8 @@ class Transport:
     async def _send(
         self, request: ApiRequest, policy: RetryPolicy, report: CallObserver
     ) -> bytes | None:
-        sessions = self._sessions
-        sessions.check_loop()
-        sessions.check_scope(request.scope)
+        self._sessions.check_loop()
+        self._sessions.check_scope(request.scope)
         op = Operation(
             request.op,
             idempotent=request.retry is Retry.IDEMPOTENT,
@@ -137,130 +136,174 @@ class Transport:
         )
         call = CallState()
         url = request.url
-        redirects = 0
-        attempts = 0
+        redirects = attempts = 0
         # With a deadline, this request (every attempt, wait and token renewal) ends by then.
         ends_at = None if policy.deadline is None else self._clock() + policy.deadline
         while True:
-            if not same_origin(url, sessions.resource_root):
-                raise UnsafeCursorError(
-                    f"refused to send {request.op} to {url.origin()}: the access token is only "
-                    f"sent to {sessions.resource_root.origin()}"
-                )
-            token, ticket = await self._ready(request, policy, ends_at, attempts, report)
+            token, ticket = await self._ready(request, url, policy, ends_at, attempts, report)
             self._limiter.count_attempt(retry=bool(call.retries))
             attempts += 1
-            outcome = Outcome.FAILED
-            error: BaseException | None = None
-            try:
-                # Inside the try: the slot is handed back even if a hook is cancelled.
-                extra = await report.attempt_started(url, attempts, retry=bool(call.retries))
-                started = self._clock()
-                # The deadline cuts the attempt short through asyncio (exact, and at once if it
-                # has already passed) rather than through aiohttp's timeout, which treats a
-                # total of zero as none and rounds long ones up to whole seconds.
-                async with self._until(ends_at):
-                    answer = await self._attempt(request, url, token, policy, extra)
-            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-                error = exc
-            else:
-                outcome = Outcome.THROTTLED if answer.status == 429 else Outcome.OK
-            finally:
-                self._limiter.release(ticket, outcome)
-            elapsed = (self._clock() - started) * 1000
-            if error is not None:
-                await report.attempt_ended(elapsed / 1000, error=error)
-                logger.debug(
-                    "%s %s -> %s (attempt %d, %.1f ms)",
-                    request.method,
-                    url.raw_path,
-                    type(error).__name__,
-                    attempts,
-                    elapsed,
-                )
-                if sessions.closing:
-                    # Our own aclose() cut the connection: not the network's fault.
-                    raise ClientClosedError(
-                        f"the client was closed while {request.op} was in flight"
-                    ) from None
-                failure = failure_of(error)
-                decision, call = self._decide(op, call, Attempt(failure=failure), policy, ends_at)
-                if isinstance(decision, RetryIn):
-                    cause = f"{failure.value} ({describe(error)})"
-                    await self._wait(request, decision, cause, call, policy, report)
+            answer = await self._try(
+                request, url, token, ticket, policy, ends_at, attempts, report, call.retries
+            )
+            if isinstance(answer, _Answer):
+                if 200 <= answer.status < 300:
+                    return self._body(request, answer)
+                if 300 <= answer.status < 400 and "Location" in answer.headers:
+                    url = self._redirect_target(request, url, answer.headers["Location"])
+                    redirects += 1
+                    if redirects > _MAX_REDIRECTS:
+                        raise TransportError(f"{request.op}: more than {_MAX_REDIRECTS} redirects")
                     continue
-                note = decision.note if isinstance(decision, GiveUp) else ""
-                raise self._transport_error(
-                    request, error, failure, attempts, call.maybe_acted, note
-                ) from scrubbed(error)
-
-            status = answer.status
-            await report.attempt_ended(elapsed / 1000, status=status, headers=answer.headers)
-            logger.debug(
-                "%s %s -> %d (attempt %d, %.1f ms)",
-                request.method,
-                url.raw_path,
-                status,
-                attempts,
-                elapsed,
-            )
-            if 200 <= status < 300:
-                if not answer.complete:
-                    raise self._too_large(request, len(answer.body))
-                self._budget.earn()
-                return answer.body if status != 204 else None
-            if 300 <= status < 400 and "Location" in answer.headers:
-                url = self._redirect_target(request, url, answer.headers["Location"])
-                redirects += 1
-                if redirects > _MAX_REDIRECTS:
-                    raise TransportError(f"{request.op}: more than {_MAX_REDIRECTS} redirects")
-                continue
-            if status == 429:
-                # Counted for every 429 answered, also the one that ends a call, so that
-                # client.stats agrees with what the server sent.
-                self._limiter.count_rate_limited()
-            refusal = error_from_response(
-                status,
-                answer.headers,
-                answer.body,
-                now=datetime.now(UTC),
-                granted=sessions.granted,
-                op=request.op,
-                cut_at=None if answer.complete else ERROR_BODY_CAP,
-            )
-            attempt = Attempt(status=status, retry_after=getattr(refusal, "retry_after", None))
+                refusal: Exception | None = self._refusal(request, answer)
+                attempt = Attempt(answer.status, getattr(refusal, "retry_after", None))
+                cause = f"HTTP {answer.status}"
+            else:
+                refusal = None
+                failure = failure_of(answer)
+                attempt = Attempt(failure=failure)
+                cause = f"{failure.value} ({describe(answer)})"
             decision, call = self._decide(op, call, attempt, policy, ends_at)
             if isinstance(decision, RetryIn):
-                await self._wait(request, decision, f"HTTP {status}", call, policy, report)
+                await self._wait(request, decision, cause, call, policy, report)
             elif isinstance(decision, Renew):
                 report.token_refused()
-                try:
-                    async with self._until(ends_at):
-                        await sessions.renew_after_401(token)
-                except TimeoutError:
-                    raise self._past_deadline(
-                        request, policy, attempts, "renewing the refused token"
-                    ) from None
+                await self._renew(request, token, policy, ends_at, attempts)
             elif isinstance(decision, Done):
                 # Our earlier attempt deleted it and the answer was lost: the caller's intent
                 # holds, so this is success, not an error (exactly one deletion happened).
                 return None
             else:
-                if decision.pause_client is not None:
-                    self._limiter.pause(decision.pause_client)  # binds the client's other calls
-                if decision.note:
-                    refusal.add_note(decision.note)
-                raise refusal
+                raise self._give_up(request, refusal, answer, decision, call, attempts)
+
+    async def _try(
+        self,
+        request: ApiRequest,
+        url: URL,
+        token: Token,
+        ticket: int,
+        policy: RetryPolicy,
+        ends_at: float | None,
+        attempts: int,
+        report: CallObserver,
+        retries: int,
+    ) -> _Answer | BaseException:
+        """One attempt through the limiter's slot: its answer, or why none came."""
+        outcome = Outcome.FAILED
+        result: _Answer | BaseException
+        try:
+            # Inside the try: the slot is handed back even if a hook is cancelled.
+            extra = await report.attempt_started(url, attempts, retry=bool(retries))
+            started = self._clock()
+            # The deadline cuts the attempt short through asyncio (exact, and at once if it
+            # has already passed) rather than through aiohttp's timeout, which treats a
+            # total of zero as none and rounds long ones up to whole seconds.
+            async with self._until(ends_at):
+                result = await self._attempt(request, url, token, policy, extra)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            result = exc
+        else:
+            outcome = Outcome.THROTTLED if result.status == 429 else Outcome.OK
+        finally:
+            self._limiter.release(ticket, outcome)
+        elapsed = self._clock() - started
+        if isinstance(result, _Answer):
+            await report.attempt_ended(elapsed, status=result.status, headers=result.headers)
+        else:
+            await report.attempt_ended(elapsed, error=result)
+        logger.debug(
+            "%s %s -> %s (attempt %d, %.1f ms)",
+            request.method,
+            url.raw_path,
+            result.status if isinstance(result, _Answer) else type(result).__name__,
+            attempts,
+            elapsed * 1000,
+        )
+        if not isinstance(result, _Answer) and self._sessions.closing:
+            # Our own aclose() cut the connection: not the network's fault.
+            raise ClientClosedError(
+                f"the client was closed while {request.op} was in flight"
+            ) from None
+        return result
+
+    def _body(self, request: ApiRequest, answer: _Answer) -> bytes | None:
+        if not answer.complete:
+            raise self._too_large(request, len(answer.body))
+        self._budget.earn()
+        return answer.body if answer.status != 204 else None
+
+    def _refusal(self, request: ApiRequest, answer: _Answer) -> Exception:
+        """The error an error answer means (returned, not raised)."""
+        if answer.status == 429:
+            # Counted for every 429 answered, also the one that ends a call, so that
+            # client.stats agrees with what the server sent.
+            self._limiter.count_rate_limited()
+        return error_from_response(
+            answer.status,
+            answer.headers,
+            answer.body,
+            now=datetime.now(UTC),
+            granted=self._sessions.granted,
+            op=request.op,
+            cut_at=None if answer.complete else ERROR_BODY_CAP,
+        )
+
+    async def _renew(
+        self,
+        request: ApiRequest,
+        token: Token,
+        policy: RetryPolicy,
+        ends_at: float | None,
+        attempts: int,
+    ) -> None:
+        try:
+            async with self._until(ends_at):
+                await self._sessions.renew_after_401(token)
+        except TimeoutError:
+            raise self._past_deadline(
+                request, policy, attempts, "renewing the refused token"
+            ) from None
+
+    def _give_up(
+        self,
+        request: ApiRequest,
+        refusal: Exception | None,
+        answer: _Answer | BaseException,
+        decision: GiveUp | RetryIn | Renew | Done,
+        call: CallState,
+        attempts: int,
+    ) -> Exception:
+        """The error to raise, saying why it was not retried."""
+        assert isinstance(decision, GiveUp)
+        if decision.pause_client is not None:
+            self._limiter.pause(decision.pause_client)  # binds the client's other calls
+        if refusal is not None:
+            if decision.note:
+                refusal.add_note(decision.note)
+            return refusal  # the server's own error: it says what went wrong
+        assert isinstance(answer, BaseException)
+        error = self._transport_error(request, answer, attempts, call.maybe_acted, decision.note)
+        # The cause keeps its type and message but not its traceback: aiohttp's frames hold
+        # the request headers, the bearer token among them.
+        error.__cause__ = scrubbed(answer)
+        return error
 
     async def _ready(
         self,
         request: ApiRequest,
+        url: URL,
         policy: RetryPolicy,
         ends_at: float | None,
         attempts: int,
         report: CallObserver,
     ) -> tuple[Token, int]:
         """A token and a limiter slot for the next attempt, within this call's limits."""
+        root = self._sessions.resource_root
+        if not same_origin(url, root):
+            raise UnsafeCursorError(
+                f"refused to send {request.op} to {url.origin()}: the access token is only "
+                f"sent to {root.origin()}"
+            )
         if self._sessions.closing:
             raise ClientClosedError(f"the client was closed; {request.op} was not sent again")
         left = float("inf") if ends_at is None else ends_at - self._clock()
@@ -401,13 +444,9 @@ class Transport:
 
     @staticmethod
     def _transport_error(
-        request: ApiRequest,
-        error: BaseException,
-        failure: Failure,
-        attempts: int,
-        maybe_acted: bool,
-        why: str,
+        request: ApiRequest, error: BaseException, attempts: int, maybe_acted: bool, why: str
     ) -> TransportError:
+        failure = failure_of(error)
         tried = attempts_text(attempts)
         note = f"; {why}" if why else ""
         if failure is Failure.CERTIFICATE:

@@ -74,6 +74,7 @@ __all__ = [
     "is_bearer_token",
     "is_client_id",
     "is_loopback",
+    "is_outage_status",
     "is_scope_token",
     "parse_chats",
     "parse_message",
@@ -439,6 +440,11 @@ def parse_message(body: bytes) -> Message:
     return message
 
 
+def is_outage_status(status: int) -> bool:
+    """A status that says the server is failing or throttling, not refusing the request."""
+    return status >= 500 or status == 429
+
+
 def parse_retry_after(value: str | None, now: datetime) -> float | None:
     """Seconds to wait from a ``Retry-After`` header (RFC 9110 §10.2.3), or ``None``.
 
@@ -767,7 +773,7 @@ def _token_refusal(status: int, data: object, where: str) -> AuthError:
         text += f": {server_text(description)}"
     if error in _TOKEN_HINTS:
         text += f" ({_TOKEN_HINTS[error]})"
-    elif status >= 500 or status == 429:
+    elif is_outage_status(status):
         text += f" ({where} is failing or overloaded; try again later)"
     elif error is None:
         text += " (not an OAuth error answer: check token_url)"

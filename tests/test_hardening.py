@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from helpers import make_client
@@ -308,3 +309,61 @@ async def test_a_call_from_another_event_loop_is_refused_before_sending(
         assert "nothing was sent" in str(exc)
         assert len(server.resource_requests()) == sent
         await client.messages.chats()  # the client still works in its own loop
+
+
+# --- answers that are not readable HTTP --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n",
+        b"HTTP/1.1 two-hundred OK\r\n\r\n",
+        b"SSH-2.0-OpenSSH_9.6\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nContent-Encoding: gzip\r\n\r\nnot-gzip!!",
+    ],
+    ids=["header-too-big", "bad-status-line", "not-http", "bad-gzip"],
+)
+async def test_an_unreadable_answer_is_a_transport_error_that_keeps_no_token(
+    answer: bytes,
+) -> None:
+    seen: list[bytes] = []
+
+    async def hostile(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(hostile, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    token = "at_hostile-answers-must-not-see-this"
+    try:
+        async with ma.Client(
+            access_token=token,
+            resource_uri=f"http://127.0.0.1:{port}/api/",
+            max_retries=1,
+            backoff_base=0.0,
+        ) as client:
+            with pytest.raises(ma.TransportError) as info:
+                await client.messages.chats()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert len(seen) == 2  # a GET whose answer was lost is retried, once here
+    assert "after 2 attempts" in str(info.value)
+    assert not leaks(info.value, [token])
+
+
+async def test_a_caller_session_closed_behind_the_clients_back_is_client_closed(
+    server: MessagesServer,
+) -> None:
+    session = aiohttp.ClientSession()
+    async with make_client(server, session=session) as client:
+        await client.messages.chats()
+        await session.close()
+        with pytest.raises(ma.ClientClosedError, match=r"Client\(session=\.\.\.\) is closed"):
+            await client.messages.chats()
+    unopened = make_client(server, session=session)
+    with pytest.raises(ma.ClientClosedError, match="is closed"):
+        await unopened.open()

@@ -25,6 +25,7 @@ from messages_async._retry import (
     after_failed_call,
     attempts_text,
     decide,
+    is_outage,
 )
 
 AGAIN, RESTART, GIVE_UP = RoundVerdict.AGAIN, RoundVerdict.RESTART, RoundVerdict.GIVE_UP
@@ -295,3 +296,21 @@ def test_a_certificate_failure_is_never_retried() -> None:
 def test_attempts_text_counts_in_english() -> None:
     assert attempts_text(1) == "after 1 attempt"
     assert attempts_text(3) == "after 3 attempts"
+
+
+@pytest.mark.parametrize(
+    ("exc", "outage"),
+    [
+        (ma.TokenEndpointUnreachableError("no route"), True),
+        (ma.AuthError("token endpoint failing", status=502), True),
+        (ma.AuthError("token endpoint throttling", status=429), True),
+        (ma.AuthError("refused", error="invalid_client", status=401), False),
+        (ma.AuthError("no token endpoint here", status=404), False),
+        (ma.ServerError(500, "internal", "boom"), True),
+        (ma.ScopeError("no scope", required="messages_write", granted=None), False),
+        (ma.DecodeError("$.items: expected a list"), False),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else str(v),
+)
+def test_an_outage_is_told_from_a_refusal(exc: BaseException, outage: bool) -> None:
+    assert is_outage(exc) is outage

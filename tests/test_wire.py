@@ -526,6 +526,7 @@ def test_a_url_without_an_http_scheme_gets_a_message_of_ours(url: str) -> None:
         ({"scopes": ('say"hi',)}, "RFC 6749"),
         ({"client_id": "me\r\nyou"}, "client_id must be printable ASCII"),
         ({"max_unreachable": -1}, "max_unreachable must be a non-negative number"),
+        ({"backoff_max": float("inf")}, "backoff_max must be a non-negative, finite number"),
     ],
 )
 def test_arguments_that_would_break_the_wire_are_refused(
