@@ -43,10 +43,11 @@ class Collected:
 
     def __init__(self) -> None:
         self.spans_exporter = InMemorySpanExporter()
-        self.tracer_provider = TracerProvider()
+        # Shut down by the fixture, not again at exit.
+        self.tracer_provider = TracerProvider(shutdown_on_exit=False)
         self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.spans_exporter))
         self.reader = InMemoryMetricReader()
-        self.meter_provider = MeterProvider(metric_readers=[self.reader])
+        self.meter_provider = MeterProvider(metric_readers=[self.reader], shutdown_on_exit=False)
 
     def spans(self) -> list[ReadableSpan]:
         return list(self.spans_exporter.get_finished_spans())
