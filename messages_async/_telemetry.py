@@ -29,6 +29,7 @@ the token endpoint through it either.
 from __future__ import annotations
 
 import contextvars
+import threading
 import weakref
 from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable, Mapping
 from typing import Any, Final, TypeVar
@@ -117,10 +118,12 @@ class Instruments:
     agree with ``client.stats`` by construction. Clients of the same server are summed.
     """
 
-    __slots__ = ("_clients", "duration")
+    __slots__ = ("_clients", "_lock", "duration")
 
     def __init__(self, meter: metrics.Meter) -> None:
         self._clients: weakref.WeakSet[Observer] = weakref.WeakSet()
+        # A periodic reader collects from a thread of its own while the loop adds clients.
+        self._lock = threading.Lock()
         self.duration = meter.create_histogram(
             "http.client.request.duration",
             unit="s",
@@ -166,11 +169,14 @@ class Instruments:
 
     def watch(self, client: Observer) -> None:
         """Report ``client`` from now on (until it is garbage)."""
-        self._clients.add(client)
+        with self._lock:
+            self._clients.add(client)
 
     def _totals(self, read: _Reading) -> dict[tuple[str, int], float]:
         totals: dict[tuple[str, int], float] = {}
-        for client in list(self._clients):
+        with self._lock:
+            clients = list(self._clients)
+        for client in clients:
             where = client.where
             value = read(client.stats(), client)
             if where is not None and value is not None:
