@@ -17,6 +17,7 @@ the application has imported it first (nobody can have configured a provider oth
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from collections.abc import Callable, Coroutine, Mapping
@@ -275,10 +276,12 @@ class Observer:
         telemetry = _telemetry_now()
         return None if telemetry is None else telemetry.walk(name)
 
-    def renewal(self, exchange: Coroutine[Any, Any, T]) -> Coroutine[Any, Any, T]:
-        """A token exchange, under a span of its own when traced."""
+    def start_renewal(self, exchange: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
+        """A token exchange as a task, under a span of its own when traced."""
         telemetry = _telemetry_now()
-        return exchange if telemetry is None else telemetry.renewal(exchange)
+        if telemetry is None:
+            return asyncio.create_task(exchange, name=name)
+        return telemetry.start_renewal(exchange, name)
 
 
 _current: Callable[[], Telemetry | None] | None = None

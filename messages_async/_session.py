@@ -312,10 +312,11 @@ class SessionManager:
             ) from None
 
     def _start_renewal(self, current: Token | None) -> asyncio.Task[Token]:
-        exchange = self._exchange(current)
-        if self._observer is not None:
-            exchange = self._observer.renewal(exchange)  # a span of its own, when traced
-        renewal = asyncio.create_task(exchange, name="messages_async token renewal")
+        name = "messages_async token renewal"
+        if self._observer is not None:  # a span of its own, when traced
+            renewal = self._observer.start_renewal(self._exchange(current), name)
+        else:
+            renewal = asyncio.create_task(self._exchange(current), name=name)
         renewal.add_done_callback(self._renewal_done)
         self._renewal = renewal
         return renewal

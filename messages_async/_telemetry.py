@@ -28,6 +28,7 @@ the token endpoint through it either.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import threading
 import weakref
@@ -228,24 +229,32 @@ class Telemetry:
     def walk(self, name: str) -> OtelWalk | None:
         return None if self.tracer is None else OtelWalk(self.tracer, name)
 
-    def renewal(self, exchange: Coroutine[Any, Any, T]) -> Coroutine[Any, Any, T]:
-        return exchange if self.tracer is None else _traced_renewal(self.tracer, exchange)
+    def start_renewal(self, exchange: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
+        """Run a token exchange as a task, under a ``messages.token`` span when traced.
+
+        The span is made current through the task's own context, not by wrapping the
+        coroutine: a task cancelled before it starts never runs a wrapper's code, which would
+        leave the exchange never awaited and the span never ended.
+        """
+        if self.tracer is None:
+            return asyncio.create_task(exchange, name=name)
+        span = self.tracer.start_span("messages.token", kind=SpanKind.INTERNAL)
+        current = trace.set_span_in_context(span)
+        if _SUPPRESS_HTTP is not None:
+            current = otel_context.set_value(_SUPPRESS_HTTP, True, current)
+        context = contextvars.copy_context()
+        context.run(otel_context.attach, current)
+        task = asyncio.create_task(exchange, name=name, context=context)
+        task.add_done_callback(lambda done: _end_renewal(span, done))
+        return task
 
 
-async def _traced_renewal(tracer: trace.Tracer, exchange: Coroutine[Any, Any, T]) -> T:
-    span = tracer.start_span("messages.token", kind=SpanKind.INTERNAL)
-    context = trace.set_span_in_context(span)
-    if _SUPPRESS_HTTP is not None:
-        context = otel_context.set_value(_SUPPRESS_HTTP, True, context)
-    token = otel_context.attach(context)
-    try:
-        return await exchange
-    except BaseException as exc:
-        _fail(span, type(exc).__qualname__)
-        raise
-    finally:
-        span.end()
-        otel_context.detach(token)
+def _end_renewal(span: trace.Span, task: asyncio.Task[Any]) -> None:
+    if task.cancelled():
+        _fail(span, "CancelledError")
+    elif (error := task.exception()) is not None:
+        _fail(span, type(error).__qualname__)
+    span.end()
 
 
 def _detach(token: contextvars.Token[otel_context.Context] | None) -> None:

@@ -8,6 +8,7 @@ Every fault is injected by the emulator for real.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import client_for
+from helpers import client_for, make_client
 from opentelemetry import metrics, trace
 from opentelemetry.metrics import _internal as metrics_internal
 from opentelemetry.sdk.metrics import MeterProvider
@@ -384,6 +385,21 @@ async def test_a_cancelled_or_late_call_ends_its_spans(
     ]
     assert otel.total("messages.client.in_flight") == 0
     assert trace.get_current_span() is trace.INVALID_SPAN  # nothing left attached
+
+
+async def test_a_renewal_cancelled_before_it_starts_ends_its_span(
+    otel: Collected, server: MessagesServer
+) -> None:
+    configure(otel)
+    client = make_client(server)
+    await client.open()
+    # A renewal ahead of expiry, started and then cancelled by aclose() before it ever ran.
+    client._sessions._start_renewal(None)
+    await client.aclose()
+    gc.collect()  # an exchange coroutine never awaited would warn here (warnings are errors)
+    renewals = [s for s in otel.spans() if s.name == "messages.token"]
+    # The sign-in at open(), then the cancelled one.
+    assert [(s.attributes or {}).get("error.type") for s in renewals] == [None, "CancelledError"]
 
 
 # --- nothing secret --------------------------------------------------------------------------
