@@ -26,6 +26,7 @@ from ._errors import (
     TransportError,
     UnsafeCursorError,
 )
+from ._hooks import ErrorView, RequestView, ResponseView
 from ._limiter import ClientStats
 from ._models import (
     Attachment,
@@ -52,6 +53,7 @@ __all__ = [
     "ClientStats",
     "ConfigurationError",
     "DecodeError",
+    "ErrorView",
     "EventLoopError",
     "InvalidCursorError",
     "Message",
@@ -65,6 +67,8 @@ __all__ = [
     "PermissionDeniedError",
     "RateLimitError",
     "RequestTimeoutError",
+    "RequestView",
+    "ResponseView",
     "ScopeError",
     "ServerError",
     "TokenEndpointUnreachableError",

@@ -44,6 +44,7 @@ from .export import (
     show_progress,
     summary_lines,
 )
+from .export._progress import JsonLogFormatter, json_line
 from .export._runner import unless_stopped
 
 __all__ = ["main"]
@@ -219,6 +220,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="give up on a server that cannot be connected to after SECONDS of retrying "
         f"(default {DEFAULT_MAX_UNREACHABLE:g}); the export then exits with status 1",
+    )
+    export.add_argument(
+        "--log-json",
+        action="store_true",
+        help="write progress (every few seconds, and once at the end) and log messages to "
+        "stderr as one JSON object per line, for log shippers",
     )
     export.add_argument("--token-url", metavar="URL", help=f"default: ${ENV_TOKEN_URL}")
     export.add_argument("--client-id", metavar="ID", help=f"default: ${ENV_CLIENT_ID}")
@@ -417,6 +424,8 @@ class _Signals:
 async def _export(args: argparse.Namespace, argv: Sequence[str], err: Console) -> int:
     # soft_wrap: a log line stays one line whatever the width (logs are read by tools too).
     say = lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
+    if args.log_json:
+        say = lambda line: print(json_line("message", message=line), file=sys.stderr)  # noqa: E731
     options = ExportOptions(
         chat_ids=tuple(args.chats) if args.chats else None,
         concurrency=args.concurrency,
@@ -549,7 +558,9 @@ async def _run_open(
         ) from None
     exporter = Exporter(client, store, options, stop=stop)
     progress = asyncio.create_task(
-        show_progress(exporter.stats, lambda: client.stats, store.path, err, log=say),
+        show_progress(
+            exporter.stats, lambda: client.stats, store.path, err, log=say, log_json=args.log_json
+        ),
         name="export progress",
     )
     try:
@@ -601,6 +612,9 @@ def _report(
 def _export_main(args: argparse.Namespace, argv: Sequence[str]) -> int:
     err = Console(stderr=True)
     logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(message)s", stream=sys.stderr)
+    if args.log_json:
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonLogFormatter())
     if args.since and args.until and args.since > args.until:
         raise _UsageError(
             f"--since ({args.since.isoformat()}) is after --until ({args.until.isoformat()})"

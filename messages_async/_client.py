@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import copy
 import enum
+import functools
 import random
 from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Literal, Self, overload
+from typing import TYPE_CHECKING, Literal, Self, overload
 
 import aiohttp
 from yarl import URL
@@ -20,8 +21,10 @@ from yarl import URL
 from ._checks import count, seconds
 from ._errors import ClientClosedError, ConfigurationError
 from ._fanout import OnError, fan_out
+from ._hooks import EventHooks, Hook
 from ._limiter import ClientStats, Limiter
 from ._models import Chat, ChatFailed, Message, MessagesPage, NewAttachment, Period
+from ._observe import Observer
 from ._pagination import Direction, walk_messages, walk_pages
 from ._retry import RetryBudget, RetryPolicy
 from ._secret import Secret
@@ -51,6 +54,9 @@ from ._wire import (
     parse_page,
     resource_root,
 )
+
+if TYPE_CHECKING:
+    from ._telemetry import OtelWalk
 
 __all__ = ["Client", "Messages"]
 
@@ -146,6 +152,11 @@ class Client:
             cannot connect to (refused, unresolvable, no route) before raising; ``None``:
             only ``max_retries`` bounds it.
         allow_insecure_http: Allow plain ``http://`` to non-loopback hosts.
+        event_hooks: Functions called around each attempt of a request, in the style of
+            httpx: ``{"request": [...], "response": [...], "error": [...]}``, given a
+            :class:`RequestView`, a :class:`ResponseView` or an :class:`ErrorView` (never the
+            token, a header sent or the query string). Plain or ``async`` functions; one that
+            raises is logged and the request goes on.
     """
 
     def __init__(
@@ -169,6 +180,7 @@ class Client:
         retry_budget: int = 50,
         max_unreachable: float | None = 20.0,
         allow_insecure_http: bool = False,
+        event_hooks: Mapping[str, Iterable[Hook]] | None = None,
     ) -> None:
         self._life = _Lifecycle()
         self._is_view = False
@@ -223,6 +235,7 @@ class Client:
             requested = _scopes(DEFAULT_SCOPES if scopes is NOT_GIVEN else scopes)
             credentials = Credentials(url, client_id, secret, requested)
         max_concurrency = count("max_concurrency", max_concurrency, minimum=1)
+        hooks = None if event_hooks is None else EventHooks(event_hooks)
         self._policy = RetryPolicy(
             max_retries=count("max_retries", max_retries, minimum=0),
             timeout=seconds("timeout", timeout),
@@ -238,6 +251,8 @@ class Client:
         )
         response_cap = count("max_response_bytes", max_response_bytes, minimum=1)
         rng = random.Random()
+        self._limiter = Limiter(max_concurrency)
+        self._observer = Observer(hooks, self._limiter)
         self._sessions = SessionManager(
             credentials=credentials,
             access_token=token,
@@ -250,14 +265,15 @@ class Client:
             allow_insecure_http=bool(allow_insecure_http),
             user_agent=f"messages-async/{__version__}",
             rng=rng,
+            observer=self._observer,
         )
-        self._limiter = Limiter(max_concurrency)
         self._transport = Transport(
             self._sessions,
             self._limiter,
             max_response_bytes=response_cap,
             retry_budget=RetryBudget(count("retry_budget", retry_budget, minimum=0)),
             rng=rng,
+            observer=self._observer,
         )
         self.messages = Messages(self)
 
@@ -374,9 +390,9 @@ class Client:
                 else "the client is not open; use 'async with Client(...) as client:'"
             )
 
-    async def _send(self, request: ApiRequest) -> bytes | None:
+    async def _send(self, request: ApiRequest, parent: OtelWalk | None = None) -> bytes | None:
         self._require_open()
-        return await self._transport.send(request, self._policy)
+        return await self._transport.send(request, self._policy, parent)
 
     # --- state ----------------------------------------------------------------------------------
 
@@ -402,7 +418,7 @@ class Client:
     @property
     def stats(self) -> ClientStats:
         """A snapshot of the request counters and the adaptive concurrency."""
-        return self._limiter.stats()
+        return self._observer.stats()
 
     @property
     def token_exchanges(self) -> int:
@@ -430,8 +446,8 @@ class Messages:
         self._client._require_open()
         return self._client._sessions.resource_root
 
-    async def _page(self, request: ApiRequest) -> MessagesPage:
-        body = await self._client._send(request)
+    async def _page(self, request: ApiRequest, parent: OtelWalk | None = None) -> MessagesPage:
+        body = await self._client._send(request, parent)
         return parse_page(body or b"")
 
     async def chats(self) -> list[Chat]:
@@ -532,11 +548,14 @@ class Messages:
                 "direction='newer' walks up from a saved cursor (a page's prev_cursor); the "
                 "first page is already the newest"
             )
-        return self._walk(listing, cursor=cursor, direction=direction, prefetch=prefetch)
+        return self._walk(
+            listing, "messages.pages", cursor=cursor, direction=direction, prefetch=prefetch
+        )
 
     def _walk(
         self,
         listing: ListQuery,
+        name: str,
         *,
         cursor: str | None = None,
         direction: Direction = "older",
@@ -549,14 +568,16 @@ class Messages:
             check_cursor_chat(first, listing.chat_id)
         else:
             first = build_list(root, listing)
-        return walk_pages(
-            self._page,
+        walk = self._client._observer.walk(name)  # a span for the walk, when traced
+        pages = walk_pages(
+            self._page if walk is None else functools.partial(self._page, parent=walk),
             first,
             lambda c: cursor_request(self._root(), c, listing),
             direction=direction,
             prefetch=prefetch,
             max_items=max_items,
         )
+        return pages if walk is None else walk.wrap(pages)
 
     def iter(
         self,
@@ -576,7 +597,7 @@ class Messages:
         if max_items is not None:
             count("max_items", max_items, minimum=0)
         listing = ListQuery.checked(chat_id, limit, query, period)
-        pages = self._walk(listing, prefetch=prefetch, max_items=max_items)
+        pages = self._walk(listing, "messages.iter", prefetch=prefetch, max_items=max_items)
         return walk_messages(pages, max_items)
 
     @overload

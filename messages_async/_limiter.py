@@ -59,6 +59,8 @@ class ClientStats:
         max_concurrency: The configured maximum.
         paused_for: Seconds left in a pause that the server asked for, or 0.
         pace: Requests per second the client holds itself to since a 429, or ``None``.
+        paused_total: Seconds the server has held this client's requests back so far
+            (``Retry-After`` pauses, each counted once however many calls waited it out).
     """
 
     requests: int
@@ -69,6 +71,7 @@ class ClientStats:
     max_concurrency: int
     paused_for: float
     pace: float | None = None
+    paused_total: float = 0.0
 
 
 #: Seconds of history that estimate what rate the server allows.

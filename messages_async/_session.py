@@ -22,6 +22,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import aiohttp
 from yarl import URL
@@ -48,6 +49,9 @@ from ._retry import (
 )
 from ._secret import Secret
 from ._wire import TokenGrant, build_token_form, parse_retry_after, parse_token_response
+
+if TYPE_CHECKING:
+    from ._observe import Observer
 
 __all__ = ["Credentials", "SessionManager", "Token", "attempt_timeout"]
 
@@ -134,7 +138,9 @@ class SessionManager:
         user_agent: str,
         rng: random.Random,
         clock: Callable[[], float] = time.monotonic,
+        observer: Observer | None = None,
     ) -> None:
+        self._observer = observer
         self._credentials = credentials
         self._resource_root = resource_root
         self._granted = granted
@@ -326,7 +332,11 @@ class SessionManager:
             ) from None
 
     def _start_renewal(self, current: Token | None) -> asyncio.Task[Token]:
-        renewal = asyncio.create_task(self._exchange(current), name="messages_async token renewal")
+        name = "messages_async token renewal"
+        if self._observer is not None:  # a span of its own, when traced
+            renewal = self._observer.start_renewal(self._exchange(current), name)
+        else:
+            renewal = asyncio.create_task(self._exchange(current), name=name)
         renewal.add_done_callback(self._renewal_done)
         self._renewal = renewal
         return renewal

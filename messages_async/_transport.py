@@ -13,8 +13,9 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import aiohttp
 from multidict import CIMultiDictProxy
@@ -30,6 +31,7 @@ from ._errors import (
 )
 from ._http import ERROR_BODY_CAP, describe, failure_of, read_capped, scrubbed
 from ._limiter import Limiter, Outcome
+from ._observe import BACKOFF, RETRY_AFTER, CallObserver, Observer
 from ._retry import (
     Attempt,
     CallState,
@@ -48,6 +50,9 @@ from ._retry import (
 )
 from ._session import SessionManager, Token, attempt_timeout
 from ._wire import ApiRequest, Retry, check_inside, error_from_response, same_origin
+
+if TYPE_CHECKING:
+    from ._telemetry import OtelWalk
 
 __all__ = ["Transport"]
 
@@ -68,8 +73,9 @@ class _Answer:
         self.complete = complete
 
 
-def _headers(token: Token, *, json_body: bool) -> dict[str, str]:
+def _headers(token: Token, *, json_body: bool, extra: Mapping[str, str]) -> dict[str, str]:
     headers = {
+        **extra,  # first: nothing an observer adds can replace the ones below
         "Authorization": "Bearer " + token.access_token.reveal(),
         "Accept": "application/json",
     }
@@ -91,7 +97,9 @@ class Transport:
         rng: random.Random,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        observer: Observer | None = None,
     ) -> None:
+        self._observer = observer if observer is not None else Observer(None, limiter)
         self._sessions = sessions
         self._limiter = limiter
         self._max_response_bytes = max_response_bytes
@@ -100,8 +108,25 @@ class Transport:
         self._sleep = sleep
         self._budget = retry_budget
 
-    async def send(self, request: ApiRequest, policy: RetryPolicy) -> bytes | None:
-        """Send ``request``; the body of the 2xx answer (``None`` for 204), else an exception."""
+    async def send(
+        self, request: ApiRequest, policy: RetryPolicy, parent: OtelWalk | None = None
+    ) -> bytes | None:
+        """Send ``request``; the body of the 2xx answer (``None`` for 204), else an exception.
+
+        ``parent``: the walk this is a page of, for tracing.
+        """
+        report = self._observer.call(request, parent)
+        try:
+            body = await self._send(request, policy, report)
+        except BaseException as exc:
+            report.ended(exc)
+            raise
+        report.ended(None)
+        return body
+
+    async def _send(
+        self, request: ApiRequest, policy: RetryPolicy, report: CallObserver
+    ) -> bytes | None:
         self._sessions.check_loop()
         self._sessions.check_scope(request.scope)
         op = Operation(
@@ -115,10 +140,12 @@ class Transport:
         # With a deadline, this request (every attempt, wait and token renewal) ends by then.
         ends_at = None if policy.deadline is None else self._clock() + policy.deadline
         while True:
-            token, ticket = await self._ready(request, url, policy, ends_at, attempts)
+            token, ticket = await self._ready(request, url, policy, ends_at, attempts, report)
             self._limiter.count_attempt(retry=bool(call.retries))
             attempts += 1
-            answer = await self._try(request, url, token, ticket, policy, ends_at, attempts)
+            answer = await self._try(
+                request, url, token, ticket, policy, ends_at, attempts, report, call.retries
+            )
             if isinstance(answer, _Answer):
                 if 200 <= answer.status < 300:
                     return self._body(request, answer)
@@ -138,8 +165,9 @@ class Transport:
                 cause = f"{failure.value} ({describe(answer)})"
             decision, call = self._decide(op, call, attempt, policy, ends_at)
             if isinstance(decision, RetryIn):
-                await self._wait(request, decision, cause, call, policy)
+                await self._wait(request, decision, cause, call, policy, report)
             elif isinstance(decision, Renew):
+                report.token_refused()
                 await self._renew(request, token, policy, ends_at, attempts)
             elif isinstance(decision, Done):
                 # Our earlier attempt deleted it and the answer was lost: the caller's intent
@@ -157,30 +185,39 @@ class Transport:
         policy: RetryPolicy,
         ends_at: float | None,
         attempts: int,
+        report: CallObserver,
+        retries: int,
     ) -> _Answer | BaseException:
         """One attempt through the limiter's slot: its answer, or why none came."""
         outcome = Outcome.FAILED
-        started = self._clock()
         result: _Answer | BaseException
         try:
+            # Inside the try: the slot is handed back even if a hook is cancelled.
+            extra = await report.attempt_started(url, attempts, retry=bool(retries))
+            started = self._clock()
             # The deadline cuts the attempt short through asyncio (exact, and at once if it
             # has already passed) rather than through aiohttp's timeout, which treats a
             # total of zero as none and rounds long ones up to whole seconds.
             async with self._until(ends_at):
-                result = await self._attempt(request, url, token, policy)
+                result = await self._attempt(request, url, token, policy, extra)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             result = exc
         else:
             outcome = Outcome.THROTTLED if result.status == 429 else Outcome.OK
         finally:
             self._limiter.release(ticket, outcome)
+        elapsed = self._clock() - started
+        if isinstance(result, _Answer):
+            await report.attempt_ended(elapsed, status=result.status, headers=result.headers)
+        else:
+            await report.attempt_ended(elapsed, error=result)
         logger.debug(
             "%s %s -> %s (attempt %d, %.1f ms)",
             request.method,
             url.raw_path,
             result.status if isinstance(result, _Answer) else type(result).__name__,
             attempts,
-            (self._clock() - started) * 1000,
+            elapsed * 1000,
         )
         if not isinstance(result, _Answer) and self._sessions.closing:
             # Our own aclose() cut the connection: not the network's fault.
@@ -258,6 +295,7 @@ class Transport:
         policy: RetryPolicy,
         ends_at: float | None,
         attempts: int,
+        report: CallObserver,
     ) -> tuple[Token, int]:
         """A token and a limiter slot for the next attempt, within this call's limits."""
         root = self._sessions.resource_root
@@ -286,6 +324,8 @@ class Transport:
                     else "beyond the call's deadline; nothing was sent"
                 ),
             )
+        if paused_for > 0:
+            report.waiting(RETRY_AFTER, paused_for)
         try:
             async with self._until(ends_at):
                 token = await self._sessions.token()
@@ -322,6 +362,7 @@ class Transport:
         cause: str,
         call: CallState,
         policy: RetryPolicy,
+        report: CallObserver,
     ) -> None:
         if decision.spend_budget:
             self._budget.try_spend()  # decide() saw a token left, and nothing ran since
@@ -332,6 +373,7 @@ class Transport:
             self._limiter.pause(decision.delay)
         else:
             logger.warning("%s", line)
+            report.waiting(BACKOFF, decision.delay)
             await self._sessions.wait_unless_closed(self._sleep(decision.delay))
 
     def _until(self, ends_at: float | None) -> contextlib.AbstractAsyncContextManager[object]:
@@ -353,7 +395,12 @@ class Transport:
         )
 
     async def _attempt(
-        self, request: ApiRequest, url: URL, token: Token, policy: RetryPolicy
+        self,
+        request: ApiRequest,
+        url: URL,
+        token: Token,
+        policy: RetryPolicy,
+        extra: Mapping[str, str],
     ) -> _Answer:
         # The headers are built in the call expression, never bound to a local of this frame:
         # a traceback formatter that prints locals must not find the token here.
@@ -361,7 +408,7 @@ class Transport:
             request.method,
             url,
             data=request.body,
-            headers=_headers(token, json_body=request.body is not None),
+            headers=_headers(token, json_body=request.body is not None, extra=extra),
             allow_redirects=False,
             raise_for_status=False,
             timeout=attempt_timeout(policy.timeout),

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from .._harness import Row
-from . import decode, export, fanout, polling, prefetch, ratelimit, reply, server, walk
+from . import decode, export, fanout, polling, prefetch, ratelimit, reply, server, tracing, walk
 
 __all__ = ["ROWS"]
 
@@ -12,6 +12,7 @@ ROWS: tuple[Row, ...] = (
     Row(server.NAME, server.run, "the emulator's own CPU per request, next to the client's"),
     Row(decode.NAME, decode.run, "page bytes → MessagesPage vs orjson.loads and stdlib json"),
     Row(walk.NAME, walk.run, "one chat, no latency: iter() vs raw aiohttp and httpx loops"),
+    Row(tracing.NAME, tracing.run, "the same walk with OpenTelemetry providers set vs none"),
     Row(fanout.NAME, fanout.run, "200 chats × 5 pages, 20 ms: iter_many vs bound, gather, serial"),
     Row(prefetch.NAME, prefetch.run, "50 pages, 20 ms latency and consumer: prefetch on vs off"),
     Row(ratelimit.NAME, ratelimit.run, "fan-out against a token-bucket server vs its ceiling"),

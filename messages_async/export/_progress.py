@@ -1,16 +1,22 @@
-"""Progress of an export: a live display on a terminal, a log line every few seconds elsewhere,
-and the final summary.
+"""Progress of an export: a live display on a terminal, a log line every few seconds elsewhere
+(or a JSON object per line, for log shippers), and the final summary.
 
 The display shows what a user needs to tell a slow export from a stuck one: chats and messages
 done, the rate, the client's current concurrency and requests in flight, retries, 429s, and
-above all any pause the server asked for, counting down.
+above all any pause the server asked for, counting down. The figures are the client's metrics
+(README, "Observability"): requests, retries, 429s, seconds paused, in flight, the rate
+controller's bound and pace.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime
+import logging
 from collections.abc import Callable
+from typing import Any
 
+import orjson
 from rich.console import Console, Group
 from rich.live import Live
 from rich.progress_bar import ProgressBar
@@ -19,7 +25,14 @@ from rich.text import Text
 from .._limiter import ClientStats
 from ._runner import ExportStats
 
-__all__ = ["progress_line", "show_progress", "summary_lines"]
+__all__ = [
+    "JsonLogFormatter",
+    "json_line",
+    "progress_line",
+    "progress_record",
+    "show_progress",
+    "summary_lines",
+]
 
 #: Seconds between log lines when stderr is not a terminal.
 LOG_INTERVAL = 5.0
@@ -37,13 +50,63 @@ def progress_line(stats: ExportStats, client: ClientStats) -> str:
         f"chats {stats.chats_done + stats.chats_failed}/{stats.chats_total}"
         f" ({stats.chats_failed} failed), {stats.messages:,} new messages,"
         f" {stats.rate:,.0f} msg/s, requests in flight {client.in_flight}"
-        f" (limit {client.concurrency}/{client.max_concurrency}), {client.retries} retries,"
-        f" {client.rate_limited} rate-limited"
+        f" (limit {client.concurrency}/{client.max_concurrency}), {client.requests:,} requests,"
+        f" {client.retries} retries, {client.rate_limited} rate-limited,"
+        f" {client.paused_total:,.0f} s paused"
     )
+    if client.pace is not None:
+        line += f", pace {client.pace:,.1f} req/s"
     pause = _pause(stats, client)
     if pause > 0:
         line += f"; waiting {pause:.0f} s as the server asked"
     return line
+
+
+def progress_record(
+    stats: ExportStats, client: ClientStats, *, final: bool = False
+) -> dict[str, Any]:
+    """The progress figures as one flat object: what ``--log-json`` prints, a line each."""
+    return {
+        "time": _now(),
+        "event": "export.done" if final else "export.progress",
+        "elapsed_s": round(stats.elapsed, 3),
+        "chats_total": stats.chats_total,
+        "chats_done": stats.chats_done,
+        "chats_failed": stats.chats_failed,
+        "chats_active": stats.chats_active,
+        "messages": stats.messages,
+        "messages_per_s": round(stats.rate, 1),
+        "requests": client.requests,
+        "retries": client.retries,
+        "rate_limited": client.rate_limited,
+        "paused_s": round(client.paused_total, 3),
+        "waiting_s": round(_pause(stats, client), 3),
+        "in_flight": client.in_flight,
+        "concurrency": client.concurrency,
+        "max_concurrency": client.max_concurrency,
+        "pace": None if client.pace is None else round(client.pace, 2),
+    }
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+
+
+def json_line(event: str, **fields: object) -> str:
+    """One line of ``--log-json`` output: a JSON object with ``time`` and ``event`` first."""
+    return orjson.dumps({"time": _now(), "event": event, **fields}).decode()
+
+
+class JsonLogFormatter(logging.Formatter):
+    """Log records as ``--log-json`` lines, so that a log shipper reads every line of stderr."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return json_line("log", level=record.levelname.lower(), message=record.getMessage())
+
+
+def _progress_json(stats: ExportStats, client: ClientStats, *, final: bool = False) -> str:
+    record = progress_record(stats, client, final=final)
+    return json_line(record.pop("event"), **{k: v for k, v in record.items() if k != "time"})
 
 
 def _render(stats: ExportStats, client: ClientStats, target: str) -> Group:
@@ -62,8 +125,10 @@ def _render(stats: ExportStats, client: ClientStats, target: str) -> Group:
     counts = Text(
         f"messages {stats.messages:,} new  {stats.rate:,.0f}/s  "
         f"requests in flight {client.in_flight} "
-        f"(limit {client.concurrency}/{client.max_concurrency})  retries {client.retries}  "
-        f"429s {client.rate_limited}"
+        f"(limit {client.concurrency}/{client.max_concurrency})  requests {client.requests:,}  "
+        f"retries {client.retries}  429s {client.rate_limited}  "
+        f"paused {client.paused_total:,.0f} s"
+        + ("" if client.pace is None else f"  pace {client.pace:,.1f}/s")
     )
     parts: list[Text | ProgressBar] = [head, bar, chats, counts]
     pause = _pause(stats, client)
@@ -85,8 +150,21 @@ async def show_progress(
     console: Console,
     *,
     log: Callable[[str], None],
+    log_json: bool = False,
 ) -> None:
-    """Show progress until cancelled: live on a terminal, else ``log`` every few seconds."""
+    """Show progress until cancelled: live on a terminal, else ``log`` every few seconds.
+
+    With ``log_json``, a JSON object goes to the console's file every few seconds instead,
+    terminal or not, and a last one (``"event": "export.done"``) when the export is over.
+    """
+    if log_json:
+        out = console.file
+        try:
+            while True:
+                await asyncio.sleep(LOG_INTERVAL)
+                print(_progress_json(stats, client_stats()), file=out, flush=True)
+        finally:
+            print(_progress_json(stats, client_stats(), final=True), file=out, flush=True)
     if console.is_terminal:
         with Live(
             _render(stats, client_stats(), target),

@@ -43,6 +43,7 @@ async def typical_use() -> None:
         hurried: ma.Client = client.with_options(deadline=2.0, max_retries=1, timeout=1.0)
         _again: ma.MessagesPage = await hurried.with_options(deadline=None).messages.list(1)
         stats: ma.ClientStats = client.stats
+        _paused: float = stats.paused_total
         watch: ma.Watch = client.messages.watch([1], since={1: 5})
         async with watch:
             async for _cid, new in watch:
@@ -55,3 +56,27 @@ async def typical_use() -> None:
         _after: float | None = exc.retry_after
     except ma.ApiError as exc:
         _status: int = exc.status
+
+
+def log_request(request: ma.RequestView) -> None:
+    _line: str = f"{request.op} {request.method} {request.url} #{request.attempt}"
+
+
+async def log_answer(response: ma.ResponseView) -> None:
+    _seconds: float = response.elapsed
+    _retry_after: str | None = response.headers.get("Retry-After")
+    _status: int = response.status
+
+
+def log_failure(failure: ma.ErrorView) -> None:
+    _error: str = failure.error
+    _attempt: int = failure.request.attempt
+
+
+def hooked() -> ma.Client:
+    return ma.Client(
+        token_url="https://auth.example.test/token",
+        client_id="id",
+        client_secret="secret",
+        event_hooks={"request": [log_request], "response": [log_answer], "error": [log_failure]},
+    )
