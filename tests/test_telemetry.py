@@ -458,7 +458,7 @@ async def test_no_secret_or_text_in_anything_exported(otel: Collected) -> None:
             async for _ in client.messages.iter(chat_id, query=MARK, limit=3):
                 pass
         tokens = [r.token for r in server.requests if r.token]
-        refresh = list(server._refresh)
+        refresh = list(server._oauth._refresh)
         assert any(r.fault == "expire_token" for r in server.requests)
         assert len(server.token_requests) >= 2  # the sign-in and the renewal
 
