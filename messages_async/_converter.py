@@ -30,7 +30,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import cattrs
 import msgspec
@@ -62,7 +62,9 @@ class _WireMessage(msgspec.Struct):
     uid: int
     message: str | None
     attachments: _Attachments | list[Attachment] | None = None
-    created_at: datetime | None = None
+    # Read as text and parsed below: msgspec's lax mode would also take a number as a Unix
+    # time, which the contract (ISO 8601, docs/protocol.md §4) does not allow.
+    created_at: Annotated[str, msgspec.Meta(min_length=19)] | None = None
 
 
 class _WirePage(msgspec.Struct):
@@ -106,6 +108,16 @@ def _attachments(value: _Attachments | list[Attachment]) -> list[Attachment]:
     if isinstance(value, list):
         return value
     return value.items or []
+
+
+def _instant(text: str) -> datetime:
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise DecodeError(
+            f"the server's message does not fit the API contract: created_at {text[:40]!r} "
+            "is not an ISO 8601 instant"
+        ) from None
 
 
 def _cursor(value: str | None) -> str | None:
@@ -153,7 +165,8 @@ def _messages(items: list[_WireMessage], raws: list[msgspec.Raw]) -> list[Messag
         set_text(message, "" if text is None else text)
         found = wire.attachments
         set_attachments(message, [] if found is None else unwrap(found))
-        created = wire.created_at
+        text_at = wire.created_at
+        created = None if text_at is None else _instant(text_at)
         if created is not None and created.tzinfo is None:
             created = created.replace(tzinfo=utc)
         set_created(message, created)
