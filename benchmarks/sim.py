@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import heapq
 import math
 import random
@@ -210,7 +211,7 @@ class Cubic:
         self.tokens = 0.0
         self.stamp: float | None = None
         self.measured = 0.0
-        self.last_bucket = math.floor(now)
+        self.last_bucket = float(math.floor(now))
         self.count = 0
 
     def _refill(self, now: float) -> None:
@@ -325,7 +326,7 @@ class Result:
         return self.goodput / self.ideal_mean()
 
     def rate_between(self, start: float, end: float) -> float:
-        a, b = int(round(start / _TICK)), int(round(end / _TICK))
+        a, b = round(start / _TICK), round(end / _TICK)
         return sum(self.timeline[a:b]) / max(end - start, _TICK)
 
     def first_reaching(self, share: float, start: float, window: float = 1.0) -> float | None:
@@ -349,7 +350,7 @@ def run(scenario: Scenario, policy_name: str, *, seed: int = 0) -> Result:
     policy = POLICIES[policy_name](scenario.fan_out, 0.0)
     duration = scenario.duration
     latency = scenario.latency
-    timeline = [0] * int(math.ceil(duration / _TICK))
+    timeline = [0] * math.ceil(duration / _TICK)
     events: list[tuple[float, int, int, Any, Outcome, float]] = []
     seq = 0
     waiting = scenario.fan_out
@@ -436,7 +437,7 @@ def matrix(*, quick: bool = False) -> Iterator[Scenario]:
                 for fan_out in fan_outs:
                     yield Scenario(
                         f"bucket {rate:g}/s burst {burst}",
-                        lambda rate=rate, b=b: TokenBucket(rate, b),
+                        functools.partial(TokenBucket, rate, b),
                         latency,
                         fan_out,
                         _const(rate),
@@ -447,14 +448,14 @@ def matrix(*, quick: bool = False) -> Iterator[Scenario]:
                 n = int(rate)
                 yield Scenario(
                     f"fixed window {n}/1 s",
-                    lambda n=n: FixedWindow(n, 1.0),
+                    functools.partial(FixedWindow, n, 1.0),
                     latency,
                     fan_out,
                     _const(rate),
                 )
                 yield Scenario(
                     f"sliding window {n}/1 s",
-                    lambda n=n: SlidingWindow(n, 1.0),
+                    functools.partial(SlidingWindow, n, 1.0),
                     latency,
                     fan_out,
                     _const(rate),
@@ -464,10 +465,10 @@ def matrix(*, quick: bool = False) -> Iterator[Scenario]:
             for fan_out in fan_outs:
                 yield Scenario(
                     f"concurrency {limit}",
-                    lambda limit=limit: ConcurrencyLimit(limit),
+                    functools.partial(ConcurrencyLimit, limit),
                     latency,
                     fan_out,
-                    lambda _t, limit=limit, latency=latency: limit / latency,
+                    _const(limit / latency),
                 )
 
 

@@ -35,8 +35,8 @@ can and learns as much as it can from each overshoot:
 from __future__ import annotations
 
 import collections
-import itertools
 import enum
+import itertools
 import math
 
 __all__ = ["Outcome", "Priority", "RateController", "Ticket"]
@@ -106,9 +106,7 @@ def _ceiling(sends: tuple[float, ...], throttled_at: float, burst: float) -> flo
     one stretch, oldest first). 0.0 when nothing says.
     """
     best = 0.0
-    count = 0
-    for sent_at in reversed(sends):
-        count += 1
+    for count, sent_at in enumerate(reversed(sends), 1):
         span = throttled_at - sent_at
         if span > 0.0:
             rate = (count + 1.0 - burst) / span
@@ -121,9 +119,7 @@ def _excess(sends: tuple[float, ...], throttled_at: float, rate: float) -> float
     """The burst a bucket of ``rate`` must at least have had to let every one of ``sends`` in:
     the most they ran ahead of the rate over an interval ending at the 429."""
     best = 1.0
-    count = 0
-    for sent_at in reversed(sends):
-        count += 1
+    for count, sent_at in enumerate(reversed(sends), 1):
         value = count - rate * (throttled_at - sent_at)
         if value > best:
             best = value
@@ -240,7 +236,7 @@ class RateController:
         self._sends.clear()
 
     def pause(self, now: float, seconds: float) -> None:
-        """The server asked for ``seconds`` of silence (``Retry-After``): nothing goes until then."""
+        """The server asked for ``seconds`` of silence (``Retry-After``): nothing goes till then."""
         until = now + max(0.0, seconds)
         if seconds > 0:
             self._retry_after = seconds

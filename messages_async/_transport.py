@@ -218,7 +218,7 @@ class Transport:
             try:
                 async with self._until(ends_at):
                     token = await sessions.token()
-                    ticket = await self._limiter.acquire()
+                    ticket = await self._limiter.acquire(priority=request.priority)
             except TimeoutError:
                 raise self._past_deadline(
                     request, policy, attempts, "waiting for a token or a free slot"

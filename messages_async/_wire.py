@@ -45,6 +45,7 @@ from ._models import (
     NewAttachment,
     Period,
 )
+from ._rate import Priority
 from ._secret import Secret
 
 __all__ = [
@@ -106,6 +107,8 @@ class ApiRequest:
     body: bytes | None = None
     #: A 404 after an attempt that may have reached the server means our attempt did it.
     gone_means_done: bool = False
+    #: Pages of bulk walks wait behind single calls and watch polls for a slot.
+    priority: Priority = Priority.INTERACTIVE
 
 
 # --- URLs and origins --------------------------------------------------------------------------

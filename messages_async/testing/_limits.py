@@ -13,6 +13,7 @@ cares). Times are seconds on whatever clock the caller uses; nothing here reads 
 from __future__ import annotations
 
 import collections
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -196,7 +197,7 @@ class Schedule:
     def __init__(self, steps: Sequence[tuple[float, float]], *, burst_seconds: float) -> None:
         if not steps or steps[0][0] != 0:
             raise ValueError("steps must start with one at time 0")
-        if any(b[0] <= a[0] for a, b in zip(steps, steps[1:], strict=False)):
+        if any(b[0] <= a[0] for a, b in itertools.pairwise(steps)):
             raise ValueError("steps must be in increasing order of time")
         _positive("burst_seconds", burst_seconds)
         self.steps = tuple((float(at), float(rate)) for at, rate in steps)
