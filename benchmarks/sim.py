@@ -479,7 +479,7 @@ def storm(count: int, latency: float, fan_out: int, start: float = 5.0) -> Scena
         latency,
         fan_out,
         _const(math.inf),
-        duration=20.0,
+        duration=start + count + 10.0,
     )
 
 

@@ -253,7 +253,8 @@ async def test_a_paced_client_spaces_its_requests_on_the_clock() -> None:
     assert limiter.paused_for() == 1.0
     now[0] = 1.0
     pace = limiter.stats().pace
-    assert pace is not None and 0 < pace < 10
+    assert pace is not None
+    assert 0 < pace < 10
     await limiter.acquire()
     second = asyncio.create_task(limiter.acquire())
     await _settle()

@@ -129,7 +129,7 @@ class SlidingWindow:
 
     def admit(self, now: float) -> float:
         log = self._log
-        while log and log[0] <= now - self.seconds:
+        while log and log[0] + self.seconds <= now:
             log.popleft()
         if len(log) < self.limit:
             log.append(now)

@@ -17,12 +17,13 @@ import asyncio
 import base64
 import binascii
 import email.utils
+import functools
 import math
 import re
 import secrets
 import time
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Final, Literal, Self
 from urllib.parse import parse_qsl, quote, unquote
@@ -43,6 +44,7 @@ from ._dataset import (
     parse_instant,
 )
 from ._faults import Fault, FaultHandle, FaultQueue
+from ._limits import Limit, PerCredential, TokenBucket
 from ._recorder import RequestRecord, bearer_token, start_site
 
 __all__ = ["MessagesServer"]
@@ -139,26 +141,6 @@ class _Grant:
     expires_at: float | None = None
 
 
-class _Bucket:
-    """A token bucket: ``rate`` requests per second, bursts of up to ``capacity``."""
-
-    def __init__(self, rate: float, capacity: int) -> None:
-        self.rate = rate
-        self.capacity = float(capacity)
-        self.tokens = float(capacity)
-        self.stamp = time.monotonic()
-
-    def take(self) -> float:
-        """0.0 if the request may pass, else how many seconds until it would."""
-        now = time.monotonic()
-        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return 0.0
-        return (1.0 - self.tokens) / self.rate
-
-
 @attrs.define
 class _Ctx:
     """One request, read once by the wrapper and handed to the endpoint code."""
@@ -195,6 +177,9 @@ class MessagesServer:
         rate_limit: requests per second a token bucket lets through to the resource origin;
             beyond it, 429 ``rate_limited`` with ``Retry-After``. None: no limit.
         burst: the bucket's capacity (default ``max(1, int(rate_limit))``).
+        limit: instead of ``rate_limit``, a factory of any limiter model of
+            ``messages_async.testing._limits`` (a window, a concurrency limit, a storm, a
+            schedule). Either way each credential (client id) has its own.
         retry_after_format: the rate limiter's ``Retry-After``: ``"seconds"`` or ``"http-date"``.
         cursor_mode: ``"url"``: cursors are absolute listing URLs carrying every filter;
             ``"token"``: bare opaque tokens.
@@ -224,6 +209,7 @@ class MessagesServer:
         latency: float = 0.0,
         rate_limit: float | None = None,
         burst: int | None = None,
+        limit: Callable[[], Limit] | None = None,
         retry_after_format: Literal["seconds", "http-date"] = "seconds",
         cursor_mode: Literal["url", "token"] = "url",
         resource_path: str = "/api/v1/",
@@ -282,7 +268,9 @@ class MessagesServer:
         self._serial = 0
         self._access_floor = 0
         self._refresh_floor = 0
-        self._bucket = _Bucket(rate_limit, self.burst) if rate_limit is not None else None
+        if limit is None and rate_limit is not None:
+            limit = functools.partial(TokenBucket, rate_limit, self.burst, now=time.monotonic())
+        self._limits = PerCredential(limit) if limit is not None else None
         self._faults = FaultQueue()
         self._pages_served = 0
         self._page_cache: dict[tuple[Any, ...], tuple[bytes, dict[str, str]]] = {}
@@ -615,8 +603,10 @@ class MessagesServer:
         fault: Fault | None = None
         try:
             response: web.StreamResponse | None
-            wait = self._bucket.take() if resource and self._bucket is not None else 0.0
+            limit = self._limit_of(token) if resource else None
+            wait = limit.admit(time.monotonic()) if limit is not None else 0.0
             if wait > 0:
+                limit = None  # not let in: nothing to finish
                 response = self._rate_limited(request, wait)
             else:
                 fault = self._faults.match(
@@ -648,6 +638,8 @@ class MessagesServer:
             status = response.status
             return response
         finally:
+            if limit is not None:
+                limit.finish(time.monotonic())
             if resource:
                 self.in_flight -= 1
             if record is not None:
@@ -729,6 +721,13 @@ class MessagesServer:
         hdrs.update(headers or {})
         return _Reply(self._json(request, status, body, hdrs))
 
+    def _limit_of(self, token: str | None) -> Limit | None:
+        """The rate limit of the credential behind ``token`` (docs/protocol.md §5)."""
+        if self._limits is None:
+            return None
+        grant = self._access.get(token) if token is not None else None
+        return self._limits.of(grant.client_id if grant is not None else "")
+
     def _retry_after(self, wait: float) -> str:
         if self.retry_after_format == "http-date":
             return email.utils.formatdate(math.ceil(time.time() + max(1.0, wait)), usegmt=True)
@@ -739,7 +738,7 @@ class MessagesServer:
             request,
             429,
             "rate_limited",
-            f"rate limit of {self.rate_limit} requests/s exceeded",
+            "rate limit exceeded",
             {"Retry-After": self._retry_after(wait)},
         ).response
 
