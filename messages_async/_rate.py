@@ -89,6 +89,8 @@ _UNBOUND = 4.0
 _NO_NEWS = 0.99
 _FEW = 8
 _BETA = 0.7
+#: Rounds of refining the burst from two stretches.
+_ROUNDS = 30
 #: One 429 cuts the pace to no less than this share of the pace that met it.
 _FLOOR = 0.5
 #: A new limit below this share of the old one is a drop that may come back.
@@ -118,7 +120,7 @@ def _ceiling(sends: tuple[float, ...], throttled_at: float, burst: float) -> flo
 def _excess(sends: tuple[float, ...], throttled_at: float, rate: float) -> float:
     """The burst a bucket of ``rate`` must at least have had to let every one of ``sends`` in:
     the most they ran ahead of the rate over an interval ending at the 429."""
-    best = 1.0
+    best = 0.0
     for count, sent_at in enumerate(reversed(sends), 1):
         value = count - rate * (throttled_at - sent_at)
         if value > best:
@@ -282,9 +284,17 @@ class RateController:
         reading = (roof + ground) / 2 if 0.0 < ground < roof else roof
         floor = max(floor, self.burst / self._retry_after)
         limit = max(reading, floor)
-        if pace_then is not None and len(sends) < _FEW and limit >= pace_then * _NO_NEWS:
-            # The stretch says only that the pace was too fast: cut as CUBIC would.
-            limit = pace_then * _BETA
+        if pace_then is not None and self.phase is _Phase.HOLD:
+            # Held below the limit read last time and throttled anyway: the burst was read
+            # too small. At a constant pace p a bucket of rate R and burst B runs dry after
+            # (B - 1) / (p - R) s, so with B at most one more than read, R is at least this:
+            held = max(throttled_at - self._quiet_since, _MIN_SPAN)
+            lower = pace_then - self.burst / held
+            limit = min(limit, max(lower, pace_then * _BETA) / self.margin)
+        if pace_then is not None and limit >= pace_then * _NO_NEWS:
+            # The pace that met the 429 is a roof; a short stretch that says only "too
+            # fast" cuts it as CUBIC would.
+            limit = pace_then * (_BETA if len(sends) < _FEW else _NO_NEWS)
         limit = max(_MIN_RATE, limit)
         old, self.limit = self.limit, limit
         if self._recall is not None and (now > self._recall[1] or limit > self._recall[0] * _DROP):
@@ -302,25 +312,23 @@ class RateController:
     def _solve_burst(self, sends: tuple[float, ...], throttled_at: float) -> float:
         """The burst B that makes the first stretch and this one agree on one rate R.
 
-        Each stretch that started with a full bucket and ended in a 429 says B = excess(R);
-        two of them pin both. Bisection over R on the difference of the two excess curves.
+        Each stretch that started with a full bucket and ended in a 429 ties B to R: the
+        first (a burst, mostly) says B = excess(R), this one says R = ceiling(B). Starting
+        from all of the first stretch as the burst (too much: it includes what refilled
+        meanwhile), each round lowers B and raises R, so every guess errs on the slow side.
         """
         if self._first is None:
             return 1.0
         first, first_at = self._first
-        lo, hi = 0.0, max(len(sends), len(first)) / _MIN_SPAN
-        diff_lo = _excess(first, first_at, lo) - _excess(sends, throttled_at, lo)
-        diff_hi = _excess(first, first_at, hi) - _excess(sends, throttled_at, hi)
-        if diff_lo * diff_hi > 0:
-            return max(1.0, float(len(first)))  # no crossing: take the first burst as B
-        for _ in range(50):
-            mid = (lo + hi) / 2
-            diff = _excess(first, first_at, mid) - _excess(sends, throttled_at, mid)
-            if (diff > 0) == (diff_lo > 0):
-                lo, diff_lo = mid, diff
-            else:
-                hi = mid
-        return max(1.0, _excess(sends, throttled_at, (lo + hi) / 2))
+        burst = float(len(first))
+        for _ in range(_ROUNDS):
+            rate = _ceiling(sends, throttled_at, burst)
+            # A bucket holds whole requests: B is the least whole number not below the excess.
+            lower = max(1.0, math.ceil(_excess(first, first_at, rate) - 1e-6))
+            if lower >= burst:
+                break
+            burst = lower
+        return burst
 
     def _set_pace(self, pace: float, now: float, phase: _Phase) -> None:
         self.pace = pace
