@@ -71,12 +71,7 @@ class Controller:
         return self.c.sent(now)
 
     def done(self, ticket: Any, now: float, outcome: Outcome) -> None:
-        if outcome is Outcome.OK:
-            self.c.succeeded(ticket, now)
-        elif outcome is Outcome.THROTTLED:
-            self.c.throttled(ticket, now)
-        else:
-            self.c.failed(ticket, now)
+        self.c.answered(ticket, now, outcome)
 
     def pause(self, now: float, seconds: float) -> None:
         self.c.pause(now, seconds)

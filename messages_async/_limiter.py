@@ -187,13 +187,7 @@ class Limiter:
             queue.append(waiter)
 
     def release(self, ticket: Ticket, outcome: Outcome) -> None:
-        now = self._clock()
-        if outcome is Outcome.OK:
-            self.controller.succeeded(ticket, now)
-        elif outcome is Outcome.THROTTLED:
-            self.controller.throttled(ticket, now)
-        else:
-            self.controller.failed(ticket, now)
+        self.controller.answered(ticket, self._clock(), outcome)
         self._wake()
 
     def pause(self, seconds: float) -> None:

@@ -212,6 +212,15 @@ class RateController:
         self._count += 1
         return Ticket(self._epoch, self._count - 1, now, self.in_flight)
 
+    def answered(self, ticket: Ticket, now: float, outcome: Outcome) -> None:
+        """The answer to a sent request, whatever it was."""
+        if outcome is Outcome.OK:
+            self.succeeded(ticket, now)
+        elif outcome is Outcome.THROTTLED:
+            self.throttled(ticket, now)
+        else:
+            self.failed(ticket, now)
+
     def unsent(self, ticket: Ticket) -> None:
         """A granted request was never sent (its caller was cancelled)."""
         self.in_flight -= 1
