@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["count", "seconds"]
+__all__ = ["count", "flag", "seconds"]
 
 
 def count(name: str, value: object, *, minimum: int = 0, what: str = "an int") -> int:
@@ -17,6 +17,13 @@ def count(name: str, value: object, *, minimum: int = 0, what: str = "an int") -
         raise TypeError(f"{name} must be {what}, got {type(value).__name__} {_show(value)}")
     if value < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def flag(name: str, value: object) -> bool:
+    """A ``bool``: ``1``, ``"yes"`` and ``None`` are refused rather than read as true or false."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {_show(value)}")
     return value
 
 

@@ -16,13 +16,14 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Literal, Self, overload
 
 import aiohttp
+import attrs
 from yarl import URL
 
-from ._checks import count, seconds
+from ._checks import count, flag, seconds
 from ._errors import ClientClosedError, ConfigurationError
 from ._fanout import OnError, fan_out
 from ._hooks import EventHooks, Hook
-from ._limiter import ClientStats, Limiter
+from ._limiter import ClientStats, Limiter, Priority
 from ._models import Chat, ChatFailed, Message, MessagesPage, NewAttachment, Period
 from ._observe import Observer
 from ._pagination import Direction, walk_messages, walk_pages
@@ -530,13 +531,16 @@ class Messages:
         period: Period | None = None,
         direction: Direction = "older",
         prefetch: bool = True,
+        bulk: bool = False,
     ) -> AsyncGenerator[MessagesPage, None]:
         """Walk a chat's pages, newest first, following cursors.
 
         ``limit`` is the page size, not a total. Save ``page.next_cursor`` to resume later with
         ``pages(chat_id, cursor=saved)``. ``direction="newer"`` follows ``prev_cursor`` instead,
         towards messages newer than the cursor. With ``prefetch`` (the default) the next page
-        is fetched while you work on the current one.
+        is fetched while you work on the current one. ``bulk=True`` marks the walk as part of
+        a bulk job (``iter_many`` and the export set it): when requests queue for a slot, its
+        pages wait behind single calls and watch polls of the same client.
         """
         listing = ListQuery.checked(chat_id, limit, query, period)
         if direction not in ("older", "newer"):
@@ -549,7 +553,12 @@ class Messages:
                 "first page is already the newest"
             )
         return self._walk(
-            listing, "messages.pages", cursor=cursor, direction=direction, prefetch=prefetch
+            listing,
+            "messages.pages",
+            cursor=cursor,
+            direction=direction,
+            prefetch=prefetch,
+            bulk=flag("bulk", bulk),
         )
 
     def _walk(
@@ -561,8 +570,14 @@ class Messages:
         direction: Direction = "older",
         prefetch: bool = True,
         max_items: int | None = None,
+        bulk: bool = False,
     ) -> AsyncGenerator[MessagesPage, None]:
         root = self._root()
+        priority = Priority.BULK if bulk else Priority.INTERACTIVE
+
+        def marked(request: ApiRequest) -> ApiRequest:
+            return attrs.evolve(request, priority=priority) if bulk else request
+
         if cursor:
             first = cursor_request(root, cursor, listing)
             check_cursor_chat(first, listing.chat_id)
@@ -571,8 +586,8 @@ class Messages:
         walk = self._client._observer.walk(name)  # a span for the walk, when traced
         pages = walk_pages(
             self._page if walk is None else functools.partial(self._page, parent=walk),
-            first,
-            lambda c: cursor_request(self._root(), c, listing),
+            marked(first),
+            lambda c: marked(cursor_request(self._root(), c, listing)),
             direction=direction,
             prefetch=prefetch,
             max_items=max_items,
@@ -661,7 +676,9 @@ class Messages:
         def walk(chat_id: int) -> AsyncGenerator[MessagesPage, None]:
             # No prefetch inside a fan-out: the other chats already overlap the network, and
             # in-flight requests stay within ``concurrency``.
-            return self.pages(chat_id, limit=limit, query=query, period=period, prefetch=False)
+            return self.pages(
+                chat_id, limit=limit, query=query, period=period, prefetch=False, bulk=True
+            )
 
         return fan_out(ids, walk, concurrency=concurrency, on_error=on_error, max_items=max_items)
 

@@ -30,7 +30,7 @@ from ._errors import (
     UnsafeCursorError,
 )
 from ._http import ERROR_BODY_CAP, describe, failure_of, read_capped, scrubbed
-from ._limiter import Limiter, Outcome
+from ._limiter import Limiter, Outcome, Ticket
 from ._observe import BACKOFF, RETRY_AFTER, CallObserver, Observer
 from ._retry import (
     Attempt,
@@ -181,7 +181,7 @@ class Transport:
         request: ApiRequest,
         url: URL,
         token: Token,
-        ticket: int,
+        ticket: Ticket,
         policy: RetryPolicy,
         ends_at: float | None,
         attempts: int,
@@ -296,7 +296,7 @@ class Transport:
         ends_at: float | None,
         attempts: int,
         report: CallObserver,
-    ) -> tuple[Token, int]:
+    ) -> tuple[Token, Ticket]:
         """A token and a limiter slot for the next attempt, within this call's limits."""
         root = self._sessions.resource_root
         if not same_origin(url, root):
@@ -329,7 +329,7 @@ class Transport:
         try:
             async with self._until(ends_at):
                 token = await self._sessions.token()
-                ticket = await self._limiter.acquire()
+                ticket = await self._limiter.acquire(priority=request.priority)
         except TimeoutError:
             raise self._past_deadline(
                 request, policy, attempts, "waiting for a token or a free slot"

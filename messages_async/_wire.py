@@ -22,7 +22,7 @@ import attrs
 import orjson
 from yarl import URL
 
-from ._checks import count
+from ._checks import count, flag
 from ._converter import decode_chats, decode_message, decode_page, unstructure
 from ._errors import (
     ApiError,
@@ -46,6 +46,7 @@ from ._models import (
     NewAttachment,
     Period,
 )
+from ._rate import Priority
 from ._secret import Secret
 
 __all__ = [
@@ -112,6 +113,8 @@ class ApiRequest:
     body: bytes | None = None
     #: A 404 after an attempt that may have reached the server means our attempt did it.
     gone_means_done: bool = False
+    #: Pages of bulk walks wait behind single calls and watch polls for a slot.
+    priority: Priority = Priority.INTERACTIVE
 
 
 # --- URLs and origins --------------------------------------------------------------------------
@@ -390,8 +393,7 @@ def build_add(
 ) -> ApiRequest:
     cid = check_chat_id(chat_id)
     _check_text(message, attachments)
-    if not isinstance(is_whisper, bool):
-        raise TypeError(f"is_whisper must be a bool, got {type(is_whisper).__name__}")
+    flag("is_whisper", is_whisper)
     body: dict[str, Any] = {"chat_id": cid}
     if message:
         body["message"] = message

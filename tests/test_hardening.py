@@ -255,12 +255,17 @@ async def test_no_error_path_carries_a_secret(server: MessagesServer) -> None:
 
 
 async def test_every_call_cut_short_by_aclose_raises_client_closed() -> None:
-    async with MessagesServer(chats=2, messages_per_chat=5, latency=0.5) as server:
+    async with MessagesServer(chats=2, messages_per_chat=5) as server:
         client = make_client(server, max_concurrency=100)
         await client.open()
+        # A new client widens its window with each success (slow start): open it all the way.
+        await asyncio.gather(*(client.messages.chats() for _ in range(100)))
+        assert client.stats.concurrency == 100
+        server.latency = 0.5
         calls = [asyncio.create_task(client.messages.chats()) for _ in range(100)]
-        while server.in_flight < 100:
-            await asyncio.sleep(0.01)
+        async with asyncio.timeout(10):
+            while server.in_flight < 100:
+                await asyncio.sleep(0.01)
         await client.aclose()
         results = await asyncio.gather(*calls, return_exceptions=True)
     kinds = {type(r).__name__ for r in results}

@@ -1,4 +1,4 @@
-"""The shared limiter on its own: fairness, the client-wide pause, cancellation, AIMD bounds.
+"""The shared limiter on its own: fairness, priorities, the client-wide pause, cancellation.
 
 No server here: these drive ``Limiter`` directly, the way the transport does (acquire, send,
 release with an outcome, pause on a ``Retry-After``).
@@ -12,7 +12,7 @@ import time
 import pytest
 
 import messages_async as ma
-from messages_async._limiter import Limiter, Outcome
+from messages_async._limiter import Limiter, Outcome, Priority
 
 
 async def _settle(rounds: int = 5) -> None:
@@ -200,48 +200,68 @@ async def test_a_waiter_cancelled_after_its_slot_was_granted_hands_it_on() -> No
     assert limiter.in_flight == 0
 
 
-async def test_aimd_halves_once_per_burst_and_grows_back_to_the_maximum() -> None:
-    limiter = Limiter(8)
-    tickets = [await limiter.acquire() for _ in range(4)]
-    assert limiter.concurrency == 8
-    # A burst of 429s for requests sent in the same round counts once.
-    for ticket in tickets[:3]:
-        limiter.release(ticket, Outcome.THROTTLED)
-    assert limiter.concurrency == 4
-    # A failure that is not a 429 says nothing about the rate limit.
-    limiter.release(tickets[3], Outcome.FAILED)
-    assert limiter.concurrency == 4
-    # A 429 for a request sent after the cut cuts again, down to 1 and no lower.
-    for expected in (2, 1, 1, 1):
-        limiter.release(await limiter.acquire(), Outcome.THROTTLED)
-        assert limiter.concurrency == expected
-    seen = []
-    for _ in range(200):
-        limiter.release(await limiter.acquire(), Outcome.OK)
-        seen.append(limiter.concurrency)
-    assert seen == sorted(seen)
-    assert max(seen) == 8
-    assert limiter.stats().concurrency == 8
-    assert limiter.stats().max_concurrency == 8
-    assert all(1 <= c <= 8 for c in seen)
-
-
-async def test_a_cut_bound_holds_new_requests_until_enough_have_finished() -> None:
-    limiter = Limiter(4)
-    tickets = [await limiter.acquire() for _ in range(4)]
-    limiter.release(tickets.pop(), Outcome.THROTTLED)  # bound 2, three still in flight
+async def test_a_full_window_holds_new_requests_until_one_finishes() -> None:
+    limiter = Limiter(2)
+    tickets = [await limiter.acquire() for _ in range(2)]
     waiter = asyncio.create_task(limiter.acquire())
     await _settle()
     assert not waiter.done()
-    limiter.release(tickets.pop(), Outcome.FAILED)  # two in flight: still at the bound
-    await _settle()
-    assert not waiter.done()
-    limiter.release(tickets.pop(), Outcome.FAILED)
+    limiter.release(tickets.pop(), Outcome.FAILED)  # a failure frees its slot too
     ticket = await asyncio.wait_for(waiter, 5)
     assert limiter.in_flight == 2
-    limiter.release(ticket, Outcome.OK)
-    limiter.release(tickets.pop(), Outcome.OK)
+    for t in (ticket, tickets.pop()):
+        limiter.release(t, Outcome.OK)
     assert limiter.in_flight == 0
+    assert limiter.stats().max_concurrency == 2
+
+
+async def test_single_calls_go_ahead_of_bulk_pages_waiting_for_a_slot() -> None:
+    limiter = Limiter(1)
+    held = await limiter.acquire()
+    order: list[str] = []
+
+    async def take(name: str, priority: Priority) -> None:
+        ticket = await limiter.acquire(priority=priority)
+        order.append(name)
+        await asyncio.sleep(0)
+        limiter.release(ticket, Outcome.OK)
+
+    tasks = []
+    for name, priority in [("page1", Priority.BULK), ("page2", Priority.BULK)]:
+        tasks.append(asyncio.create_task(take(name, priority)))
+        await _settle()
+    tasks.append(asyncio.create_task(take("add", Priority.INTERACTIVE)))
+    await _settle()
+    tasks.append(asyncio.create_task(take("page3", Priority.BULK)))
+    tasks.append(asyncio.create_task(take("get", Priority.INTERACTIVE)))
+    await _settle()
+    limiter.release(held, Outcome.OK)
+    await asyncio.gather(*tasks)
+    # Interactive calls first, in their order of arrival; then the pages in theirs.
+    assert order == ["add", "get", "page1", "page2", "page3"]
+
+
+async def test_a_paced_client_spaces_its_requests_on_the_clock() -> None:
+    # After a 429 the controller paces: the limiter lets requests go only at its slots.
+    now = [0.0]
+    limiter = Limiter(8, clock=lambda: now[0])
+    first = [await limiter.acquire() for _ in range(3)]
+    limiter.release(first[2], Outcome.THROTTLED)
+    limiter.pause(1.0)
+    for t in first[:2]:
+        limiter.release(t, Outcome.OK)
+    assert limiter.paused_for() == 1.0
+    now[0] = 1.0
+    pace = limiter.stats().pace
+    assert pace is not None
+    assert 0 < pace < 10
+    await limiter.acquire()
+    second = asyncio.create_task(limiter.acquire())
+    await _settle()
+    assert not second.done()  # the next slot is 1/pace away on the clock
+    now[0] += 1.0 / pace
+    limiter._on_timer()  # the timer the limiter armed, fired by hand on this fake clock
+    await asyncio.wait_for(second, 5)
 
 
 async def test_closing_fails_the_waiters_instead_of_leaving_them_hanging() -> None:
@@ -256,12 +276,11 @@ async def test_closing_fails_the_waiters_instead_of_leaving_them_hanging() -> No
         await limiter.acquire()
 
 
-async def test_success_history_stays_within_the_window() -> None:
+async def test_send_history_is_bounded() -> None:
     # A client that never meets a 429 must not keep a timestamp per request forever.
     now = [0.0]
     limiter = Limiter(4, clock=lambda: now[0])
-    for _ in range(10_000):
+    for _ in range(20_000):
         limiter.release(await limiter.acquire(), Outcome.OK)
-        now[0] += 0.01
-    # Private on purpose: the window is 2 s, so about 200 successes at 100 a second.
-    assert len(limiter._successes) <= 202
+        now[0] += 0.001
+    assert len(limiter.controller._sends) <= 8192

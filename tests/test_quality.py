@@ -72,6 +72,9 @@ def test_public_names_are_exported_and_documented() -> None:
                     "Done",
                     "GiveUp",
                     "Limiter",
+                    "RateController",
+                    "Priority",
+                    "Ticket",
                     "Outcome",
                     "Secret",
                     # The worker pool and the watch's scheduler (its actions and answers).

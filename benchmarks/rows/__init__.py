@@ -4,7 +4,19 @@
 from __future__ import annotations
 
 from .._harness import Row
-from . import decode, export, fanout, polling, prefetch, ratelimit, reply, server, tracing, walk
+from . import (
+    decode,
+    export,
+    fanout,
+    polling,
+    prefetch,
+    ratelimit,
+    reply,
+    server,
+    simulated,
+    tracing,
+    walk,
+)
 
 __all__ = ["ROWS"]
 
@@ -16,6 +28,7 @@ ROWS: tuple[Row, ...] = (
     Row(fanout.NAME, fanout.run, "200 chats × 5 pages, 20 ms: iter_many vs bound, gather, serial"),
     Row(prefetch.NAME, prefetch.run, "50 pages, 20 ms latency and consumer: prefetch on vs off"),
     Row(ratelimit.NAME, ratelimit.run, "fan-out against a token-bucket server vs its ceiling"),
+    Row(simulated.NAME, simulated.run, "rate controllers vs server limiter models, virtual clock"),
     Row(export.NAME, export.run, "messages-async export into SQLite/JSONL: rate vs iter_many, RSS"),
     Row(polling.NAME, polling.run, "watch() over 200 quiet chats: requests/s vs chats/interval"),
     Row(reply.NAME, reply.run, "a bot's reply to a quiet chat vs what its watch costs, 4 settings"),

@@ -355,6 +355,7 @@ class Exporter:
                 # An update usually ends on its first page: fetching the second ahead would
                 # be a wasted request per chat.
                 prefetch=not state.updating,
+                bulk=True,
             )
         except UnsafeCursorError as exc:
             if state.cursor is None:

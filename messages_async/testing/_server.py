@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import json
 import math
 import time
@@ -44,6 +45,7 @@ from ._dataset import Store
 from ._encoding import choose_encoding, dumps, encode
 from ._endpoints import Resources, authorize, request_chat, route
 from ._faults import Fault, FaultHandle, FaultQueue, canned_answer
+from ._limits import Limit, PerCredential, TokenBucket
 from ._listing import Lister
 from ._oauth import SCOPES, TOKEN_PATH, OAuthServer, TokenRequest, form_record, scope_set
 from ._recorder import RequestRecord, bearer_token, start_site
@@ -53,26 +55,6 @@ __all__ = ["MessagesServer"]
 _PAGE_CACHE_SIZE: Final = 2048
 
 _Endpoint = Callable[["_Ctx"], web.StreamResponse]
-
-
-class _Bucket:
-    """A token bucket: ``rate`` requests per second, bursts of up to ``capacity``."""
-
-    def __init__(self, rate: float, capacity: int) -> None:
-        self.rate = rate
-        self.capacity = float(capacity)
-        self.tokens = float(capacity)
-        self.stamp = time.monotonic()
-
-    def take(self) -> float:
-        """0.0 if the request may pass, else how many seconds until it would."""
-        now = time.monotonic()
-        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return 0.0
-        return (1.0 - self.tokens) / self.rate
 
 
 @attrs.define
@@ -131,6 +113,9 @@ class MessagesServer:
         rate_limit: requests per second a token bucket lets through to the resource origin;
             beyond it, 429 ``rate_limited`` with ``Retry-After``. None: no limit.
         burst: the bucket's capacity (default ``max(1, int(rate_limit))``).
+        limit: instead of ``rate_limit``, a factory of any limiter model of
+            ``messages_async.testing._limits`` (a window, a concurrency limit, a storm, a
+            schedule). Either way each credential (client id) has its own.
         retry_after_format: the rate limiter's ``Retry-After``: ``"seconds"`` or ``"http-date"``.
         cursor_mode: ``"url"``: cursors are absolute listing URLs carrying every filter;
             ``"token"``: bare opaque tokens.
@@ -160,6 +145,7 @@ class MessagesServer:
         latency: float = 0.0,
         rate_limit: float | None = None,
         burst: int | None = None,
+        limit: Callable[[], Limit] | None = None,
         retry_after_format: Literal["seconds", "http-date"] = "seconds",
         cursor_mode: Literal["url", "token"] = "url",
         resource_path: str = "/api/v1/",
@@ -214,7 +200,9 @@ class MessagesServer:
         self._resources = Resources(self._store)
         self._oauth = OAuthServer(token_ttl=token_ttl)
         self._oauth.register(client_id, client_secret, scopes=SCOPES, user_id=user_id)
-        self._bucket = _Bucket(rate_limit, self.burst) if rate_limit is not None else None
+        if limit is None and rate_limit is not None:
+            limit = functools.partial(TokenBucket, rate_limit, self.burst, now=time.monotonic())
+        self._limits = PerCredential(limit) if limit is not None else None
         self._faults = FaultQueue()
         self._page_cache: dict[tuple[Any, ...], tuple[bytes, dict[str, str]]] = {}
         self._origins: dict[str, _Origin] = {}
@@ -551,8 +539,10 @@ class MessagesServer:
         fault: Fault | None = None
         try:
             response: web.StreamResponse | None
-            wait = self._bucket.take() if resource and self._bucket is not None else 0.0
+            limit = self._limit_of(token) if resource else None
+            wait = limit.admit(time.monotonic()) if limit is not None else 0.0
             if wait > 0:
+                limit = None  # not let in: nothing to finish
                 response = self._rate_limited(request, wait)
             else:
                 fault = self._faults.match(
@@ -581,6 +571,8 @@ class MessagesServer:
             status = response.status
             return response
         finally:
+            if limit is not None:
+                limit.finish(time.monotonic())
             if resource:
                 self.in_flight -= 1
             if record is not None:
@@ -623,6 +615,12 @@ class MessagesServer:
             response.force_close()
         return response
 
+    def _limit_of(self, token: str | None) -> Limit | None:
+        """The rate limit of the credential behind ``token`` (docs/protocol.md §5)."""
+        if self._limits is None:
+            return None
+        return self._limits.of(self._oauth.client_id_of(token) or "")
+
     def _retry_after(self, wait: float) -> str:
         if self.retry_after_format == "http-date":
             return email.utils.formatdate(math.ceil(time.time() + max(1.0, wait)), usegmt=True)
@@ -634,7 +632,7 @@ class MessagesServer:
             Refusal(
                 429,
                 "rate_limited",
-                f"rate limit of {self.rate_limit} requests/s exceeded",
+                "rate limit exceeded",
                 {"Retry-After": self._retry_after(wait)},
             ),
         )

@@ -1,0 +1,221 @@
+"""The rate controller and the server limiter models on a fake clock: no sockets, no asyncio.
+
+The controller's reactions are tables of events in and answers out; the scenarios at the end
+run it against the emulator's own limiter models in the simulation of ``benchmarks/sim.py``.
+One live test checks the emulator's wiring of those models (a limit per credential).
+"""
+
+from __future__ import annotations
+
+import pytest
+from helpers import client_for
+
+from benchmarks import sim
+from messages_async._rate import Outcome, RateController, Ticket
+from messages_async.testing import MessagesServer
+from messages_async.testing._limits import (
+    ConcurrencyLimit,
+    FixedWindow,
+    Schedule,
+    SlidingWindow,
+    Storm,
+    TokenBucket,
+)
+
+# -- the server models --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("limit", "times", "expected"),
+    [
+        # A bucket of 2 at 10/s: two at once, then one every 0.1 s.
+        (TokenBucket(10, 2), [0, 0, 0, 0.1, 0.15, 0.2], [0, 0, 0.1, 0, 0.05, 0]),
+        # A fixed window of 2 a second: the third waits for the window to turn over.
+        (FixedWindow(2), [0.2, 0.5, 0.9, 1.0, 1.1, 1.2], [0, 0, 0.1, 0, 0, 0.8]),
+        # A sliding window of 2 a second: the third waits for the first to age out.
+        (SlidingWindow(2), [0.2, 0.5, 0.9, 1.2, 1.3, 1.6], [0, 0, 0.3, 0, 0.2, 0]),
+        # A storm of 2 429s from 1 s on, then no limit.
+        (Storm(2, start=1.0), [0.5, 1.0, 1.1, 1.2], [0, 1.0, 1.0, 0]),
+    ],
+)
+def test_limit_models_answer_wait_times(
+    limit: sim.Limit, times: list[float], expected: list[float]
+) -> None:
+    got = [limit.admit(t) for t in times]
+    assert got == pytest.approx(expected)
+
+
+def test_a_concurrency_limit_counts_requests_until_they_finish() -> None:
+    limit = ConcurrencyLimit(2, retry_after=3.0)
+    assert [limit.admit(0.0) for _ in range(3)] == [0.0, 0.0, 3.0]
+    limit.finish(0.1)
+    assert limit.admit(0.1) == 0.0
+
+
+def test_a_schedule_changes_the_rate_keeping_the_tokens() -> None:
+    limit = Schedule([(0.0, 10.0), (1.0, 100.0)], burst_seconds=0.1)
+    assert limit.admit(0.0) == 0.0  # burst of 1 at 10/s
+    assert limit.admit(0.0) == pytest.approx(0.1)
+    assert [limit.admit(2.0) for _ in range(10)] == [0.0] * 10  # burst of 10 at 100/s
+    assert limit.rate_at(0.5) == 10.0
+    assert limit.rate_at(1.5) == 100.0
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: TokenBucket(0, 1),
+        lambda: TokenBucket(1, float("inf")),
+        lambda: FixedWindow(0),
+        lambda: Schedule([(1.0, 5.0)], burst_seconds=0.1),
+        lambda: Schedule([(0.0, 5.0), (0.0, 6.0)], burst_seconds=0.1),
+    ],
+)
+def test_models_refuse_bad_arguments(make: object) -> None:
+    with pytest.raises(ValueError, match="must"):
+        make()  # type: ignore[operator]
+
+
+# -- the controller's reactions -----------------------------------------------------------------
+
+
+def _burst(c: RateController, n: int, now: float) -> list[Ticket]:
+    tickets = []
+    for _ in range(n):
+        assert c.next_send(now) == now
+        tickets.append(c.sent(now))
+    return tickets
+
+
+def test_slow_start_widens_the_window_by_one_per_success() -> None:
+    c = RateController(32, now=0.0)
+    tickets = _burst(c, 8, 0.0)
+    assert c.next_send(0.0) is None  # the initial window is full
+    for t in tickets:
+        c.succeeded(t, 0.02)
+    assert c.window == 16
+    assert c.pace is None
+    assert c.next_send(0.02) == 0.02
+
+
+def test_the_first_429_paces_at_a_floor_and_a_429_with_nothing_let_in_changes_nothing() -> None:
+    c = RateController(32, now=0.0)
+    tickets = _burst(c, 8, 0.0)
+    # Two got in, the third was refused: a burst of about 2, a rate of at least 2 in 1 s.
+    c.throttled(tickets[2], 0.001)
+    c.pause(0.001, 1.0)
+    assert c.pace == pytest.approx(2.0, rel=0.01)
+    assert c.next_send(0.5) == pytest.approx(1.001)  # the pause binds
+    for t in tickets[3:]:
+        c.throttled(t, 0.002)  # echoes of the same burst: ignored
+    assert c.pace == pytest.approx(2.0, rel=0.01)
+    paced = c.pace
+    # After the pause, a 429 with nothing let in says nothing about the rate.
+    t = c.sent(1.001)
+    c.throttled(t, 1.002)
+    assert c.pace == pytest.approx(paced, rel=0.01)
+
+
+def test_the_pace_ramps_tenfold_a_second_while_the_limit_is_unknown() -> None:
+    c = RateController(32, now=0.0)
+    tickets = _burst(c, 3, 0.0)
+    c.throttled(tickets[2], 0.0)
+    c.pause(0.0, 1.0)
+    start = c.pace
+    assert start is not None
+    c.next_send(1.5)
+    assert c.pace == pytest.approx(start * 10**0.5, rel=0.01)
+
+
+def _drive(c: RateController, limit: sim.Limit, start: float, end: float) -> float:
+    """Send as fast as the controller allows, answers at once; the time the run ended."""
+    now = start
+    while now < end:
+        at = c.next_send(now)
+        assert at is not None
+        now = at
+        ticket = c.sent(now)
+        wait = limit.admit(now)
+        if wait > 0:
+            c.throttled(ticket, now)
+            c.pause(now, 1.0)
+        else:
+            c.succeeded(ticket, now + 0.001)
+    return now
+
+
+@pytest.mark.parametrize(("rate", "burst"), [(20.0, 2.0), (100.0, 10.0), (400.0, 40.0)])
+def test_two_429s_read_a_token_buckets_rate(rate: float, burst: float) -> None:
+    c = RateController(32, now=0.0)
+    bucket = TokenBucket(rate, burst)
+    _drive(c, bucket, 0.0, 10.0)
+    assert c.burst == pytest.approx(burst, rel=0.1)
+    assert c.limit == pytest.approx(rate, rel=0.03)
+    assert c.pace is not None
+    assert c.pace <= rate
+
+
+def test_a_limit_that_dropped_is_probed_for_soon_and_found_again() -> None:
+    c = RateController(32, now=0.0)
+    limit = Schedule([(0.0, 200.0), (10.0, 100.0), (20.0, 200.0)], burst_seconds=0.1)
+    _drive(c, limit, 0.0, 9.9)
+    assert c.limit == pytest.approx(200, rel=0.05)
+    _drive(c, limit, 9.9, 19.9)
+    assert c.limit == pytest.approx(100, rel=0.05)
+    _drive(c, limit, 19.9, 26.0)
+    assert c.pace is not None
+    assert c.pace >= 0.9 * 200
+
+
+def test_a_pace_far_above_what_the_window_uses_is_dropped() -> None:
+    c = RateController(4, now=0.0)
+    tickets = _burst(c, 4, 0.0)
+    c.throttled(tickets[3], 0.0)
+    for t in tickets[:3]:
+        c.succeeded(t, 0.01)  # 10 ms: the window of 4 allows about 400/s
+    c.pause(0.0, 1.0)
+    assert c.pace is not None
+    c.next_send(5.0)  # ramped for 4 s without a 429: far above 4 × 400/s
+    assert c.pace is None
+
+
+# -- whole scenarios in the simulation ----------------------------------------------------------
+
+
+def test_simulated_bucket_holds_the_ceiling_with_few_429s() -> None:
+    scenario = sim.Scenario(
+        "bucket", lambda: TokenBucket(100, 10), 0.02, 32, lambda _t: 100.0, duration=60.0
+    )
+    result = sim.run(scenario, "controller")
+    assert result.ratio >= 0.9
+    assert result.share_429 < 0.03
+    assert result.successes + result.throttled == result.sent or result.sent > result.successes
+
+
+def test_simulated_storm_recovers_within_a_second_of_the_last_pause() -> None:
+    scenario = sim.storm(5, 0.02, 32)
+    result = sim.run(scenario, "controller")
+    end = result.pauses[-1][1]
+    took = result.first_reaching(0.9, end, window=0.5)
+    assert took is not None
+    assert took <= 1.0
+
+
+# -- the emulator's wiring ------------------------------------------------------------------------
+
+
+async def test_the_emulator_limits_each_credential_on_its_own() -> None:
+    async with MessagesServer(chats=1, messages_per_chat=5, rate_limit=1.0, burst=2) as server:
+        server.register_client("second", "second-secret")
+        async with (
+            client_for(server, max_retries=0) as first,
+            client_for(server, client_id="second", client_secret="second-secret") as second,
+        ):
+            for _ in range(2):
+                await first.messages.chats()
+            # The first credential's bucket is empty; the second's is full.
+            await second.messages.chats()
+            await second.messages.chats()
+        statuses = [r.status for r in server.resource_requests()]
+        assert statuses == [200, 200, 200, 200]
+        assert Outcome.OK.value == "ok"
