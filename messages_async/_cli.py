@@ -35,12 +35,14 @@ from .export import (
     ExportOptions,
     ExportStats,
     JsonlStore,
+    ParquetStore,
     SqliteStore,
     Store,
     StoreError,
     show_progress,
     summary_lines,
 )
+from .export._parquet import load_pyarrow
 from .export._runner import unless_stopped
 
 __all__ = ["main"]
@@ -101,6 +103,16 @@ def _concurrency(text: str) -> int:
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 class _SecretFlag(argparse.Action):
     """A flag that exists only to refuse a secret on the command line, without echoing it."""
 
@@ -129,9 +141,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     export = sub.add_parser(
         "export",
-        help="export chats into SQLite or JSONL (resumable, incremental)",
+        help="export chats into SQLite, JSONL or Parquet (resumable, incremental)",
         description=(
-            "Export chats into SQLite or JSONL. Running the same command again resumes an "
+            "Export chats into SQLite, JSONL or Parquet. Running the same command again resumes an "
             "interrupted export and then fetches only what is new. Credentials come from the "
             f"environment: {ENV_TOKEN_URL}, {ENV_CLIENT_ID} and {ENV_CLIENT_SECRET}, or "
             f"{ENV_ACCESS_TOKEN} and {ENV_RESOURCE_URI}."
@@ -146,13 +158,22 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--out",
         metavar="PATH",
-        help="the SQLite file (default export.sqlite) or the JSONL directory (default export)",
+        help="the SQLite file (default export.sqlite), the JSONL directory (default export) or "
+        "the Parquet directory (default export-parquet)",
     )
     export.add_argument(
         "--format",
-        choices=("sqlite", "jsonl"),
+        choices=("sqlite", "jsonl", "parquet"),
         default="sqlite",
-        help="sqlite: one file; jsonl: a directory with a file per chat (default sqlite)",
+        help="sqlite: one file; jsonl: a directory with a file per chat; parquet: a "
+        "hive-partitioned dataset (needs pyarrow) (default sqlite)",
+    )
+    export.add_argument(
+        "--parquet-part-rows",
+        type=_positive_int,
+        default=10_000,
+        metavar="N",
+        help="parquet: most rows per part file, buffered per chat (default 10000)",
     )
     export.add_argument(
         "--chat",
@@ -279,6 +300,12 @@ def _client_options(concurrency: int) -> dict[str, object]:
 def _store(args: argparse.Namespace) -> Store:
     if args.format == "jsonl":
         return JsonlStore(args.out or "export", threads=min(4, args.concurrency))
+    if args.format == "parquet":
+        return ParquetStore(
+            args.out or "export-parquet",
+            threads=min(4, args.concurrency),
+            part_rows=args.parquet_part_rows,
+        )
     return SqliteStore(args.out or "export.sqlite")
 
 
@@ -500,6 +527,11 @@ def _export_main(args: argparse.Namespace, argv: Sequence[str]) -> int:
     # may tune the GC for its own process, which a library must never do behind its user's
     # back: freeze what import created, and collect the young generation far less often.
     # It is not disabled, so a reference cycle still cannot make memory grow without bound.
+    if args.format == "parquet":
+        try:
+            load_pyarrow()  # before signing in: say at once what to install
+        except StoreError as exc:
+            raise _UsageError(str(exc)) from None
     gc.freeze()
     gc.set_threshold(100_000, 50, 100)
     return asyncio.run(_export(args, argv, err))

@@ -1,4 +1,4 @@
-"""Bulk export of chats into SQLite or JSONL: crash-safe, resumable and incremental.
+"""Bulk export of chats into SQLite, JSONL or Parquet: crash-safe, resumable and incremental.
 
 The ``messages-async export`` command is built from these parts, which can also be used from
 Python::
@@ -10,11 +10,12 @@ Python::
     finally:
         await store.close()
 
-See ``_runner.py`` for what a run does, ``_state.py`` for the checkpoints, and ``_sqlite.py``
-and ``_jsonl.py`` for the two formats.
+See ``_runner.py`` for what a run does, ``_state.py`` for the checkpoints, and ``_sqlite.py``,
+``_jsonl.py`` and ``_parquet.py`` for the three formats.
 """
 
 from ._jsonl import JsonlStore
+from ._parquet import ParquetStore
 from ._progress import progress_line, show_progress, summary_lines
 from ._runner import ChatFailure, Exporter, ExportOptions, ExportStats
 from ._sqlite import SqliteStore
@@ -29,6 +30,7 @@ __all__ = [
     "ExportStats",
     "Exporter",
     "JsonlStore",
+    "ParquetStore",
     "SqliteStore",
     "Store",
     "StoreError",
