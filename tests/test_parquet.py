@@ -234,12 +234,13 @@ async def test_a_clean_stop_writes_what_was_buffered_and_the_next_run_goes_on(
 
     chat = max(server.chat_ids(), key=lambda c: len(server.messages(c)))
     first = await export_into(
-        server, ParquetStore(str(out)), chat_ids=(chat,), concurrency=1, tap=stop_after(2)
+        server, ParquetStore(str(out)), chat_ids=(chat,), concurrency=1, tap=stop_after(1)
     )
     assert first.interrupted
-    # The pages of the unfinished walk were not lost: its buffer went out on close.
-    assert first.messages == 200
-    assert len(parquet_rows(out)) == 200
+    # The pages of the unfinished walk were not lost: its buffer went out on close. (The
+    # page fetched ahead may have been committed before the stop reached the worker.)
+    assert first.messages in (100, 200)
+    assert len(parquet_rows(out)) == first.messages
     checkpoint = orjson.loads((out / "state" / f"{chat}.json").read_bytes())
     assert checkpoint["cursor"]
     assert checkpoint["parts"] == 1

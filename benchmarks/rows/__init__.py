@@ -15,6 +15,10 @@ ROWS: tuple[Row, ...] = (
     Row(fanout.NAME, fanout.run, "200 chats × 5 pages, 20 ms: iter_many vs bound, gather, serial"),
     Row(prefetch.NAME, prefetch.run, "50 pages, 20 ms latency and consumer: prefetch on vs off"),
     Row(ratelimit.NAME, ratelimit.run, "fan-out against a token-bucket server vs its ceiling"),
-    Row(export.NAME, export.run, "messages-async export into SQLite/JSONL: rate vs iter_many, RSS"),
+    Row(
+        export.NAME,
+        export.run,
+        "messages-async export into SQLite/JSONL/Parquet: rate vs iter_many, RSS",
+    ),
     Row(polling.NAME, polling.run, "watch() over 200 quiet chats: requests/s vs chats/interval"),
 )
