@@ -5,6 +5,7 @@ Start with :class:`Client`; everything public is re-exported here.
 """
 
 from ._client import Client, Messages, __version__
+from ._download import Downloaded, DownloadError
 from ._errors import (
     ApiError,
     AuthError,
@@ -50,6 +51,8 @@ __all__ = [
     "ClientStats",
     "ConfigurationError",
     "DecodeError",
+    "DownloadError",
+    "Downloaded",
     "InvalidCursorError",
     "Message",
     "Messages",

@@ -7,20 +7,31 @@ decodes the answer with pure functions again. Walks and fan-outs reuse exactly t
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import enum
+import os
 import random
 from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Literal, Self, overload
+from typing import BinaryIO, Literal, Self, overload
 
 import aiohttp
 from yarl import URL
 
+from ._download import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_TIMEOUT,
+    Downloaded,
+    Downloader,
+    DownloadError,
+    PartialFile,
+    StreamSink,
+)
 from ._errors import ClientClosedError, ConfigurationError
 from ._fanout import OnError, fan_out
 from ._limiter import ClientStats, Limiter
-from ._models import Chat, ChatFailed, Message, MessagesPage, NewAttachment, Period
+from ._models import Attachment, Chat, ChatFailed, Message, MessagesPage, NewAttachment, Period
 from ._pagination import Direction, walk_messages, walk_pages
 from ._secret import Secret
 from ._session import Credentials, SessionManager
@@ -250,7 +261,27 @@ class Client:
             retry_budget=RetryBudget(_count("retry_budget", retry_budget, minimum=0)),
             rng=rng,
         )
+        self._downloads = Downloader(
+            resource_root=self._known_root,
+            token=self._bearer,
+            allow_insecure_http=bool(allow_insecure_http),
+            user_agent=f"messages-async/{__version__}",
+            max_retries=self._policy.max_retries,
+            backoff_base=self._policy.backoff_base,
+            backoff_max=self._policy.backoff_max,
+            max_retry_after=self._policy.max_retry_after,
+            rng=rng,
+        )
         self.messages = Messages(self)
+
+    def _known_root(self) -> URL | None:
+        try:
+            return self._sessions.resource_root
+        except ClientClosedError:
+            return None
+
+    async def _bearer(self) -> str:
+        return (await self._sessions.token()).access_token.reveal()
 
     @staticmethod
     def _checked_url(value: object, what: str, allow_insecure_http: bool) -> URL:
@@ -334,7 +365,10 @@ class Client:
             return
         self._life.state = _State.CLOSED
         self._limiter.close()
-        await self._sessions.close()
+        try:
+            await self._downloads.close()
+        finally:
+            await self._sessions.close()
 
     async def __aenter__(self) -> Self:
         self._check_owner("async with")
@@ -486,6 +520,65 @@ class Messages:
     async def delete(self, message_id: int) -> None:
         """Delete one of this user's messages."""
         await self._client._send(build_delete(self._root(), message_id))
+
+    async def download(
+        self,
+        attachment: Attachment | str,
+        destination: str | os.PathLike[str] | BinaryIO,
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109 -- a per-file limit, documented
+    ) -> Downloaded:
+        """Fetch an attachment's file into ``destination``; returns what was written.
+
+        The bearer token goes only to the API's own origin (docs/protocol.md §6); any other
+        origin, and anything a redirect leads to from there, gets no credentials and no
+        cookies. Plain ``http://`` to a host that is not loopback is refused unless the client
+        has ``allow_insecure_http``. A dropped connection resumes with a ``Range`` request
+        where the host supports it; 429s and 5xx are retried (a ``Retry-After`` pauses that
+        host only).
+
+        Args:
+            attachment: An :class:`Attachment` of a message, or a URL.
+            destination: A path (written as ``path + ".part"`` and renamed into place only when
+                complete; an interrupted call leaves the part for the next call to resume), or
+                a binary file object opened for writing.
+            max_bytes: Largest file accepted; a file of exactly this size is kept.
+            timeout: Seconds the whole file may take, every retry included.
+
+        Raises:
+            DownloadError: ``reason`` says why: ``refused``, ``too_large``, ``gone`` (with
+                ``status``, e.g. 404 or 410) or ``failed``.
+        """
+        url = attachment.url if isinstance(attachment, Attachment) else attachment
+        if not isinstance(url, str):
+            raise TypeError(f"attachment must be an Attachment or a str URL, got {url!r}")
+        max_bytes = _count("max_bytes", max_bytes, minimum=0)
+        seconds = _positive("timeout", timeout)
+        self._client._require_open()
+        downloads = self._client._downloads
+        downloads.check(url)  # refused before anything is created or sent
+        if not isinstance(destination, (str, os.PathLike)):
+            if not callable(getattr(destination, "write", None)):
+                raise TypeError("destination must be a path or a binary file object")
+            sink = StreamSink(destination)
+            return await downloads.fetch(url, sink, max_bytes=max_bytes, time_limit=seconds)
+        path = os.fspath(destination)
+        part = PartialFile(f"{path}.part", url)
+        try:
+            result = await downloads.fetch(url, part, max_bytes=max_bytes, time_limit=seconds)
+            await asyncio.to_thread(part.sync)
+        except DownloadError as exc:
+            if exc.reason == "failed":
+                part.close()  # kept: the next call resumes it
+            else:
+                part.discard()
+            raise
+        except BaseException:
+            part.close()
+            raise
+        part.finish(path)
+        return result
 
     # --- walks ----------------------------------------------------------------------------------
 
