@@ -42,6 +42,7 @@ from .export import (
     show_progress,
     summary_lines,
 )
+from .export._media import MediaFetcher, MediaOptions, run_with_media
 from .export._parquet import load_pyarrow
 from .export._runner import unless_stopped
 
@@ -100,6 +101,26 @@ def _concurrency(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if not 1 <= value <= 256:
         raise argparse.ArgumentTypeError(f"must be between 1 and 256, got {value}")
+    return value
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
+    number, unit = text.strip(), ""
+    if number[-1:].upper() in ("K", "M", "G"):
+        number, unit = number[:-1], number[-1].upper()
+    if not number.isascii() or not number.isdigit():
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1000000 or 256M)")
+    return int(number) * units[unit]
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
     return value
 
 
@@ -206,6 +227,34 @@ def _parser() -> argparse.ArgumentParser:
     )
     export.add_argument(
         "--fresh", action="store_true", help="discard the export at --out and start over"
+    )
+    export.add_argument(
+        "--media",
+        action="store_true",
+        help="also download every stored attachment's file (stored once by SHA-256) into "
+        "export.media/ beside an SQLite file, or DIR/media/",
+    )
+    export.add_argument(
+        "--media-concurrency",
+        type=_concurrency,
+        default=4,
+        metavar="N",
+        help="files downloaded at once (default 4)",
+    )
+    export.add_argument(
+        "--media-max-bytes",
+        type=_size,
+        default=256 * 2**20,
+        metavar="SIZE",
+        help="largest file kept, in bytes or with K, M, G (default 256M); larger ones are "
+        "recorded as too_large",
+    )
+    export.add_argument(
+        "--media-timeout",
+        type=_seconds,
+        default=300.0,
+        metavar="SECONDS",
+        help="time one file may take, retries included (default 300)",
     )
     export.add_argument(
         "--demo",
@@ -465,14 +514,31 @@ async def _run_open(
     except StoreError as exc:
         await store.close()
         raise _UsageError(str(exc)) from None
-    exporter = Exporter(client, store, options, stop=stop)
+    fetcher = None
+    if args.media:
+        media_options = MediaOptions(
+            concurrency=args.media_concurrency,
+            max_bytes=args.media_max_bytes,
+            timeout=args.media_timeout,
+        )
+        fetcher = MediaFetcher(client, store, media_options)
+    exporter = Exporter(
+        client, store, options, stop=stop, on_commit=fetcher.offer if fetcher else None
+    )
     progress = asyncio.create_task(
-        show_progress(exporter.stats, lambda: client.stats, store.path, err, log=say),
+        show_progress(
+            exporter.stats,
+            lambda: client.stats,
+            store.path,
+            err,
+            log=say,
+            media=fetcher.stats if fetcher else None,
+        ),
         name="export progress",
     )
     try:
         try:
-            stats = await exporter.run()
+            stats = await run_with_media(exporter, fetcher, stop)
         except (AuthError, ScopeError) as exc:
             raise _UsageError(f"the server refused the credentials: {exc}") from None
         except MessagesError as exc:
@@ -485,7 +551,7 @@ async def _run_open(
         progress.cancel()
         await asyncio.gather(progress, return_exceptions=True)
         await store.close()
-    return _report(stats, client, store.path, signals, argv)
+    return _report(stats, client, store.path, signals, argv, fetcher)
 
 
 def _report(
@@ -494,8 +560,10 @@ def _report(
     target: str,
     signals: _Signals,
     argv: Sequence[str],
+    fetcher: MediaFetcher | None = None,
 ) -> int:
-    for line in summary_lines(stats, client.stats, target):
+    media = fetcher.stats if fetcher else None
+    for line in summary_lines(stats, client.stats, target, media):
         print(line)
     sys.stdout.flush()
     if stats.interrupted:

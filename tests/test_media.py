@@ -7,12 +7,16 @@ import asyncio
 import hashlib
 import io
 import os
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from helpers import make_client
+from test_export import _meta, start_cli
 from yarl import URL
 
 import messages_async as ma
@@ -29,6 +33,20 @@ from messages_async._download_policy import (
     redirect_target,
     request_headers,
     sends_token,
+)
+from messages_async.export import (
+    Exporter,
+    ExportOptions,
+    ExportStats,
+    JsonlStore,
+    MediaFetcher,
+    MediaOptions,
+    MediaStats,
+    ParquetStore,
+    SqliteStore,
+    Store,
+    media_folder,
+    run_with_media,
 )
 from messages_async.testing import FileHost, MessagesServer
 
@@ -357,3 +375,220 @@ async def test_the_timeout_bounds_the_whole_file(
             await client.messages.download(url, tmp_path / "t", timeout=0.2)
     assert late.value.reason == "failed"
     assert not (tmp_path / "t").exists()
+
+
+# --- export --media -------------------------------------------------------------------------
+
+
+FORMATS = ("sqlite", "jsonl", "parquet")
+
+
+def _export_out(tmp_path: Path, fmt: str) -> Path:
+    return tmp_path / ("out.sqlite" if fmt == "sqlite" else f"out-{fmt}")
+
+
+def _export_store(fmt: str, out: Path) -> Store:
+    if fmt == "sqlite":
+        return SqliteStore(str(out))
+    return JsonlStore(str(out)) if fmt == "jsonl" else ParquetStore(str(out))
+
+
+async def export_media(
+    server: MessagesServer,
+    fmt: str,
+    out: Path,
+    *,
+    media: MediaOptions | None = None,
+) -> tuple[ExportStats, MediaStats | None]:
+    options = ExportOptions()
+    store = _export_store(fmt, out)
+    async with make_client(server) as client:
+        try:
+            await store.open(_meta(server, options), fresh=False)
+            fetcher = MediaFetcher(client, store, media) if media is not None else None
+            stop = asyncio.Event()
+            exporter = Exporter(
+                client, store, options, stop=stop, on_commit=fetcher.offer if fetcher else None
+            )
+            stats = await run_with_media(exporter, fetcher, stop)
+            return stats, fetcher.stats if fetcher else None
+        finally:
+            await store.close()
+
+
+def media_index(fmt: str, out: Path) -> dict[str, dict[str, Any]]:
+    """The media index as ``{url: row}`` (the last line for a URL wins in media.jsonl)."""
+    if fmt == "sqlite":
+        db = sqlite3.connect(out)
+        db.row_factory = sqlite3.Row
+        try:
+            return {r["url"]: dict(r) for r in db.execute("SELECT * FROM media")}
+        finally:
+            db.close()
+    rows: dict[str, dict[str, Any]] = {}
+    for line in (out / "media.jsonl").read_bytes().splitlines():
+        obj = orjson.loads(line)
+        rows[obj["url"]] = obj
+    return rows
+
+
+def media_files(folder: Path) -> dict[str, bytes]:
+    """Every file a reader would look at in the media folder (not the partial downloads)."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in folder.rglob("*")
+        if p.is_file() and ".partial" not in p.parts
+    }
+
+
+@pytest.fixture
+async def archive() -> AsyncIterator[tuple[MessagesServer, FileHost, FileHost, dict[str, Any]]]:
+    """An API whose messages attach files on two other origins, in every way files go wrong."""
+    async with (
+        # No generated messages: their attachments point at hosts that do not exist.
+        MessagesServer(chats=3, messages_per_chat=0, seed=4) as srv,
+        FileHost() as host,
+        FileHost() as cdn,
+    ):
+        same = os.urandom(50_000)
+        big = os.urandom(700_000)
+        urls = {
+            "same_a": host.add("a/photo.jpg", same, content_type="image/jpeg"),
+            "same_b": cdn.add("copy/photo-copy.jpg", same, content_type="image/jpeg"),
+            "big": host.add("big.bin", big, drop_after=300_000, drops=1),
+            "missing": host.gone("missing.pdf", 404),
+            "deleted": host.gone("deleted.pdf", 410),
+            "moved": host.redirect("moved.txt", cdn.add("new/place.txt", b"moved here")),
+            "busy": host.add("busy.txt", b"after a 429", rate_limited=1, retry_after="0.2"),
+            "huge": host.add("huge.bin", b"h" * 1_000_001),
+            "insecure": "http://files.example.test/plain.bin",
+            "link": host.url("page.html"),
+        }
+        chats = srv.chat_ids()
+        a = srv.post_message(
+            chats[0],
+            "two copies",
+            attachments=[
+                {"type": "image", "url": urls["same_a"], "name": "photo.jpg"},
+                {"type": "file", "url": urls["big"], "name": "big.bin"},
+            ],
+        )
+        srv.post_message(
+            chats[1],
+            "the same bytes again",
+            attachments=[{"type": "image", "url": urls["same_b"], "name": "copy.JPG"}],
+        )
+        for key in ("missing", "deleted", "moved", "busy", "huge", "insecure"):
+            srv.post_message(chats[2], key, attachments=[{"type": "file", "url": urls[key]}])
+        srv.post_message(
+            chats[2], "a web page", attachments=[{"type": "link", "url": urls["link"]}]
+        )
+        yield srv, host, cdn, {"urls": urls, "same": same, "big": big, "first": a}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+async def test_export_media_stores_each_file_once_and_records_what_went_wrong(
+    archive: tuple[MessagesServer, FileHost, FileHost, dict[str, Any]], fmt: str, tmp_path: Path
+) -> None:
+    server, host, cdn, data = archive
+    urls = data["urls"]
+    out = _export_out(tmp_path, fmt)
+    # A first run without --media; the next one fetches the files of what it stored.
+    await export_media(server, fmt, out, media=None)
+    assert not host.requests
+    stats, media = await export_media(server, fmt, out, media=MediaOptions(max_bytes=1_000_000))
+    assert stats.failures == []
+    assert media is not None
+
+    folder = Path(media_folder(_export_store(fmt, out)))
+    assert folder == (tmp_path / "out.media" if fmt == "sqlite" else out / "media")
+    index = media_index(fmt, out)
+    assert set(index) == set(urls.values()) - {urls["link"]}
+    status = {key: index[url]["status"] for key, url in urls.items() if url in index}
+    assert status == {
+        "same_a": "ok",
+        "same_b": "ok",
+        "big": "ok",
+        "missing": "404",
+        "deleted": "410",
+        "moved": "ok",
+        "busy": "ok",
+        "huge": "too_large",
+        "insecure": "refused",
+    }
+    files = media_files(folder)
+    same_sha = _sha(data["same"])
+    # The same bytes from two URLs and two origins: stored once, both rows point at it.
+    assert index[urls["same_a"]]["path"] == index[urls["same_b"]]["path"]
+    assert index[urls["same_a"]]["path"] == f"{same_sha[:2]}/{same_sha}.jpg"
+    assert files[index[urls["same_a"]]["path"]] == data["same"]
+    assert files[index[urls["big"]]["path"]] == data["big"]
+    assert index[urls["big"]]["sha256"] == _sha(data["big"])
+    assert index[urls["big"]]["size"] == len(data["big"])
+    assert files[index[urls["moved"]]["path"]] == b"moved here"
+    assert len(files) == 4  # photo, big, moved, busy; nothing for the rest
+    for row in index.values():
+        if row["status"] != "ok":
+            assert row["path"] is None
+            assert row["error"]
+    assert (media.fetched, media.stored, media.reused) == (5, 4, 1)
+    assert (media.gone, media.too_large, media.failed) == (2, 1, 1)
+    # The big file's connection was dropped part-way: the retry asked for the rest.
+    assert "Range" in host.requests_for("big.bin")[-1].headers
+    # Not a token, not a cookie, to either file origin; the link was never fetched.
+    for record in host.requests + cdn.requests:
+        assert record.token is None
+        assert "Authorization" not in record.headers
+        assert "Cookie" not in record.headers
+    assert not host.requests_for("page.html")
+
+    # A re-run fetches nothing it has, and nothing that is gone or too large.
+    host.requests.clear()
+    cdn.requests.clear()
+    _, again = await export_media(server, fmt, out, media=MediaOptions(max_bytes=1_000_000))
+    assert again is not None
+    assert host.requests == cdn.requests == []
+    assert media_files(folder) == files
+
+
+async def test_kill_9_mid_file_leaves_nothing_half_written_and_the_next_run_resumes(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "out.sqlite"
+    big = os.urandom(4 << 20)
+    async with MessagesServer(chats=2, messages_per_chat=0, seed=9) as srv, FileHost() as host:
+        url = host.add("movie.mp4", big, content_type="video/mp4", trickle=0.01)
+        srv.post_message(
+            srv.chat_ids()[0], "watch this", attachments=[{"type": "file", "url": url}]
+        )
+        args = ["--out", str(out), "--media"]
+        proc = await start_cli(srv, *args)
+        # Killed once a good part of the file has arrived, long before all of it.
+        while host.sent.get("/movie.mp4", 0) < 1 << 20:
+            assert proc.returncode is None, (await proc.communicate())[1].decode()
+            await asyncio.sleep(0.01)
+        proc.kill()
+        await proc.communicate()
+        folder = tmp_path / "out.media"
+        assert media_files(folder) == {}, "a half-written file where a reader looks"
+        assert all(r["status"] != "ok" for r in media_index("sqlite", out).values())
+        partial = [p for p in (folder / ".partial").iterdir() if not p.name.endswith(".json")]
+        assert len(partial) == 1
+        kept = partial[0].stat().st_size
+        assert 0 < kept < len(big)
+
+        host.files["/movie.mp4"].trickle = 0
+        proc = await start_cli(srv, *args)
+        stdout, stderr = await proc.communicate()
+        assert proc.returncode == 0, stderr.decode()
+        assert b"media:" in stdout
+        last = host.requests_for("movie.mp4")[-1]
+        offset = int(last.headers["Range"].removeprefix("bytes=").rstrip("-"))
+        assert offset == kept  # resumed from what the killed run wrote, not from byte 0
+        assert last.status == 206
+        (row,) = media_index("sqlite", out).values()
+        assert row["status"] == "ok"
+        assert row["sha256"] == _sha(big)
+        assert media_files(folder) == {row["path"]: big}
+        assert row["path"].endswith(".mp4")
+        assert not list((folder / ".partial").iterdir())

@@ -15,6 +15,7 @@ See ``_runner.py`` for what a run does, ``_state.py`` for the checkpoints, and `
 """
 
 from ._jsonl import JsonlStore
+from ._media import MediaFetcher, MediaOptions, MediaStats, media_folder, run_with_media
 from ._parquet import ParquetStore
 from ._progress import progress_line, show_progress, summary_lines
 from ._runner import ChatFailure, Exporter, ExportOptions, ExportStats
@@ -30,11 +31,16 @@ __all__ = [
     "ExportStats",
     "Exporter",
     "JsonlStore",
+    "MediaFetcher",
+    "MediaOptions",
+    "MediaStats",
     "ParquetStore",
     "SqliteStore",
     "Store",
     "StoreError",
+    "media_folder",
     "progress_line",
+    "run_with_media",
     "show_progress",
     "summary_lines",
 ]

@@ -17,6 +17,7 @@ from rich.progress_bar import ProgressBar
 from rich.text import Text
 
 from .._limiter import ClientStats
+from ._media import MediaStats
 from ._runner import ExportStats
 
 __all__ = ["progress_line", "show_progress", "summary_lines"]
@@ -31,7 +32,19 @@ def _pause(stats: ExportStats, client: ClientStats) -> float:
     return max(client.paused_for, stats.waiting_for)
 
 
-def progress_line(stats: ExportStats, client: ClientStats) -> str:
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def _media_text(media: MediaStats) -> str:
+    failed = media.gone + media.too_large + media.failed
+    return (
+        f"files {media.fetched:,} ({_mib(media.bytes)}), {media.active} downloading, "
+        f"{media.queued:,} queued, {failed:,} not fetched"
+    )
+
+
+def progress_line(stats: ExportStats, client: ClientStats, media: MediaStats | None = None) -> str:
     """One line of progress, for logs."""
     line = (
         f"chats {stats.chats_done + stats.chats_failed}/{stats.chats_total}"
@@ -40,13 +53,17 @@ def progress_line(stats: ExportStats, client: ClientStats) -> str:
         f" (limit {client.concurrency}/{client.max_concurrency}), {client.retries} retries,"
         f" {client.rate_limited} rate-limited"
     )
+    if media is not None:
+        line += f"; {_media_text(media)}"
     pause = _pause(stats, client)
     if pause > 0:
         line += f"; waiting {pause:.0f} s as the server asked"
     return line
 
 
-def _render(stats: ExportStats, client: ClientStats, target: str) -> Group:
+def _render(
+    stats: ExportStats, client: ClientStats, target: str, media: MediaStats | None
+) -> Group:
     done = stats.chats_done + stats.chats_failed
     head = Text.assemble(
         ("Exporting to ", "bold"),
@@ -66,6 +83,8 @@ def _render(stats: ExportStats, client: ClientStats, target: str) -> Group:
         f"429s {client.rate_limited}"
     )
     parts: list[Text | ProgressBar] = [head, bar, chats, counts]
+    if media is not None:
+        parts.append(Text(_media_text(media)))
     pause = _pause(stats, client)
     if pause > 0:
         parts.append(
@@ -85,24 +104,27 @@ async def show_progress(
     console: Console,
     *,
     log: Callable[[str], None],
+    media: MediaStats | None = None,
 ) -> None:
     """Show progress until cancelled: live on a terminal, else ``log`` every few seconds."""
     if console.is_terminal:
         with Live(
-            _render(stats, client_stats(), target),
+            _render(stats, client_stats(), target, media),
             console=console,
             auto_refresh=False,
             transient=True,
         ) as live:
             while True:
                 await asyncio.sleep(LIVE_INTERVAL)
-                live.update(_render(stats, client_stats(), target), refresh=True)
+                live.update(_render(stats, client_stats(), target, media), refresh=True)
     while True:
         await asyncio.sleep(LOG_INTERVAL)
-        log(progress_line(stats, client_stats()))
+        log(progress_line(stats, client_stats(), media))
 
 
-def summary_lines(stats: ExportStats, client: ClientStats, target: str) -> list[str]:
+def summary_lines(
+    stats: ExportStats, client: ClientStats, target: str, media: MediaStats | None = None
+) -> list[str]:
     """The final summary, one string per line."""
     status = "interrupted" if stats.interrupted else "done"
     lines = [
@@ -116,6 +138,12 @@ def summary_lines(stats: ExportStats, client: ClientStats, target: str) -> list[
         f" {client.rate_limited:,} answered 429"
         + (f", {stats.cursor_restarts} expired cursors" if stats.cursor_restarts else ""),
     ]
+    if media is not None:
+        lines.append(
+            f"  media:     {media.fetched:,} files fetched ({_mib(media.bytes)}; "
+            f"{media.stored:,} new, {media.reused:,} already stored), {media.gone:,} gone, "
+            f"{media.too_large:,} too large, {media.failed:,} failed (tried again next run)"
+        )
     if stats.failures:
         lines.append("  failed chats:")
         lines.extend(f"    {f.chat_id}: {f.error}" for f in stats.failures)

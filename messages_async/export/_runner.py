@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Coroutine, Iterator
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -45,7 +45,7 @@ from .._errors import (
     TransportError,
     UnsafeCursorError,
 )
-from .._models import MessagesPage, Period
+from .._models import Message, MessagesPage, Period
 from ._state import ChatState
 from ._store import Store
 
@@ -153,6 +153,8 @@ class Exporter:
         store: An open store.
         options: What to export.
         stop: Set it to stop cleanly: workers are cancelled, and every committed page stays.
+        on_commit: Called with each page's new messages once they are committed (it must not
+            block: the export's ``--media`` queues their attachments).
     """
 
     def __init__(
@@ -162,7 +164,9 @@ class Exporter:
         options: ExportOptions,
         *,
         stop: asyncio.Event | None = None,
+        on_commit: Callable[[Sequence[Message]], None] | None = None,
     ) -> None:
+        self._on_commit = on_commit
         self._client = client
         self._store = store
         self._options = options
@@ -363,6 +367,8 @@ class Exporter:
                     new.walk_top = new.walk_low = None
                 before = state.messages
                 job.state = await self._store.commit(new, writes, update=update)
+                if self._on_commit is not None and writes:
+                    self._on_commit(writes)
                 self.stats.messages += job.state.messages - before
                 self.stats.pages += 1
                 if finished:

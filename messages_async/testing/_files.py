@@ -69,6 +69,8 @@ class FileHost:
         self._runner: web.AppRunner | None = None
         self.files: dict[str, HostedFile] = {}
         self.requests: list[RequestRecord] = []
+        #: Body bytes sent so far, per path (every request together).
+        self.sent: dict[str, int] = {}
         self.in_flight = 0
         self.max_in_flight = 0
 
@@ -181,6 +183,7 @@ class FileHost:
                 return response
             await response.write(chunk)
             sent += len(chunk)
+            self.sent[request.path] = self.sent.get(request.path, 0) + len(chunk)
             if hosted.trickle:
                 await asyncio.sleep(hosted.trickle)
         await response.write_eof()
