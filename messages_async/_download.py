@@ -41,16 +41,9 @@ from ._download_policy import (
 from ._errors import MessagesError
 from ._wire import backoff_delay, parse_retry_after, same_origin
 
-__all__ = [
-    "DEFAULT_MAX_BYTES",
-    "DEFAULT_TIMEOUT",
-    "DownloadError",
-    "Downloaded",
-    "Downloader",
-    "PartialFile",
-    "Sink",
-    "StreamSink",
-]
+# Downloader, PartialFile, StreamSink and Sink are internal: used by the client and the
+# export, not re-exported.
+__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_TIMEOUT", "DownloadError", "Downloaded"]
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 DEFAULT_TIMEOUT = 300.0

@@ -30,12 +30,10 @@ from yarl import URL
 
 from ._wire import is_loopback, same_origin
 
+# The classes (OriginPauses, Resume, Validator, RefusedURL) are internal, not re-exported.
 __all__ = [
     "REDIRECT_STATUSES",
     "Answer",
-    "OriginPauses",
-    "Resume",
-    "Validator",
     "check_download_url",
     "classify",
     "content_path",
