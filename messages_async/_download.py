@@ -139,7 +139,6 @@ class PartialFile:
     def start(self, validator: Validator | None) -> None:
         self.close()
         self._validator, self.size, self._hash = validator, 0, hashlib.sha256()
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         meta = {"url": self.url, **({} if validator is None else attrs.asdict(validator))}
         with open(self._meta, "wb") as f:
             f.write(orjson.dumps(meta))

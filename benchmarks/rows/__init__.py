@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from .._harness import Row
-from . import decode, export, fanout, polling, prefetch, ratelimit, server, walk
+from . import decode, export, fanout, media, polling, prefetch, ratelimit, server, walk
 
 __all__ = ["ROWS"]
 
@@ -20,5 +20,6 @@ ROWS: tuple[Row, ...] = (
         export.run,
         "messages-async export into SQLite/JSONL/Parquet: rate vs iter_many, RSS",
     ),
+    Row(media.NAME, media.run, "export --media against two file hosts at 20 ms: files/s vs C/L"),
     Row(polling.NAME, polling.run, "watch() over 200 quiet chats: requests/s vs chats/interval"),
 )

@@ -313,6 +313,7 @@ class MediaFetcher:
         # One thread for the index and the scans: an SQLite connection stays on its thread.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="export-media")
         self._index: MediaIndex | None = None
+        self._shards: set[str] = set()  # folders known to exist: a makedirs costs a syscall
 
     async def _io(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
@@ -438,7 +439,9 @@ class MediaFetcher:
         """Rename the complete file to its content address, unless those bytes are there."""
         wanted = content_path(sha256, extension)
         shard = os.path.join(self.folder, sha256[:2])
-        os.makedirs(shard, exist_ok=True)
+        if shard not in self._shards:
+            os.makedirs(shard, exist_ok=True)
+            self._shards.add(shard)
         for existing in os.listdir(shard):
             if existing.startswith(sha256) and not existing.endswith(".tmp"):
                 part.discard()
