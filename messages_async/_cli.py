@@ -44,6 +44,7 @@ from .export import (
 )
 from .export._media import MediaFetcher, MediaOptions, run_with_media
 from .export._parquet import load_pyarrow
+from .export._rescan import Rescanner
 from .export._runner import unless_stopped
 
 __all__ = ["main"]
@@ -227,6 +228,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     export.add_argument(
         "--fresh", action="store_true", help="discard the export at --out and start over"
+    )
+    export.add_argument(
+        "--rescan",
+        action="store_true",
+        help="walk every stored chat in full again to find edited and deleted messages "
+        "(kept as versions and marked deleted, never removed)",
     )
     export.add_argument(
         "--media",
@@ -522,8 +529,24 @@ async def _run_open(
             timeout=args.media_timeout,
         )
         fetcher = MediaFetcher(client, store, media_options)
+    rescanner = (
+        Rescanner(
+            client,
+            store,
+            page_size=options.page_size,
+            query=options.query,
+            period=options.period(),
+        )
+        if args.rescan
+        else None
+    )
     exporter = Exporter(
-        client, store, options, stop=stop, on_commit=fetcher.offer if fetcher else None
+        client,
+        store,
+        options,
+        stop=stop,
+        on_commit=fetcher.offer if fetcher else None,
+        rescan=rescanner.rescan if rescanner else None,
     )
     progress = asyncio.create_task(
         show_progress(
@@ -551,7 +574,7 @@ async def _run_open(
         progress.cancel()
         await asyncio.gather(progress, return_exceptions=True)
         await store.close()
-    return _report(stats, client, store.path, signals, argv, fetcher)
+    return _report(stats, client, store.path, signals, argv, fetcher, rescanner)
 
 
 def _report(
@@ -561,10 +584,17 @@ def _report(
     signals: _Signals,
     argv: Sequence[str],
     fetcher: MediaFetcher | None = None,
+    rescanner: Rescanner | None = None,
 ) -> int:
     media = fetcher.stats if fetcher else None
     for line in summary_lines(stats, client.stats, target, media):
         print(line)
+    if rescanner is not None:
+        found = rescanner.stats
+        print(
+            f"  rescan:    {found.chats} chats walked again, {found.compared:,} messages "
+            f"compared: {found.edits:,} edited, {found.deletions:,} deleted"
+        )
     sys.stdout.flush()
     if stats.interrupted:
         print(

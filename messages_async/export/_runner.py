@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -155,6 +155,8 @@ class Exporter:
         stop: Set it to stop cleanly: workers are cancelled, and every committed page stays.
         on_commit: Called with each page's new messages once they are committed (it must not
             block: the export's ``--media`` queues their attachments).
+        rescan: Run for each chat after its update, under the same retry rules (the
+            export's ``--rescan``: it finds edits and deletions).
     """
 
     def __init__(
@@ -165,8 +167,10 @@ class Exporter:
         *,
         stop: asyncio.Event | None = None,
         on_commit: Callable[[Sequence[Message]], None] | None = None,
+        rescan: Callable[[ChatState], Awaitable[None]] | None = None,
     ) -> None:
         self._on_commit = on_commit
+        self._rescan = rescan
         self._client = client
         self._store = store
         self._options = options
@@ -262,7 +266,10 @@ class Exporter:
         while True:
             stored = job.state.messages
             try:
-                await self._walk(job)
+                if job.rescanning and self._rescan is not None:
+                    await self._rescan(job.state)
+                else:
+                    await self._walk(job)
             except _Restart as exc:
                 if job.state.messages > stored:
                     restarts = 0
@@ -297,6 +304,9 @@ class Exporter:
             else:
                 if catch_up:
                     catch_up = False
+                    continue
+                if self._rescan is not None and not job.rescanning:
+                    job.rescanning = True
                     continue
                 stats.chats_done += 1
                 stats.stored_messages += job.state.messages
@@ -400,3 +410,4 @@ async def unless_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T
 @attrs.define
 class _ChatJob:
     state: ChatState
+    rescanning: bool = False

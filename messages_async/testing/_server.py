@@ -482,6 +482,11 @@ class MessagesServer:
         """Delete a message as if its author did. KeyError: unknown message."""
         self._store.delete(message_id)
 
+    def edit_message(self, message_id: int, text: str) -> Json:
+        """Change a message's text as if its author did; returns it. KeyError: unknown."""
+        result: Json = self._copy(self._store.edit(message_id, text=text))
+        return result
+
     # -- observation and faults ---------------------------------------------------------------
 
     def resource_requests(self) -> list[RequestRecord]:
