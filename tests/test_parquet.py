@@ -391,3 +391,47 @@ async def test_without_pyarrow_the_command_says_what_to_install(
     assert "Traceback" not in stderr.decode()
     assert not server.token_requests, "it signed in before saying pyarrow is missing"
     assert not (tmp_path / "pq").exists()
+
+
+async def test_the_sqlite_export_has_typed_timestamps_and_chat_columns(
+    server: MessagesServer, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.sqlite"
+    await export_into(server, SqliteStore(str(out)))
+    db = sqlite3.connect(out, detect_types=sqlite3.PARSE_DECLTYPES)
+    try:
+        types = {row[1]: row[2] for row in db.execute("PRAGMA table_info(messages)")}
+        rows = db.execute("SELECT id, created_at, raw FROM messages").fetchall()
+        chats = db.execute(
+            "SELECT chat_id, type, name, picture_url, members_count, raw FROM chats"
+        ).fetchall()
+    finally:
+        db.close()
+    assert types["created_at"] == "TIMESTAMP"
+    assert len(rows) == server.all_message_count()
+    duck = duckdb.connect()
+    try:
+        for _, created, raw in rows:
+            # Python's sqlite3 hands back a datetime (naive, in UTC) from the declared type.
+            assert isinstance(created, datetime)
+            expected = _instant(orjson.loads(raw)["created_at"])
+            assert created.replace(tzinfo=UTC) == expected
+            # DuckDB reads the stored text as a TIMESTAMP as it is.
+            text = created.isoformat(sep=" ")
+            (cast,) = duck.execute("select ?::timestamp", [text]).fetchone()
+            assert cast == created
+    finally:
+        duck.close()
+    by_id = {c["chat_id"]: c for c in server.chats()}
+    assert {c[0] for c in chats} == set(by_id)
+    for chat_id, kind, name, picture, members, raw in chats:
+        expected_raw = by_id[chat_id]
+        assert orjson.loads(raw) == expected_raw
+        assert (kind, name, picture) == (
+            expected_raw["type"],
+            expected_raw.get("name"),
+            expected_raw.get("picture_url"),
+        )
+        count = expected_raw.get("members_count")
+        assert members == (int(count) if count is not None else None)
+        assert isinstance(members, (int, type(None)))

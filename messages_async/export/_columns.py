@@ -9,9 +9,10 @@ empty rather than failing the export: the raw object still holds it.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["ChatColumns", "chat_columns", "optional_int", "optional_str"]
+__all__ = ["ChatColumns", "chat_columns", "optional_int", "optional_str", "utc_timestamp"]
 
 #: ``(chat_id, type, name, picture_url, members_count)``.
 ChatColumns = tuple[int, str | None, str | None, str | None, int | None]
@@ -41,3 +42,12 @@ def chat_columns(raw: Mapping[str, Any]) -> ChatColumns:
         optional_str(raw.get("picture_url")),
         optional_int(raw.get("members_count")),
     )
+
+
+def utc_timestamp(value: datetime | None) -> str | None:
+    """``YYYY-MM-DD HH:MM:SS[.ffffff]`` in UTC: the form SQLite's own date functions write,
+    which DuckDB reads as a TIMESTAMP, pandas as datetime64 and Python's ``sqlite3`` (with
+    ``detect_types=PARSE_DECLTYPES``) as a datetime. Sorting the text sorts the instants."""
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat(sep=" ")[:-6]  # without the "+00:00"

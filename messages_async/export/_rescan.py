@@ -37,7 +37,7 @@ from .._errors import InvalidCursorError, UnsafeCursorError
 from .._models import Message, Period
 from ._jsonl import JsonlStore, _append, _fsync_dir, atomic_write
 from ._parquet import ParquetStore, load_pyarrow
-from ._sqlite import SqliteStore
+from ._sqlite import SqliteStore, created_column
 from ._state import ChatState
 from ._store import Store
 
@@ -156,8 +156,7 @@ class SqliteRescan(RescanBackend):
             for m in messages:
                 old = stored.get(m.id)
                 new = orjson.dumps(m.raw).decode()
-                created = m.raw.get("created_at")
-                created = created if isinstance(created, str) else None
+                created = created_column(m, self._store.timestamps)
                 if old is None:
                     # Stored nowhere yet (say it was posted into the past): keep it now.
                     db.execute(
