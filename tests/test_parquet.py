@@ -17,12 +17,13 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_export import _client, _meta, cli_env, kill_mid_run, listings, start_cli
+from test_export import _client, _meta, assert_exact, cli_env, kill_mid_run, listings, start_cli
 
 from messages_async.export import (
     Exporter,
     ExportOptions,
     ExportStats,
+    JsonlStore,
     ParquetStore,
     SqliteStore,
     Store,
@@ -435,3 +436,44 @@ async def test_the_sqlite_export_has_typed_timestamps_and_chat_columns(
         count = expected_raw.get("members_count")
         assert members == (int(count) if count is not None else None)
         assert isinstance(members, (int, type(None)))
+
+
+async def test_duckdb_joins_the_jsonl_export_to_its_chats_through_the_folders(
+    server: MessagesServer, tmp_path: Path
+) -> None:
+    out = tmp_path / "jsonl"
+    await export_into(server, JsonlStore(str(out)))
+    db = duckdb.connect()
+    try:
+        per_chat = dict(
+            db.execute(
+                f"select c.chat_id, count(*) from read_json('{out}/messages/*/*.jsonl', "
+                f"hive_partitioning=true) m join read_json('{out}/chats.jsonl') c "
+                "using (chat_id) group by c.chat_id"
+            ).fetchall()
+        )
+    finally:
+        db.close()
+    expected = {c: len(server.messages(c)) for c in server.chat_ids() if server.messages(c)}
+    assert per_chat == expected
+
+
+async def test_a_jsonl_export_in_the_flat_layout_is_moved_into_folders(
+    server: MessagesServer, tmp_path: Path
+) -> None:
+    out = tmp_path / "jsonl"
+    await export_into(server, JsonlStore(str(out)))
+    # The layout exports had before: messages/<chat_id>.jsonl.
+    for folder in list((out / "messages").iterdir()):
+        (folder / "messages.jsonl").rename(out / "messages" / f"{folder.name[8:]}.jsonl")
+        folder.rmdir()
+    chat = server.chat_ids()[0]
+    server.post_message(chat, "after the move")
+    server.reset_stats()
+
+    stats = await export_into(server, JsonlStore(str(out)))
+
+    assert stats.messages == 1
+    assert len(listings(server)) == len(server.chat_ids())
+    assert not list((out / "messages").glob("*.jsonl"))
+    assert_exact(server, "jsonl", out)

@@ -104,7 +104,7 @@ def current_view(fmt: str, out: Path) -> tuple[dict[int, Raw], set[int], dict[in
         return current, deleted, versions
     current = {}
     if fmt == "jsonl":
-        for path in (out / "messages").iterdir():
+        for path in (out / "messages").glob("*/messages.jsonl"):
             for line in path.read_bytes().splitlines():
                 obj = orjson.loads(line)
                 current[obj["id"]] = obj

@@ -147,7 +147,7 @@ def _stored(fmt: str, out: Path) -> int:
             pq.ParquetFile(p).metadata.num_rows for p in (out / "messages").rglob("*.parquet")
         )
     n = 0
-    for path in (out / "messages").iterdir():
+    for path in (out / "messages").glob("*/messages.jsonl"):
         with path.open("rb") as f:
             n += sum(1 for _ in f)
     return n

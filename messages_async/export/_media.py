@@ -253,7 +253,10 @@ class JsonlMediaIndex(MediaIndex):
         folder = os.path.join(self._store.path, "messages")
         for name in sorted(os.listdir(folder)):
             batch: list[Wanted] = []
-            with open(os.path.join(folder, name), "rb") as f:
+            path = os.path.join(folder, name, "messages.jsonl")
+            if not os.path.exists(path):
+                continue
+            with open(path, "rb") as f:
                 for line in f:
                     if b'"attachments":{' not in line or not line.endswith(b"\n"):
                         continue

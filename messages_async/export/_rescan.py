@@ -35,7 +35,7 @@ import orjson
 from .._client import Client
 from .._errors import InvalidCursorError, UnsafeCursorError
 from .._models import Message, Period
-from ._jsonl import JsonlStore, _append, _fsync_dir, atomic_write
+from ._jsonl import JsonlStore, _append, _fsync_dir, atomic_write, chat_file
 from ._parquet import ParquetStore, load_pyarrow
 from ._sqlite import SqliteStore, created_column
 from ._state import ChatState
@@ -271,7 +271,7 @@ class FilesRescan(RescanBackend):
             return
         with (
             contextlib.suppress(FileNotFoundError),
-            open(self._p("messages", f"{chat_id}.jsonl"), "rb") as f,
+            open(chat_file(self._store.path, chat_id), "rb") as f,
         ):
             for line in f:
                 if line.endswith(b"\n"):
