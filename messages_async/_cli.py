@@ -416,6 +416,11 @@ async def _export(args: argparse.Namespace, argv: Sequence[str], err: Console) -
         until=args.until,
     )
     if args.demo:
+        if args.media:
+            raise _UsageError(
+                "--media does not go with --demo: the demo's attachments point at "
+                "files.example.test, which does not exist"
+            )
         return await _demo(args, argv, options, err, say)
     client = _client(args, **_client_options(args.concurrency))
     return await _run(client, None, args, argv, options, err, say)

@@ -28,7 +28,8 @@ from typing import Literal
 import attrs
 from yarl import URL
 
-from ._wire import is_loopback, same_origin
+from ._errors import ConfigurationError
+from ._wire import check_secure_url, same_origin
 
 # The classes (OriginPauses, Resume, Validator, RefusedURL) are internal, not re-exported.
 __all__ = [
@@ -73,18 +74,16 @@ def show_url(url: URL | str) -> str:
 def check_download_url(url: URL, *, allow_insecure_http: bool) -> None:
     """RefusedURL unless ``url`` may be fetched (absolute http(s), no user info, no clear text).
 
-    Plain http is allowed to loopback hosts (tests, local mirrors) and with
-    ``allow_insecure_http``.
+    The same rule as for the API's own URLs (``_wire.check_secure_url``): plain http is
+    allowed to loopback hosts (tests, local mirrors) and with ``allow_insecure_http``.
     """
-    if not url.absolute or url.scheme not in ("http", "https") or not url.host:
+    if not url.absolute or not url.host:
+        # Checked first: the shared check cannot word its message for a relative URL.
         raise RefusedURL(f"not an absolute http(s) URL: {show_url(url)}")
-    if url.user is not None or url.password is not None:
-        raise RefusedURL(f"a URL with user info is not fetched: {show_url(url)}")
-    if url.scheme == "http" and not allow_insecure_http and not is_loopback(url.host):
-        raise RefusedURL(
-            f"plain http to {url.host} is refused ({show_url(url)}); pass "
-            "allow_insecure_http=True to fetch it anyway"
-        )
+    try:
+        check_secure_url(url, what="the attachment URL", allow_insecure_http=allow_insecure_http)
+    except ConfigurationError as exc:
+        raise RefusedURL(str(exc)) from None
 
 
 def sends_token(hop: URL, resource_root: URL | None, *, left_api: bool) -> bool:

@@ -47,7 +47,7 @@ from .._models import Message
 from ._state import ChatState, ExportMeta
 from ._store import Store, StoreError, mismatch
 
-__all__ = ["JsonlStore", "atomic_write", "chat_file"]
+__all__ = ["RESCAN_FOLDERS", "JsonlStore", "atomic_write", "chat_file", "remove_export"]
 
 logger = logging.getLogger("messages_async.export")
 
@@ -56,13 +56,25 @@ _CHATS = "chats.jsonl"
 _MESSAGES = "messages"
 _STATE = "state"
 _PENDING = ".pending"
-_OURS = (_META, _CHATS, _MESSAGES, _STATE, _PENDING)
+#: Folders ``--rescan`` writes (see _rescan.py), in JSONL and Parquet exports alike.
+RESCAN_FOLDERS = ("versions", "deleted", "rescan")
+_OURS = (_META, _CHATS, _MESSAGES, _STATE, _PENDING, *RESCAN_FOLDERS)
 _COPY_CHUNK = 1 << 20
 
 
 def chat_file(root: str, chat_id: int) -> str:
     """A chat's messages file in the JSONL export at ``root``."""
     return os.path.join(root, _MESSAGES, f"chat_id={chat_id}", "messages.jsonl")
+
+
+def remove_export(root: str, names: tuple[str, ...]) -> None:
+    """Remove what an export in ``root`` consists of (``names``); anything else there stays."""
+    for name in names:
+        target = os.path.join(root, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        elif os.path.exists(target):
+            os.unlink(target)
 
 
 def _fsync_dir(path: str) -> None:
@@ -197,13 +209,7 @@ class JsonlStore(Store):
                 raise
             stored = None
         if fresh and os.path.isdir(self.path):
-            # Only what an export consists of is removed; anything else in DIR stays.
-            for name in _OURS:
-                target = self._p(name)
-                if os.path.isdir(target):
-                    shutil.rmtree(target)
-                elif os.path.exists(target):
-                    os.unlink(target)
+            remove_export(self.path, _OURS)
             stored = None
         if stored is not None and stored != meta:
             raise mismatch(self.path, stored, meta)

@@ -46,7 +46,7 @@ import orjson
 
 from .._models import Message
 from ._columns import chat_columns
-from ._jsonl import _fsync_dir, atomic_write
+from ._jsonl import RESCAN_FOLDERS, _fsync_dir, atomic_write, remove_export
 from ._state import ChatState, ExportMeta
 from ._store import Store, StoreError, mismatch
 
@@ -62,7 +62,7 @@ _META = "export.json"
 _CHATS = "chats.parquet"
 _MESSAGES = "messages"
 _STATE = "state"
-_OURS = (_META, _CHATS, _MESSAGES, _STATE)
+_OURS = (_META, _CHATS, _MESSAGES, _STATE, *RESCAN_FOLDERS)
 _FORMAT = "parquet"
 _PART = re.compile(r"part-(\d+)\.parquet")
 _COMPRESSION = "zstd"
@@ -242,13 +242,7 @@ class ParquetStore(Store):
                 raise
             stored = None
         if fresh and os.path.isdir(self.path):
-            # Only what an export consists of is removed; anything else in DIR stays.
-            for name in _OURS:
-                target = self._p(name)
-                if os.path.isdir(target):
-                    shutil.rmtree(target)
-                elif os.path.exists(target):
-                    os.unlink(target)
+            remove_export(self.path, _OURS)
             stored = None
         if stored is not None and stored != meta:
             raise mismatch(self.path, stored, meta)

@@ -35,7 +35,7 @@ import orjson
 from .._client import Client
 from .._errors import InvalidCursorError, UnsafeCursorError
 from .._models import Message, Period
-from ._jsonl import JsonlStore, _append, _fsync_dir, atomic_write, chat_file
+from ._jsonl import RESCAN_FOLDERS, JsonlStore, _append, _fsync_dir, atomic_write, chat_file
 from ._parquet import ParquetStore, load_pyarrow
 from ._sqlite import SqliteStore, created_column
 from ._state import ChatState
@@ -227,7 +227,7 @@ class FilesRescan(RescanBackend):
         return os.path.join(self._store.path, *parts)
 
     def load(self, chat_id: int) -> RescanState:
-        for sub in ("versions", "deleted", "rescan"):
+        for sub in RESCAN_FOLDERS:
             os.makedirs(self._p(sub), exist_ok=True)
         versions, deleted = (
             self._p("versions", f"{chat_id}.jsonl"),

@@ -14,14 +14,12 @@ import asyncio
 import hashlib
 import re
 import time
-from types import TracebackType
-from typing import Self
 
 import attrs
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from ._recorder import RequestRecord, bearer_token, start_site
+from ._recorder import OriginRecorder, RequestRecord, bearer_token
 
 __all__ = ["FileHost", "HostedFile"]
 
@@ -53,8 +51,11 @@ class HostedFile:
         return hashlib.sha256(self.data).hexdigest()
 
 
-class FileHost:
+class FileHost(OriginRecorder):
     """Serves files on ``http://127.0.0.1:<port>``; use as ``async with FileHost() as host:``.
+
+    An `OriginRecorder` that answers like a file host: ``requests`` holds every request it
+    received, with every header.
 
     Args:
         latency: Seconds every request waits before it is answered.
@@ -63,27 +64,15 @@ class FileHost:
     """
 
     def __init__(self, *, latency: float = 0.0, host: str = "127.0.0.1", port: int = 0) -> None:
+        super().__init__(host=host, port=port)
         self.latency = latency
-        self._host = host
-        self._port = port
-        self._runner: web.AppRunner | None = None
         self.files: dict[str, HostedFile] = {}
-        self.requests: list[RequestRecord] = []
         #: Body bytes sent so far, per path (every request together).
         self.sent: dict[str, int] = {}
         self.in_flight = 0
         self.max_in_flight = 0
 
     # --- what is served -----------------------------------------------------------------------
-
-    @property
-    def origin(self) -> str:
-        if self._runner is None:
-            raise RuntimeError("FileHost is not started")
-        return f"http://{self._host}:{self._port}"
-
-    def url(self, path: str) -> str:
-        return f"{self.origin}/{path.lstrip('/')}"
 
     def add(self, path: str, data: bytes, **options: object) -> str:
         """Serve ``data`` at ``path``; returns its URL. Options: the `HostedFile` fields."""
@@ -188,29 +177,3 @@ class FileHost:
                 await asyncio.sleep(hosted.trickle)
         await response.write_eof()
         return response
-
-    # --- lifecycle ----------------------------------------------------------------------------
-
-    async def start(self) -> None:
-        if self._runner is not None:
-            return
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner, self._port = await start_site(app, self._host, self._port)
-
-    async def close(self) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
