@@ -20,6 +20,7 @@ from test_export import _meta, start_cli
 from yarl import URL
 
 import messages_async as ma
+from messages_async._limiter import ClientStats
 from messages_async._download_policy import (
     OriginPauses,
     RefusedURL,
@@ -46,7 +47,9 @@ from messages_async.export import (
     SqliteStore,
     Store,
     media_folder,
+    progress_line,
     run_with_media,
+    summary_lines,
 )
 from messages_async.testing import FileHost, MessagesServer
 
@@ -592,3 +595,22 @@ async def test_kill_9_mid_file_leaves_nothing_half_written_and_the_next_run_resu
         assert media_files(folder) == {row["path"]: big}
         assert row["path"].endswith(".mp4")
         assert not list((folder / ".partial").iterdir())
+
+
+def test_progress_and_summary_show_files_and_bytes() -> None:
+    media = MediaStats(fetched=3, stored=2, reused=1, bytes=3 * 2**20, gone=1, active=2, queued=5)
+    client = ClientStats(
+        requests=1,
+        retries=0,
+        rate_limited=0,
+        in_flight=0,
+        concurrency=1,
+        max_concurrency=1,
+        paused_for=0.0,
+        pace=None,
+    )
+    line = progress_line(ExportStats(), client, media)
+    assert "files 3 (3.0 MiB), 2 downloading, 5 queued, 1 not fetched" in line
+    summary = "\n".join(summary_lines(ExportStats(), client, "out.sqlite", media))
+    assert "3 files fetched (3.0 MiB; 2 new, 1 already stored), 1 gone" in summary
+    assert "files" not in progress_line(ExportStats(), client)
