@@ -20,7 +20,6 @@ from test_export import _meta, start_cli
 from yarl import URL
 
 import messages_async as ma
-from messages_async._limiter import ClientStats
 from messages_async._download_policy import (
     OriginPauses,
     RefusedURL,
@@ -35,6 +34,7 @@ from messages_async._download_policy import (
     request_headers,
     sends_token,
 )
+from messages_async._limiter import ClientStats
 from messages_async.export import (
     Exporter,
     ExportOptions,
