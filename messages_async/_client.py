@@ -564,7 +564,8 @@ class Messages:
             sink = StreamSink(destination)
             return await downloads.fetch(url, sink, max_bytes=max_bytes, time_limit=seconds)
         path = os.fspath(destination)
-        part = PartialFile(f"{path}.part", url)
+        # Off the loop: resuming reads (and hashes) what an interrupted call wrote.
+        part = await asyncio.to_thread(PartialFile, f"{path}.part", url)
         try:
             result = await downloads.fetch(url, part, max_bytes=max_bytes, time_limit=seconds)
             await asyncio.to_thread(part.sync)

@@ -461,6 +461,7 @@ async def archive() -> AsyncIterator[tuple[MessagesServer, FileHost, FileHost, d
             "big": host.add("big.bin", big, drop_after=300_000, drops=1),
             "missing": host.gone("missing.pdf", 404),
             "deleted": host.gone("deleted.pdf", 410),
+            "forbidden": host.gone("private.pdf", 403),
             "moved": host.redirect("moved.txt", cdn.add("new/place.txt", b"moved here")),
             "busy": host.add("busy.txt", b"after a 429", rate_limited=1, retry_after="0.2"),
             "huge": host.add("huge.bin", b"h" * 1_000_001),
@@ -481,7 +482,7 @@ async def archive() -> AsyncIterator[tuple[MessagesServer, FileHost, FileHost, d
             "the same bytes again",
             attachments=[{"type": "image", "url": urls["same_b"], "name": "copy.JPG"}],
         )
-        for key in ("missing", "deleted", "moved", "busy", "huge", "insecure"):
+        for key in ("missing", "deleted", "forbidden", "moved", "busy", "huge", "insecure"):
             srv.post_message(chats[2], key, attachments=[{"type": "file", "url": urls[key]}])
         srv.post_message(
             chats[2], "a web page", attachments=[{"type": "link", "url": urls["link"]}]
@@ -514,6 +515,7 @@ async def test_export_media_stores_each_file_once_and_records_what_went_wrong(
         "big": "ok",
         "missing": "404",
         "deleted": "410",
+        "forbidden": "403",
         "moved": "ok",
         "busy": "ok",
         "huge": "too_large",
@@ -535,7 +537,7 @@ async def test_export_media_stores_each_file_once_and_records_what_went_wrong(
             assert row["path"] is None
             assert row["error"]
     assert (media.fetched, media.stored, media.reused) == (5, 4, 1)
-    assert (media.gone, media.too_large, media.failed) == (2, 1, 1)
+    assert (media.gone, media.too_large, media.failed) == (3, 1, 1)
     # The big file's connection was dropped part-way: the retry asked for the rest.
     assert "Range" in host.requests_for("big.bin")[-1].headers
     # Not a token, not a cookie, to either file origin; the link was never fetched.
@@ -545,12 +547,14 @@ async def test_export_media_stores_each_file_once_and_records_what_went_wrong(
         assert "Cookie" not in record.headers
     assert not host.requests_for("page.html")
 
-    # A re-run fetches nothing it has, and nothing that is gone or too large.
+    # A re-run fetches nothing it has, and nothing that is gone or too large; a 403 may be
+    # lifted by a new token, so that one is tried again.
     host.requests.clear()
     cdn.requests.clear()
     _, again = await export_media(server, fmt, out, media=MediaOptions(max_bytes=1_000_000))
     assert again is not None
-    assert host.requests == cdn.requests == []
+    assert [r.path for r in host.requests] == ["/private.pdf"]
+    assert cdn.requests == []
     assert media_files(folder) == files
 
 

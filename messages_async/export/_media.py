@@ -10,7 +10,8 @@ Where things go:
   the last line for a URL wins), with ``url, sha256, size, path, content_type, status, error,
   fetched_at``; ``path`` is relative to the media folder and ``status`` is ``ok``,
   ``too_large``, ``refused``, the HTTP status of a file that is gone (``404``, ``410``, ...),
-  or ``error`` (it failed this time and is tried again by the next run);
+  or ``error`` (it failed this time); ``error``, ``401`` and ``403`` are tried again by
+  the next run, every other status is final;
 - downloads in progress: ``<media>/.partial/``, with the validator each resumes against.
 
 What is fetched: every attachment of every stored message (also those stored by earlier runs
@@ -62,8 +63,9 @@ __all__ = [
 
 logger = logging.getLogger("messages_async.export")
 
-#: Statuses after which a URL is not fetched again (``error`` is retried by the next run).
+#: Statuses a later run tries again: a failure, and refusals that a new token may lift.
 RETRIED = "error"
+_RETRIED = (RETRIED, "401", "403")
 _QUEUE = 1000
 _SCAN_BATCH = 500
 _PARTIAL = ".partial"
@@ -188,9 +190,8 @@ class SqliteMediaIndex(MediaIndex):
         self._db.execute(self._SCHEMA)
 
     def final(self) -> set[str]:
-        return {
-            u for (u,) in self._db.execute("SELECT url FROM media WHERE status != ?", (RETRIED,))
-        }
+        query = "SELECT url FROM media WHERE status NOT IN (?, ?, ?)"
+        return {u for (u,) in self._db.execute(query, _RETRIED)}
 
     def record(self, row: MediaRow) -> None:
         values = attrs.astuple(row)
@@ -231,7 +232,7 @@ class JsonlMediaIndex(MediaIndex):
                 except orjson.JSONDecodeError:
                     break
                 good += len(line)
-                if obj.get("status") == RETRIED:
+                if obj.get("status") in _RETRIED:
                     self._final.discard(obj["url"])
                 else:
                     self._final.add(obj["url"])
@@ -398,7 +399,8 @@ class MediaFetcher:
 
     async def _fetch(self, url: str, name: str | None, _kind: str | None) -> None:
         key = hashlib.sha256(url.encode()).hexdigest()[:32]
-        part = PartialFile(os.path.join(self.folder, _PARTIAL, key), url)
+        # Off the loop: resuming reads (and hashes) what an earlier run wrote.
+        part = await asyncio.to_thread(PartialFile, os.path.join(self.folder, _PARTIAL, key), url)
         stats = self.stats
         options = self._options
         try:
