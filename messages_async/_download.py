@@ -209,6 +209,21 @@ class StreamSink:
         return self._hash.hexdigest()
 
 
+def _scrubbed(exc: BaseException) -> BaseException:
+    """``exc`` with the tracebacks of its whole chain dropped: aiohttp's frames hold the
+    request's headers, and a download from the API's origin carries the token in them."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        current.__traceback__ = None
+        todo += [current.__cause__, current.__context__]
+    return exc
+
+
 class _Again(Exception):
     """This attempt ended without the file; another may get it."""
 
@@ -291,7 +306,8 @@ class Downloader:
         try:
             async with asyncio.timeout(time_limit):
                 return await self._fetch(target, shown, sink, max_bytes)
-        except TimeoutError:
+        except TimeoutError as exc:
+            _scrubbed(exc)
             raise DownloadError(
                 f"{shown}: not complete after {time_limit:g} s ({sink.size} bytes so far)",
                 reason="failed",
@@ -304,6 +320,7 @@ class Downloader:
             try:
                 return await self._attempt(target, shown, sink, max_bytes)
             except (_Again, aiohttp.ClientError, ConnectionError) as exc:
+                _scrubbed(exc)
                 status = exc.status if isinstance(exc, _Again) else None
                 if retries >= self.max_retries:
                     why = f"{type(exc).__name__}: {exc}" if not isinstance(exc, _Again) else exc

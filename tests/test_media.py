@@ -16,6 +16,7 @@ import aiohttp
 import orjson
 import pytest
 from helpers import make_client
+from test_client import _frames_hold
 from test_export import _meta, start_cli
 from yarl import URL
 
@@ -51,7 +52,7 @@ from messages_async.export import (
     run_with_media,
     summary_lines,
 )
-from messages_async.testing import FileHost, MessagesServer
+from messages_async.testing import Fault, FileHost, MessagesServer
 
 API = URL("https://api.example.test/v1/")
 
@@ -618,3 +619,22 @@ def test_progress_and_summary_show_files_and_bytes() -> None:
     summary = "\n".join(summary_lines(ExportStats(), client, "out.sqlite", media))
     assert "3 files fetched (3.0 MiB; 2 new, 1 already stored), 1 gone" in summary
     assert "files" not in progress_line(ExportStats(), client)
+
+
+async def test_a_failed_download_from_the_api_origin_leaks_no_token(
+    server: MessagesServer, tmp_path: Path
+) -> None:
+    on_api = server.resource_uri + "files/secret.bin"
+    async with make_client(server, max_retries=0) as client:
+        token = client._sessions._token.access_token.reveal()  # type: ignore[union-attr]
+        errors: list[BaseException] = []
+        for fault, timeout in ((Fault.drop(), 5.0), (Fault.delay(1.0), 0.2)):
+            server.inject(fault, path="files/", times=None)
+            with pytest.raises(ma.DownloadError) as failed:
+                await client.messages.download(on_api, tmp_path / "s", timeout=timeout)
+            errors.append(failed.value)
+            server.clear_faults()
+    assert [e.reason for e in errors] == ["failed", "failed"]  # type: ignore[attr-defined]
+    assert all(r.token == token for r in server.requests if r.path == "files/secret.bin")
+    for error in errors:
+        assert _frames_hold(error, [token]) == []
