@@ -5,6 +5,7 @@ Start with :class:`Client`; everything public is re-exported here.
 """
 
 from ._client import Client, Messages, __version__
+from ._download import Downloaded, DownloadError
 from ._errors import (
     ApiError,
     AuthError,
@@ -53,6 +54,8 @@ __all__ = [
     "ClientStats",
     "ConfigurationError",
     "DecodeError",
+    "DownloadError",
+    "Downloaded",
     "ErrorView",
     "EventLoopError",
     "InvalidCursorError",

@@ -29,6 +29,7 @@ from typing import NoReturn
 
 from rich.console import Console
 
+from ._checks import count
 from ._client import Client, __version__
 from ._errors import AuthError, ConfigurationError, MessagesError, ScopeError, TransportError
 from ._retry import is_outage
@@ -38,13 +39,17 @@ from .export import (
     ExportOptions,
     ExportStats,
     JsonlStore,
+    ParquetStore,
     SqliteStore,
     Store,
     StoreError,
     show_progress,
     summary_lines,
 )
+from .export._media import MediaFetcher, MediaOptions, run_with_media
+from .export._parquet import load_pyarrow
 from .export._progress import JsonLogFormatter, json_line
+from .export._rescan import Rescanner
 from .export._runner import unless_stopped
 
 __all__ = ["main"]
@@ -106,6 +111,16 @@ def _concurrency(text: str) -> int:
     return value
 
 
+def _size(text: str) -> int:
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
+    number, unit = text.strip(), ""
+    if number[-1:].upper() in ("K", "M", "G"):
+        number, unit = number[:-1], number[-1].upper()
+    if not number.isascii() or not number.isdigit():
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1000000 or 256M)")
+    return int(number) * units[unit]
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -114,6 +129,24 @@ def _seconds(text: str) -> float:
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text}")
     return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    try:
+        return count("the value", value, minimum=1)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 class _SecretFlag(argparse.Action):
@@ -144,9 +177,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     export = sub.add_parser(
         "export",
-        help="export chats into SQLite or JSONL (resumable, incremental)",
+        help="export chats into SQLite, JSONL or Parquet (resumable, incremental)",
         description=(
-            "Export chats into SQLite or JSONL. Running the same command again resumes an "
+            "Export chats into SQLite, JSONL or Parquet. Running the same command again resumes an "
             "interrupted export and then fetches only what is new. Credentials come from the "
             f"environment: {ENV_TOKEN_URL}, {ENV_CLIENT_ID} and {ENV_CLIENT_SECRET}, or "
             f"{ENV_ACCESS_TOKEN} and {ENV_RESOURCE_URI}."
@@ -166,13 +199,22 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--out",
         metavar="PATH",
-        help="the SQLite file (default export.sqlite) or the JSONL directory (default export)",
+        help="the SQLite file (default export.sqlite), the JSONL directory (default export) or "
+        "the Parquet directory (default export-parquet)",
     )
     export.add_argument(
         "--format",
-        choices=("sqlite", "jsonl"),
+        choices=("sqlite", "jsonl", "parquet"),
         default="sqlite",
-        help="sqlite: one file; jsonl: a directory with a file per chat (default sqlite)",
+        help="sqlite: one file; jsonl: a directory with a file per chat; parquet: a "
+        "hive-partitioned dataset (needs pyarrow) (default sqlite)",
+    )
+    export.add_argument(
+        "--parquet-part-rows",
+        type=_positive_int,
+        default=10_000,
+        metavar="N",
+        help="parquet: most rows per part file, buffered per chat (default 10000)",
     )
     export.add_argument(
         "--chat",
@@ -207,6 +249,40 @@ def _parser() -> argparse.ArgumentParser:
     )
     export.add_argument(
         "--fresh", action="store_true", help="discard the export at --out and start over"
+    )
+    export.add_argument(
+        "--rescan",
+        action="store_true",
+        help="walk every stored chat in full again to find edited and deleted messages "
+        "(kept as versions and marked deleted, never removed)",
+    )
+    export.add_argument(
+        "--media",
+        action="store_true",
+        help="also download every stored attachment's file (stored once by SHA-256) into "
+        "export.media/ beside an SQLite file, or DIR/media/",
+    )
+    export.add_argument(
+        "--media-concurrency",
+        type=_concurrency,
+        default=4,
+        metavar="N",
+        help="files downloaded at once (default 4)",
+    )
+    export.add_argument(
+        "--media-max-bytes",
+        type=_size,
+        default=256 * 2**20,
+        metavar="SIZE",
+        help="largest file kept, in bytes or with K, M, G (default 256M); larger ones are "
+        "recorded as too_large",
+    )
+    export.add_argument(
+        "--media-timeout",
+        type=_positive_seconds,
+        default=300.0,
+        metavar="SECONDS",
+        help="time one file may take, retries included (default 300)",
     )
     export.add_argument(
         "--demo",
@@ -317,11 +393,21 @@ def _client_options(concurrency: int, max_unreachable: float) -> dict[str, objec
 def _store(args: argparse.Namespace) -> Store:
     if args.format == "jsonl":
         return JsonlStore(_out_path(args), threads=min(4, args.concurrency))
+    if args.format == "parquet":
+        return ParquetStore(
+            _out_path(args),
+            threads=min(4, args.concurrency),
+            part_rows=args.parquet_part_rows,
+        )
     return SqliteStore(_out_path(args))
 
 
+_DEFAULT_OUT = {"sqlite": "export.sqlite", "jsonl": "export", "parquet": "export-parquet"}
+_FORMAT_NAMES = {"sqlite": "SQLite", "jsonl": "JSONL", "parquet": "Parquet"}
+
+
 def _out_path(args: argparse.Namespace) -> str:
-    return str(args.out or ("export" if args.format == "jsonl" else "export.sqlite"))
+    return str(args.out or _DEFAULT_OUT[args.format])
 
 
 def _check_out(path: str, fmt: str) -> None:
@@ -330,18 +416,19 @@ def _check_out(path: str, fmt: str) -> None:
     Whether an existing output is *this* export is the store's question (``Store.open``);
     this only makes sure that there is somewhere to write, and says what is wrong if not.
     """
-    wants_dir = fmt == "jsonl"
+    wants_dir = fmt != "sqlite"
     if os.path.isdir(path) and not wants_dir:
         raise _UsageError(
             f"--out {path} is a directory; the SQLite format needs a file path "
-            f"(e.g. {os.path.join(path, 'export.sqlite')}), or use --format jsonl"
+            f"(e.g. {os.path.join(path, 'export.sqlite')}), or use --format jsonl or parquet"
         )
     if os.path.exists(path) and not os.path.isdir(path) and wants_dir:
         raise _UsageError(
-            f"--out {path} is a file; the JSONL format needs a directory (new or empty)"
+            f"--out {path} is a file; the {_FORMAT_NAMES[fmt]} format needs a directory "
+            "(new or empty)"
         )
     # Where files will be created: the directory itself (JSONL), or the file's directory.
-    # The JSONL store creates missing directories; SQLite needs its directory to exist.
+    # The JSONL and Parquet stores create missing directories; SQLite needs its directory.
     where = path if wants_dir else os.path.dirname(os.path.abspath(path))
     existing = where
     while not os.path.exists(existing):
@@ -434,6 +521,11 @@ async def _export(args: argparse.Namespace, argv: Sequence[str], err: Console) -
         until=args.until,
     )
     if args.demo:
+        if args.media:
+            raise _UsageError(
+                "--media does not go with --demo: the demo's attachments point at "
+                "files.example.test, which does not exist"
+            )
         return await _demo(args, argv, options, err, say)
     client = _client(args, **_client_options(args.concurrency, args.max_unreachable))
     return await _run(client, None, args, argv, options, err, say)
@@ -556,16 +648,48 @@ async def _run_open(
         raise _UsageError(
             f"--out {store.path}: {exc}" if not isinstance(exc, StoreError) else str(exc)
         ) from None
-    exporter = Exporter(client, store, options, stop=stop)
+    fetcher = None
+    if args.media:
+        media_options = MediaOptions(
+            concurrency=args.media_concurrency,
+            max_bytes=args.media_max_bytes,
+            timeout=args.media_timeout,
+        )
+        fetcher = MediaFetcher(client, store, media_options)
+    rescanner = (
+        Rescanner(
+            client,
+            store,
+            page_size=options.page_size,
+            query=options.query,
+            period=options.period(),
+        )
+        if args.rescan
+        else None
+    )
+    exporter = Exporter(
+        client,
+        store,
+        options,
+        stop=stop,
+        on_commit=fetcher.offer if fetcher else None,
+        rescan=rescanner.rescan if rescanner else None,
+    )
     progress = asyncio.create_task(
         show_progress(
-            exporter.stats, lambda: client.stats, store.path, err, log=say, log_json=args.log_json
+            exporter.stats,
+            lambda: client.stats,
+            store.path,
+            err,
+            log=say,
+            log_json=args.log_json,
+            media=fetcher.stats if fetcher else None,
         ),
         name="export progress",
     )
     try:
         try:
-            stats = await exporter.run()
+            stats = await run_with_media(exporter, fetcher, stop)
         except (AuthError, ScopeError, TransportError) as exc:
             say(f"{PROG} export: {_sign_in_failure(exc, 'export')}")
             return _sign_in_exit(exc)
@@ -579,7 +703,7 @@ async def _run_open(
         progress.cancel()
         await asyncio.gather(progress, return_exceptions=True)
         await store.close()
-    return _report(stats, client, store.path, signals, argv)
+    return _report(stats, client, store.path, signals, argv, fetcher, rescanner)
 
 
 def _report(
@@ -588,9 +712,18 @@ def _report(
     target: str,
     signals: _Signals,
     argv: Sequence[str],
+    fetcher: MediaFetcher | None = None,
+    rescanner: Rescanner | None = None,
 ) -> int:
-    for line in summary_lines(stats, client.stats, target):
+    media = fetcher.stats if fetcher else None
+    for line in summary_lines(stats, client.stats, target, media):
         print(line)
+    if rescanner is not None:
+        found = rescanner.stats
+        print(
+            f"  rescan:    {found.chats} chats walked again, {found.compared:,} messages "
+            f"compared: {found.edits:,} edited, {found.deletions:,} deleted"
+        )
     sys.stdout.flush()
     if stats.interrupted:
         print(
@@ -620,6 +753,11 @@ def _export_main(args: argparse.Namespace, argv: Sequence[str]) -> int:
             f"--since ({args.since.isoformat()}) is after --until ({args.until.isoformat()})"
         )
     _check_out(_out_path(args), args.format)
+    if args.format == "parquet":
+        try:
+            load_pyarrow()  # before signing in: say at once what to install
+        except StoreError as exc:
+            raise _UsageError(str(exc)) from None
     # The export decodes and stores hundreds of thousands of small objects; CPython's cyclic
     # GC would scan them again and again (1.5-2.5x slower on this workload). An application
     # may tune the GC for its own process, which a library must never do behind its user's

@@ -7,24 +7,35 @@ decodes the answer with pure functions again. Walks and fan-outs reuse exactly t
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import enum
 import functools
+import os
 import random
 from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Literal, Self, overload
+from typing import TYPE_CHECKING, BinaryIO, Literal, Self, overload
 
 import aiohttp
 import attrs
 from yarl import URL
 
 from ._checks import count, flag, seconds
+from ._download import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_TIMEOUT,
+    Downloaded,
+    Downloader,
+    DownloadError,
+    PartialFile,
+    StreamSink,
+)
 from ._errors import ClientClosedError, ConfigurationError
 from ._fanout import OnError, fan_out
 from ._hooks import EventHooks, Hook
 from ._limiter import ClientStats, Limiter, Priority
-from ._models import Chat, ChatFailed, Message, MessagesPage, NewAttachment, Period
+from ._models import Attachment, Chat, ChatFailed, Message, MessagesPage, NewAttachment, Period
 from ._observe import Observer
 from ._pagination import Direction, walk_messages, walk_pages
 from ._retry import RetryBudget, RetryPolicy
@@ -276,7 +287,27 @@ class Client:
             rng=rng,
             observer=self._observer,
         )
+        self._downloads = Downloader(
+            resource_root=self._known_root,
+            token=self._bearer,
+            allow_insecure_http=bool(allow_insecure_http),
+            user_agent=f"messages-async/{__version__}",
+            max_retries=self._policy.max_retries,
+            backoff_base=self._policy.backoff_base,
+            backoff_max=self._policy.backoff_max,
+            max_retry_after=self._policy.max_retry_after,
+            rng=rng,
+        )
         self.messages = Messages(self)
+
+    def _known_root(self) -> URL | None:
+        try:
+            return self._sessions.resource_root
+        except ClientClosedError:
+            return None
+
+    async def _bearer(self) -> str:
+        return (await self._sessions.token()).access_token.reveal()
 
     @staticmethod
     def _checked_url(value: object, what: str, allow_insecure_http: bool) -> URL:
@@ -364,7 +395,10 @@ class Client:
         self._sessions.check_loop()
         self._life.state = _State.CLOSED
         self._limiter.close()
-        await self._sessions.close()
+        try:
+            await self._downloads.close()
+        finally:
+            await self._sessions.close()
 
     async def __aenter__(self) -> Self:
         self._check_owner("async with")
@@ -518,6 +552,66 @@ class Messages:
     async def delete(self, message_id: int) -> None:
         """Delete one of this user's messages."""
         await self._client._send(build_delete(self._root(), message_id))
+
+    async def download(
+        self,
+        attachment: Attachment | str,
+        destination: str | os.PathLike[str] | BinaryIO,
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109 -- a per-file limit, documented
+    ) -> Downloaded:
+        """Fetch an attachment's file into ``destination``; returns what was written.
+
+        The bearer token goes only to the API's own origin (docs/protocol.md §6); any other
+        origin, and anything a redirect leads to from there, gets no credentials and no
+        cookies. Plain ``http://`` to a host that is not loopback is refused unless the client
+        has ``allow_insecure_http``. A dropped connection resumes with a ``Range`` request
+        where the host supports it; 429s and 5xx are retried (a ``Retry-After`` pauses that
+        host only).
+
+        Args:
+            attachment: An :class:`Attachment` of a message, or a URL.
+            destination: A path (written as ``path + ".part"`` and renamed into place only when
+                complete; an interrupted call leaves the part for the next call to resume), or
+                a binary file object opened for writing.
+            max_bytes: Largest file accepted; a file of exactly this size is kept.
+            timeout: Seconds the whole file may take, every retry included.
+
+        Raises:
+            DownloadError: ``reason`` says why: ``refused``, ``too_large``, ``gone`` (with
+                ``status``, e.g. 404 or 410) or ``failed``.
+        """
+        url = attachment.url if isinstance(attachment, Attachment) else attachment
+        if not isinstance(url, str):
+            raise TypeError(f"attachment must be an Attachment or a str URL, got {url!r}")
+        max_bytes = count("max_bytes", max_bytes, minimum=0)
+        time_limit = seconds("timeout", timeout)
+        self._client._require_open()
+        downloads = self._client._downloads
+        downloads.check(url)  # refused before anything is created or sent
+        if not isinstance(destination, (str, os.PathLike)):
+            if not callable(getattr(destination, "write", None)):
+                raise TypeError("destination must be a path or a binary file object")
+            sink = StreamSink(destination)
+            return await downloads.fetch(url, sink, max_bytes=max_bytes, time_limit=time_limit)
+        path = os.fspath(destination)
+        # Off the loop: resuming reads (and hashes) what an interrupted call wrote.
+        part = await asyncio.to_thread(PartialFile, f"{path}.part", url)
+        try:
+            result = await downloads.fetch(url, part, max_bytes=max_bytes, time_limit=time_limit)
+            await asyncio.to_thread(part.sync)
+        except DownloadError as exc:
+            if exc.reason == "failed":
+                part.close()  # kept: the next call resumes it
+            else:
+                part.discard()
+            raise
+        except BaseException:
+            part.close()
+            raise
+        part.finish(path)
+        return result
 
     # --- walks ----------------------------------------------------------------------------------
 

@@ -124,10 +124,13 @@ def read_jsonl(out: Path) -> tuple[dict[int, Raw], dict[int, list[Raw]]]:
         obj = orjson.loads(line)
         chats[obj["chat_id"]] = obj
     messages = {}
-    for path in (out / "messages").iterdir():
+    for path in (out / "messages").glob("*/messages.jsonl"):
+        folder = path.parent
         data = path.read_bytes()
         assert not data or data.endswith(b"\n"), f"{path} ends in a torn line"
-        messages[int(path.stem)] = [orjson.loads(line) for line in data.splitlines()]
+        messages[int(folder.name.removeprefix("chat_id="))] = [
+            orjson.loads(line) for line in data.splitlines()
+        ]
     assert not list((out / ".pending").iterdir()), "update segments left behind"
     return chats, messages
 
@@ -260,7 +263,8 @@ async def test_text_past_a_nul_and_a_lone_surrogate_is_exported_whole(
         finally:
             db.close()
         assert whole == "before\x00after"
-        assert created == server.messages(chat_id)[1]["created_at"]
+        sent = datetime.fromisoformat(server.messages(chat_id)[1]["created_at"])
+        assert created == sent.astimezone(UTC).isoformat(sep=" ")[:-6]  # a UTC TIMESTAMP
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -697,7 +701,7 @@ async def test_jsonl_torn_tail_is_cut_back_to_the_checkpoint(
     out = _out(tmp_path, "jsonl")
     await export(server, "jsonl", out)
     chat = server.chat_ids()[0]
-    path = out / "messages" / f"{chat}.jsonl"
+    path = out / "messages" / f"chat_id={chat}" / "messages.jsonl"
     # A page whose checkpoint never landed: a torn line past the checkpointed length.
     path.write_bytes(path.read_bytes() + b'{"id": 1, "uid": 2, "mess')
     await export(server, "jsonl", out)
@@ -714,7 +718,7 @@ async def test_jsonl_merge_interrupted_before_or_after_the_rename_completes(
     for i in range(3):
         server.post_message(chat, f"new {i}")
     new = server.messages(chat)[:3]
-    main = out / "messages" / f"{chat}.jsonl"
+    main = out / "messages" / f"chat_id={chat}" / "messages.jsonl"
     old = main.read_bytes()
     segment = b"".join(orjson.dumps(m) + b"\n" for m in new)
     # Recreate the moment a run was killed during the merge: segment written, checkpoint

@@ -39,7 +39,9 @@ def _section(title: str) -> str:
     level = title.split(" ")[0]
     start = readme.index(f"\n{title}\n") + 1
     rest = readme[start + len(title) :]
-    ends = [m.start() for m in re.finditer(rf"^#{{1,{len(level)}}} ", rest, re.M)]
+    # A "# comment" line inside a code block is no heading: blank the blocks out (same length).
+    prose = re.sub(r"^```.*?^```", lambda m: " " * len(m.group(0)), rest, flags=re.M | re.S)
+    ends = [m.start() for m in re.finditer(rf"^#{{1,{len(level)}}} ", prose, re.M)]
     return title + (rest[: ends[0]] if ends else rest)
 
 

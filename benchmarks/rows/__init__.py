@@ -8,6 +8,7 @@ from . import (
     decode,
     export,
     fanout,
+    media,
     polling,
     prefetch,
     ratelimit,
@@ -29,7 +30,12 @@ ROWS: tuple[Row, ...] = (
     Row(prefetch.NAME, prefetch.run, "50 pages, 20 ms latency and consumer: prefetch on vs off"),
     Row(ratelimit.NAME, ratelimit.run, "fan-out against a token-bucket server vs its ceiling"),
     Row(simulated.NAME, simulated.run, "rate controllers vs server limiter models, virtual clock"),
-    Row(export.NAME, export.run, "messages-async export into SQLite/JSONL: rate vs iter_many, RSS"),
+    Row(
+        export.NAME,
+        export.run,
+        "messages-async export into SQLite/JSONL/Parquet: rate vs iter_many, RSS",
+    ),
+    Row(media.NAME, media.run, "export --media against two file hosts at 20 ms: files/s vs C/L"),
     Row(polling.NAME, polling.run, "watch() over 200 quiet chats: requests/s vs chats/interval"),
     Row(reply.NAME, reply.run, "a bot's reply to a quiet chat vs what its watch costs, 4 settings"),
 )

@@ -1,4 +1,4 @@
-"""Bulk export of chats into SQLite or JSONL: crash-safe, resumable and incremental.
+"""Bulk export of chats into SQLite, JSONL or Parquet: crash-safe, resumable and incremental.
 
 The ``messages-async export`` command is built from these parts, which work the same from
 Python::
@@ -13,15 +13,21 @@ Python::
 Stores (where an export goes; all their methods are coroutines, the work runs on the store's
 own threads, never on the event loop):
 
-- ``SqliteStore(path)``: one SQLite file with the tables ``chats(chat_id, raw)``,
-  ``messages(id, chat_id, raw, uid, message, created_at)`` (indexed on ``id`` and
-  ``(chat_id, id)``), ``export_state`` (one checkpoint per chat) and ``meta``. ``raw`` is the
-  object exactly as received, unknown fields included, as JSON text. One transaction per
-  page: the page and the chat's checkpoint are stored together.
+- ``SqliteStore(path)``: one SQLite file with the tables ``chats(chat_id, raw, type, name,
+  picture_url, members_count)``, ``messages(id, chat_id, raw, uid, message, created_at)``
+  (``created_at`` a UTC ``TIMESTAMP``; indexed on ``id`` and ``(chat_id, id)``),
+  ``export_state`` (one checkpoint per chat) and ``meta``, plus ``media`` and
+  ``message_versions`` when ``--media`` or ``--rescan`` ran. ``raw`` is the object exactly as
+  received, unknown fields included, as JSON text. One transaction per page: the page and the
+  chat's checkpoint are stored together.
 - ``JsonlStore(path, threads=4)``: a directory with ``chats.jsonl``,
-  ``messages/<chat_id>.jsonl`` (one raw object per line, newest first), ``state.json`` and
-  ``state/<chat_id>.json`` (the checkpoints). A page is appended and ``fsync``-ed before its
-  checkpoint is atomically replaced, so no line is ever torn or duplicated.
+  ``messages/chat_id=<id>/messages.jsonl`` (one raw object per line, newest first; hive
+  partitions DuckDB joins on), ``state.json`` and ``state/<chat_id>.json`` (the checkpoints).
+  A page is appended and ``fsync``-ed before its checkpoint is atomically replaced, so no line
+  is ever torn or duplicated.
+- ``ParquetStore(path, threads=4, part_rows=10000)``: a hive-partitioned dataset,
+  ``messages/chat_id=<id>/part-<n>.parquet`` and ``chats.parquet`` with typed columns (needs
+  the ``parquet`` extra); a part is renamed into place only when complete.
 - ``Store``: the base class, for another backend (implement ``_open``, ``_save_chats``,
   ``_load``, ``_commit``, ``_fail`` and ``_close``, which run on the store's threads).
 
@@ -41,7 +47,10 @@ page_size=100)``: which chats (``None``: every chat the token can see), how many
 once (each with a page fetched ahead), and the filters (``since`` inclusive, ``until``
 exclusive, timezone-aware datetimes).
 
-``Exporter(client, store, options, stop=None)`` with an open client and an open store;
+``Exporter(client, store, options, stop=None, on_commit=None, rescan=None)`` with an open
+client and an open store (``on_commit`` gets each page's new messages once they are
+committed, which is how ``MediaFetcher.offer`` queues their files; ``rescan`` is run for each
+chat after its update, e.g. ``Rescanner.rescan`` to find edits and deletions);
 ``await exporter.run()`` (once) returns ``ExportStats``. A chat never finished is walked from
 its saved cursor to its oldest message; a finished one is updated (only what is newer than
 its newest stored message: about one request when nothing is new); an expired cursor restarts
@@ -61,9 +70,14 @@ returns it.
 
 ``show_progress``, ``progress_line`` and ``summary_lines`` are the command's progress display
 and summary, for programs that want the same output.
+
+See ``_runner.py`` for what a run does, ``_state.py`` for the checkpoints, and ``_sqlite.py``,
+``_jsonl.py`` and ``_parquet.py`` for the three formats' layouts and crash safety.
 """
 
 from ._jsonl import JsonlStore
+from ._media import MediaFetcher, MediaOptions, MediaStats, media_folder, run_with_media
+from ._parquet import ParquetStore
 from ._progress import progress_line, show_progress, summary_lines
 from ._runner import ChatFailure, Exporter, ExportOptions, ExportStats
 from ._sqlite import SqliteStore
@@ -78,10 +92,16 @@ __all__ = [
     "ExportStats",
     "Exporter",
     "JsonlStore",
+    "MediaFetcher",
+    "MediaOptions",
+    "MediaStats",
+    "ParquetStore",
     "SqliteStore",
     "Store",
     "StoreError",
+    "media_folder",
     "progress_line",
+    "run_with_media",
     "show_progress",
     "summary_lines",
 ]

@@ -4,8 +4,13 @@ Layout of ``DIR``::
 
     state.json                  what this export is (source and filters)
     chats.jsonl                 one chat object per line, exactly as received
-    messages/<chat_id>.jsonl    one message object per line, exactly as received, newest first
-                                (one file per exported chat; empty if the chat has none)
+    messages/chat_id=<id>/messages.jsonl
+                                one message object per line, exactly as received, newest first
+                                (one file per exported chat; empty if the chat has none); the
+                                folder names are hive partitions, so DuckDB's
+                                ``read_json('DIR/messages/*/*.jsonl', hive_partitioning=true)``
+                                gives each message its ``chat_id`` (an export begun with the
+                                earlier ``messages/<chat_id>.jsonl`` is moved over when opened)
     state/<chat_id>.json        the chat's checkpoint (see _state.py)
     .pending/                   update segments and merge files, see below
 
@@ -43,7 +48,7 @@ from .._models import Message
 from ._state import ChatState, ExportMeta
 from ._store import Store, StoreError, mismatch
 
-__all__ = ["JsonlStore", "atomic_write"]
+__all__ = ["RESCAN_FOLDERS", "JsonlStore", "atomic_write", "chat_file", "remove_export"]
 
 logger = logging.getLogger("messages_async.export")
 
@@ -52,8 +57,25 @@ _CHATS = "chats.jsonl"
 _MESSAGES = "messages"
 _STATE = "state"
 _PENDING = ".pending"
-_OURS = (_META, _CHATS, _MESSAGES, _STATE, _PENDING)
+#: Folders ``--rescan`` writes (see _rescan.py), in JSONL and Parquet exports alike.
+RESCAN_FOLDERS = ("versions", "deleted", "rescan")
+_OURS = (_META, _CHATS, _MESSAGES, _STATE, _PENDING, *RESCAN_FOLDERS)
 _COPY_CHUNK = 1 << 20
+
+
+def chat_file(root: str, chat_id: int) -> str:
+    """A chat's messages file in the JSONL export at ``root``."""
+    return os.path.join(root, _MESSAGES, f"chat_id={chat_id}", "messages.jsonl")
+
+
+def remove_export(root: str, names: tuple[str, ...]) -> None:
+    """Remove what an export in ``root`` consists of (``names``); anything else there stays."""
+    for name in names:
+        target = os.path.join(root, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        elif os.path.exists(target):
+            os.unlink(target)
 
 
 def _fsync_dir(path: str) -> None:
@@ -151,7 +173,16 @@ class JsonlStore(Store):
         return os.path.join(self.path, *parts)
 
     def _main(self, chat_id: int) -> str:
-        return self._p(_MESSAGES, f"{chat_id}.jsonl")
+        return chat_file(self.path, chat_id)
+
+    def _place(self, chat_id: int) -> None:
+        """Make the chat's folder, moving a file of the earlier flat layout into it."""
+        main = self._main(chat_id)
+        os.makedirs(os.path.dirname(main), exist_ok=True)
+        flat = self._p(_MESSAGES, f"{chat_id}.jsonl")
+        if os.path.exists(flat) and not os.path.exists(main):
+            os.replace(flat, main)
+            _fsync_dir(self._p(_MESSAGES))
 
     def _pending(self, chat_id: int) -> str:
         return self._p(_PENDING, f"{chat_id}.jsonl")
@@ -193,13 +224,7 @@ class JsonlStore(Store):
                 raise
             stored = None
         if fresh and os.path.isdir(self.path):
-            # Only what an export consists of is removed; anything else in DIR stays.
-            for name in _OURS:
-                target = self._p(name)
-                if os.path.isdir(target):
-                    shutil.rmtree(target)
-                elif os.path.exists(target):
-                    os.unlink(target)
+            remove_export(self.path, _OURS)
             stored = None
         if stored is not None and stored != meta:
             raise mismatch(self.path, stored, meta)
@@ -238,6 +263,7 @@ class JsonlStore(Store):
         return state
 
     def _load(self, chat_id: int) -> ChatState:
+        self._place(chat_id)
         try:
             with open(self._state_file(chat_id), "rb") as f:
                 state = ChatState.from_json(orjson.loads(f.read()))
@@ -321,7 +347,7 @@ class JsonlStore(Store):
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(merged, main)
-            _fsync_dir(self._p(_MESSAGES))
+            _fsync_dir(os.path.dirname(main))
         state.length = total
         state.pending_length = 0
         state.merging = False

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 import orjson
 from rich.console import Console, Group
 from rich.live import Live
@@ -23,6 +24,7 @@ from rich.progress_bar import ProgressBar
 from rich.text import Text
 
 from .._limiter import ClientStats
+from ._media import MediaStats
 from ._runner import ExportStats
 
 __all__ = [
@@ -44,7 +46,19 @@ def _pause(stats: ExportStats, client: ClientStats) -> float:
     return max(client.paused_for, stats.waiting_for)
 
 
-def progress_line(stats: ExportStats, client: ClientStats) -> str:
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def _media_text(media: MediaStats) -> str:
+    failed = media.gone + media.too_large + media.failed
+    return (
+        f"files {media.fetched:,} ({_mib(media.bytes)}), {media.active} downloading, "
+        f"{media.queued:,} queued, {failed:,} not fetched"
+    )
+
+
+def progress_line(stats: ExportStats, client: ClientStats, media: MediaStats | None = None) -> str:
     """One line of progress, for logs."""
     line = (
         f"chats {stats.chats_done + stats.chats_failed}/{stats.chats_total}"
@@ -56,6 +70,8 @@ def progress_line(stats: ExportStats, client: ClientStats) -> str:
     )
     if client.pace is not None:
         line += f", pace {client.pace:,.1f} req/s"
+    if media is not None:
+        line += f"; {_media_text(media)}"
     pause = _pause(stats, client)
     if pause > 0:
         line += f"; waiting {pause:.0f} s as the server asked"
@@ -63,10 +79,14 @@ def progress_line(stats: ExportStats, client: ClientStats) -> str:
 
 
 def progress_record(
-    stats: ExportStats, client: ClientStats, *, final: bool = False
+    stats: ExportStats,
+    client: ClientStats,
+    *,
+    final: bool = False,
+    media: MediaStats | None = None,
 ) -> dict[str, Any]:
     """The progress figures as one flat object: what ``--log-json`` prints, a line each."""
-    return {
+    record: dict[str, Any] = {
         "time": _now(),
         "event": "export.done" if final else "export.progress",
         "elapsed_s": round(stats.elapsed, 3),
@@ -86,6 +106,9 @@ def progress_record(
         "max_concurrency": client.max_concurrency,
         "pace": None if client.pace is None else round(client.pace, 2),
     }
+    if media is not None:
+        record.update({f"media_{k}": v for k, v in attrs.asdict(media).items()})
+    return record
 
 
 def _now() -> str:
@@ -104,12 +127,20 @@ class JsonLogFormatter(logging.Formatter):
         return json_line("log", level=record.levelname.lower(), message=record.getMessage())
 
 
-def _progress_json(stats: ExportStats, client: ClientStats, *, final: bool = False) -> str:
-    record = progress_record(stats, client, final=final)
+def _progress_json(
+    stats: ExportStats,
+    client: ClientStats,
+    *,
+    final: bool = False,
+    media: MediaStats | None = None,
+) -> str:
+    record = progress_record(stats, client, final=final, media=media)
     return json_line(record.pop("event"), **{k: v for k, v in record.items() if k != "time"})
 
 
-def _render(stats: ExportStats, client: ClientStats, target: str) -> Group:
+def _render(
+    stats: ExportStats, client: ClientStats, target: str, media: MediaStats | None
+) -> Group:
     done = stats.chats_done + stats.chats_failed
     head = Text.assemble(
         ("Exporting to ", "bold"),
@@ -131,6 +162,8 @@ def _render(stats: ExportStats, client: ClientStats, target: str) -> Group:
         + ("" if client.pace is None else f"  pace {client.pace:,.1f}/s")
     )
     parts: list[Text | ProgressBar] = [head, bar, chats, counts]
+    if media is not None:
+        parts.append(Text(_media_text(media)))
     pause = _pause(stats, client)
     if pause > 0:
         parts.append(
@@ -151,6 +184,7 @@ async def show_progress(
     *,
     log: Callable[[str], None],
     log_json: bool = False,
+    media: MediaStats | None = None,
 ) -> None:
     """Show progress until cancelled: live on a terminal, else ``log`` every few seconds.
 
@@ -162,25 +196,28 @@ async def show_progress(
         try:
             while True:
                 await asyncio.sleep(LOG_INTERVAL)
-                print(_progress_json(stats, client_stats()), file=out, flush=True)
+                print(_progress_json(stats, client_stats(), media=media), file=out, flush=True)
         finally:
-            print(_progress_json(stats, client_stats(), final=True), file=out, flush=True)
+            last = _progress_json(stats, client_stats(), final=True, media=media)
+            print(last, file=out, flush=True)
     if console.is_terminal:
         with Live(
-            _render(stats, client_stats(), target),
+            _render(stats, client_stats(), target, media),
             console=console,
             auto_refresh=False,
             transient=True,
         ) as live:
             while True:
                 await asyncio.sleep(LIVE_INTERVAL)
-                live.update(_render(stats, client_stats(), target), refresh=True)
+                live.update(_render(stats, client_stats(), target, media), refresh=True)
     while True:
         await asyncio.sleep(LOG_INTERVAL)
-        log(progress_line(stats, client_stats()))
+        log(progress_line(stats, client_stats(), media))
 
 
-def summary_lines(stats: ExportStats, client: ClientStats, target: str) -> list[str]:
+def summary_lines(
+    stats: ExportStats, client: ClientStats, target: str, media: MediaStats | None = None
+) -> list[str]:
     """The final summary, one string per line.
 
     A chat is *complete* when the store holds all of it (as of its last walk): after a run
@@ -198,6 +235,12 @@ def summary_lines(stats: ExportStats, client: ClientStats, target: str) -> list[
         f" {client.rate_limited:,} answered 429"
         + (f", {stats.cursor_restarts} expired cursors" if stats.cursor_restarts else ""),
     ]
+    if media is not None:
+        lines.append(
+            f"  media:     {media.fetched:,} files fetched ({_mib(media.bytes)}; "
+            f"{media.stored:,} new, {media.reused:,} already stored), {media.gone:,} gone, "
+            f"{media.too_large:,} too large, {media.failed:,} failed (tried again next run)"
+        )
     if stats.failures:
         lines.append("  failed chats:")
         lines.extend(f"    {f.chat_id}: {f.error}" for f in stats.failures)

@@ -40,7 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Coroutine
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Sequence
 from datetime import datetime
 from typing import Any, Literal, TypeVar
 
@@ -49,7 +49,7 @@ import attrs
 from .._checks import count
 from .._client import Client
 from .._errors import AuthError, MessagesError, RateLimitError, UnsafeCursorError
-from .._models import MessagesPage, Period
+from .._models import Message, MessagesPage, Period
 from .._pool import Emit, Pool
 from .._retry import RoundVerdict, after_failed_call
 from ._state import ChatState
@@ -200,6 +200,10 @@ class Exporter:
         store: An open store.
         options: What to export.
         stop: Set it to stop cleanly: workers are cancelled, and every committed page stays.
+        on_commit: Called with each page's new messages once they are committed (it must not
+            block: the export's ``--media`` queues their attachments).
+        rescan: Run for each chat after its update, under the same retry rules (the
+            export's ``--rescan``: it finds edits and deletions).
     """
 
     def __init__(
@@ -209,7 +213,11 @@ class Exporter:
         options: ExportOptions,
         *,
         stop: asyncio.Event | None = None,
+        on_commit: Callable[[Sequence[Message]], None] | None = None,
+        rescan: Callable[[ChatState], Awaitable[None]] | None = None,
     ) -> None:
+        self._on_commit = on_commit
+        self._rescan = rescan
         self._client = client
         self._store = store
         self._options = options
@@ -305,7 +313,10 @@ class Exporter:
             while True:
                 stored = job.state.messages
                 try:
-                    await self._walk(job)
+                    if job.rescanning and self._rescan is not None:
+                        await self._rescan(job.state)
+                    else:
+                        await self._walk(job)
                 except Exception as exc:
                     next_round = rounds.after(exc, progressed=job.state.messages > stored)
                     if next_round.action == "raise":
@@ -324,6 +335,9 @@ class Exporter:
                     continue
                 if catch_up:
                     catch_up = False
+                    continue
+                if self._rescan is not None and not job.rescanning:
+                    job.rescanning = True
                     continue
                 stats.chats_done += 1
                 stats.stored_messages += job.state.messages
@@ -397,6 +411,8 @@ class Exporter:
                     new.walk_top = new.walk_low = None
                 before = state.messages
                 job.state = await self._store.commit(new, writes, update=update)
+                if self._on_commit is not None and writes:
+                    self._on_commit(writes)
                 self.stats.messages += job.state.messages - before
                 self.stats.pages += 1
                 if finished:
@@ -431,3 +447,4 @@ async def unless_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T
 @attrs.define
 class _ChatJob:
     state: ChatState
+    rescanning: bool = False

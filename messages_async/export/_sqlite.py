@@ -4,11 +4,15 @@ Layout (queries welcome; the ``raw`` columns hold every field exactly as receive
 included, as JSON text)::
 
     meta(key TEXT PRIMARY KEY, value TEXT)                       -- what this export is
-    chats(chat_id INTEGER PRIMARY KEY, raw TEXT)
+    chats(chat_id INTEGER PRIMARY KEY, raw TEXT, type TEXT, name TEXT, picture_url TEXT,
+          members_count INTEGER)
     messages(id INTEGER NOT NULL UNIQUE, chat_id INTEGER NOT NULL, raw TEXT NOT NULL,
-             uid INTEGER, message TEXT, created_at TEXT)         -- index on (chat_id, id)
+             uid INTEGER, message TEXT, created_at TIMESTAMP)    -- index on (chat_id, id)
     export_state(chat_id INTEGER PRIMARY KEY, done, newest_id, cursor, walk_top, walk_low,
                  error, messages, updated_at)                    -- see _state.py
+
+``created_at`` is UTC as ``YYYY-MM-DD HH:MM:SS[.ffffff]`` (see ``_columns.utc_timestamp``);
+an export begun before that column was typed keeps the server's text there.
 
 Message rows are stored in the order they arrive, and found through the unique index on ``id``
 and the index on ``(chat_id, id)``. Ids grow across all chats, so a table keyed on ``id`` put
@@ -36,21 +40,25 @@ from typing import Any
 import orjson
 
 from .._models import Message
+from ._columns import chat_columns, utc_timestamp
 from ._state import ChatState, ExportMeta
 from ._store import Store, StoreError, mismatch
 
-__all__ = ["SqliteStore"]
+__all__ = ["SqliteStore", "created_column"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS chats (chat_id INTEGER PRIMARY KEY, raw TEXT);
+CREATE TABLE IF NOT EXISTS chats (
+    chat_id INTEGER PRIMARY KEY, raw TEXT, type TEXT, name TEXT, picture_url TEXT,
+    members_count INTEGER
+);
 CREATE TABLE IF NOT EXISTS messages (
     id INTEGER NOT NULL UNIQUE,
     chat_id INTEGER NOT NULL,
     raw TEXT NOT NULL,
     uid INTEGER,
     message TEXT,
-    created_at TEXT
+    created_at TIMESTAMP
 );
 CREATE INDEX IF NOT EXISTS messages_chat_id ON messages (chat_id, id);
 CREATE TABLE IF NOT EXISTS export_state (
@@ -84,12 +92,12 @@ _UPSERT_STATE = (
 )
 # Message rows are bound as they are: ``raw`` is each message's JSON text as received (nothing
 # parsed or encoded again) and ``message`` the whole text (SQLite's JSON functions would cut it
-# at a U+0000). ``created_at`` is read by SQLite from the raw text, as the server sent it.
-# Measured on the store's thread, 100-message pages: about 0.8 ms of CPU a page bound this way,
-# 1.3 ms through one JSON array unpacked by json_each (the way checkpoints go in below).
+# at a U+0000). Measured on the store's thread, 100-message pages: about 0.8 ms of CPU a page
+# bound this way, 1.3 ms through one JSON array unpacked by json_each (the way checkpoints go
+# in below).
 _INSERT_MESSAGES = (
     "INSERT OR IGNORE INTO messages (id, chat_id, raw, uid, message, created_at) "
-    "VALUES (?1, ?2, ?3, ?4, ?5, json_extract(?3, '$.created_at'))"
+    "VALUES (?, ?, ?, ?, ?, ?)"
 )
 # Checkpoints go in as one JSON array, which SQLite unpacks itself. (json_extract rather than
 # the ->> operators, which need SQLite 3.38; many systems' Pythons have older.)
@@ -108,8 +116,31 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def _message_rows(chat_id: int, messages: list[Message], into: list[tuple[Any, ...]]) -> None:
-    into += [(m.id, chat_id, str(m.raw_json, "utf-8"), m.uid, m.message) for m in messages]
+#: Columns added to ``chats`` after the first layout: added to older exports when opened.
+_CHAT_COLUMNS = (
+    ("type", "TEXT"),
+    ("name", "TEXT"),
+    ("picture_url", "TEXT"),
+    ("members_count", "INTEGER"),
+)
+
+
+def created_column(message: Message, timestamps: bool) -> str | None:
+    """The ``created_at`` column of a message: a UTC timestamp, or (in an export begun
+    before the column was typed) the server's text as it was stored then."""
+    if timestamps:
+        return utc_timestamp(message.created_at)
+    created = message.raw.get("created_at")
+    return created if isinstance(created, str) else None
+
+
+def _message_rows(
+    chat_id: int, messages: list[Message], into: list[tuple[Any, ...]], timestamps: bool
+) -> None:
+    into += [
+        (m.id, chat_id, str(m.raw_json, "utf-8"), m.uid, m.message, created_column(m, timestamps))
+        for m in messages
+    ]
 
 
 def _state_row(state: ChatState, now: str) -> tuple[Any, ...]:
@@ -136,6 +167,8 @@ class SqliteStore(Store):
         self._db: sqlite3.Connection | None = None
         self._queue: list[tuple[ChatState, list[Message], asyncio.Future[ChatState]]] = []
         self._writer: asyncio.Task[None] | None = None
+        #: Whether ``messages.created_at`` holds UTC timestamps (see the module docstring).
+        self.timestamps = True
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -212,6 +245,7 @@ class SqliteStore(Store):
             if stored is not None and stored != meta:
                 raise mismatch(self.path, stored, meta)
             db.executescript(_SCHEMA)
+            self._upgrade(db)
             if stored is None:
                 db.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('export', ?)",
@@ -222,14 +256,25 @@ class SqliteStore(Store):
             raise
         self._db = db
 
+    def _upgrade(self, db: sqlite3.Connection) -> None:
+        """Add what later layouts have to an export begun with an earlier one."""
+        have = {row[1] for row in db.execute("PRAGMA table_info(chats)")}
+        for name, kind in _CHAT_COLUMNS:
+            if name not in have:
+                db.execute(f"ALTER TABLE chats ADD COLUMN {name} {kind}")
+        types = {row[1]: row[2] for row in db.execute("PRAGMA table_info(messages)")}
+        self.timestamps = types.get("created_at", "").upper() == "TIMESTAMP"
+
     def _save_chats(self, chats: list[Mapping[str, Any]]) -> None:
         db = self.db
-        rows = [(int(c["chat_id"]), orjson.dumps(c).decode()) for c in chats]
+        rows = [(*chat_columns(c), orjson.dumps(c).decode()) for c in chats]
         db.execute("BEGIN")
         try:
             db.executemany(
-                "INSERT INTO chats (chat_id, raw) VALUES (?, ?) "
-                "ON CONFLICT (chat_id) DO UPDATE SET raw = excluded.raw",
+                "INSERT INTO chats (chat_id, type, name, picture_url, members_count, raw) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (chat_id) DO UPDATE SET "
+                "raw = excluded.raw, type = excluded.type, name = excluded.name, "
+                "picture_url = excluded.picture_url, members_count = excluded.members_count",
                 rows,
             )
         except BaseException:
@@ -293,7 +338,7 @@ class SqliteStore(Store):
         rows: list[tuple[Any, ...]] = []
         states = []
         for state, messages in batch:
-            _message_rows(state.chat_id, messages, rows)
+            _message_rows(state.chat_id, messages, rows, self.timestamps)
             # The walk skips every id it stored before, so each row here is new; OR IGNORE
             # only guards the file against a server that repeats itself.
             state.messages += len(messages)

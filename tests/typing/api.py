@@ -49,6 +49,15 @@ async def typical_use() -> None:
             async for _cid, new in watch:
                 _mid: int = new.id
             _marks: dict[int, int] = watch.watermarks
+        for attachment in message.attachments:
+            got: ma.Downloaded = await client.messages.download(attachment, "/tmp/file")
+            _sha: str = got.sha256
+        try:
+            with open("/tmp/other", "wb") as out:
+                await client.messages.download("https://files.example.test/x", out, max_bytes=10)
+        except ma.DownloadError as exc:
+            _reason: str = exc.reason
+            _code: int | None = exc.status
         del scopes, stats
     try:
         pass

@@ -1,0 +1,290 @@
+"""``export --rescan`` against the emulator: edits and deletions between runs are found, kept
+as versions and marked deleted (never removed), resumably and crash-safely."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow.parquet as pq
+import pytest
+from helpers import make_client
+from test_export import _meta, kill_mid_run, listings, start_cli
+
+from messages_async.export import (
+    Exporter,
+    ExportOptions,
+    ExportStats,
+    JsonlStore,
+    ParquetStore,
+    SqliteStore,
+    Store,
+)
+from messages_async.export._rescan import Rescanner, RescanStats
+from messages_async.testing import MessagesServer
+
+FORMATS = ("sqlite", "jsonl", "parquet")
+Raw = dict[str, Any]
+
+
+def _out(tmp_path: Path, fmt: str) -> Path:
+    return tmp_path / ("out.sqlite" if fmt == "sqlite" else f"out-{fmt}")
+
+
+def _store(fmt: str, out: Path) -> Store:
+    if fmt == "sqlite":
+        return SqliteStore(str(out))
+    return JsonlStore(str(out)) if fmt == "jsonl" else ParquetStore(str(out))
+
+
+async def export(
+    server: MessagesServer,
+    fmt: str,
+    out: Path,
+    *,
+    rescan: bool = True,
+    stop_after: int | None = None,
+) -> tuple[ExportStats, RescanStats | None]:
+    options = ExportOptions(concurrency=2)
+    store = _store(fmt, out)
+    async with make_client(server) as client:
+        try:
+            await store.open(_meta(server, options), fresh=False)
+            rescanner = Rescanner(client, store) if rescan else None
+            stop = asyncio.Event()
+            if rescanner is not None and stop_after is not None:
+                backend = rescanner._backend
+                original = backend.commit
+                count = 0
+
+                def commit(*args: Any) -> Any:
+                    nonlocal count
+                    count += 1
+                    if count >= stop_after:
+                        loop.call_soon_threadsafe(stop.set)
+                    return original(*args)
+
+                loop = asyncio.get_running_loop()
+                backend.commit = commit  # type: ignore[method-assign]
+            exporter = Exporter(
+                client, store, options, stop=stop, rescan=rescanner.rescan if rescanner else None
+            )
+            stats = await exporter.run()
+            return stats, rescanner.stats if rescanner else None
+        finally:
+            await store.close()
+
+
+def current_view(fmt: str, out: Path) -> tuple[dict[int, Raw], set[int], dict[int, list[Raw]]]:
+    """What the export says now: ``({id: current raw}, deleted ids, {id: versions})``."""
+    versions: dict[int, list[Raw]] = {}
+    if fmt == "sqlite":
+        db = sqlite3.connect(out)
+        try:
+            current = {i: orjson.loads(r) for i, r in db.execute("SELECT id, raw FROM messages")}
+            tables = {n for (n,) in db.execute("SELECT name FROM sqlite_master")}
+            if "message_versions" not in tables:  # added by the first --rescan
+                return current, set(), versions
+            deleted = {
+                i for (i,) in db.execute("SELECT id FROM messages WHERE deleted_at IS NOT NULL")
+            }
+            for i, version, raw, seen in db.execute(
+                "SELECT id, version, raw, seen_at FROM message_versions ORDER BY id, version"
+            ):
+                versions.setdefault(i, []).append(
+                    {"v": version, "raw": orjson.loads(raw), "seen": seen}
+                )
+        finally:
+            db.close()
+        return current, deleted, versions
+    current = {}
+    if fmt == "jsonl":
+        for path in (out / "messages").glob("*/messages.jsonl"):
+            for line in path.read_bytes().splitlines():
+                obj = orjson.loads(line)
+                current[obj["id"]] = obj
+    else:
+        table = pq.read_table(out / "messages", columns=["id", "raw"])
+        for i, raw in zip(
+            table.column("id").to_pylist(), table.column("raw").to_pylist(), strict=True
+        ):
+            current[i] = orjson.loads(raw)
+    deleted: set[int] = set()
+    if not (out / "versions").exists():  # made by the first --rescan
+        return current, deleted, versions
+    for path in sorted((out / "versions").iterdir()):
+        for line in path.read_bytes().splitlines():
+            obj = orjson.loads(line)
+            versions.setdefault(obj["id"], []).append(
+                {"v": obj["version"], "raw": obj["raw"], "seen": obj["seen_at"]}
+            )
+            current[obj["id"]] = obj["raw"]
+    for path in (out / "deleted").iterdir():
+        for line in path.read_bytes().splitlines():
+            i = orjson.loads(line)["id"]
+            assert i not in deleted, f"{i} marked deleted twice"
+            deleted.add(i)
+    return current, deleted, versions
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[MessagesServer]:
+    async with MessagesServer(
+        chats=4, messages_per_chat=(120, 330), seed=31, extra_fields=True
+    ) as srv:
+        yield srv
+
+
+def change(server: MessagesServer, rng: random.Random) -> tuple[dict[int, Raw], set[int]]:
+    """Edit and delete messages across the chats, newest and oldest pages included."""
+    edited: dict[int, Raw] = {}
+    deleted: set[int] = set()
+    for chat_id in server.chat_ids():
+        messages = server.messages(chat_id)
+        picks = rng.sample(range(1, len(messages) - 1), 4)
+        for i in (0, *picks[:2]):
+            m = messages[i]
+            edited[m["id"]] = server.edit_message(m["id"], f"edited: {m['message']}")
+        for i in (len(messages) - 1, *picks[2:]):
+            server.delete_message(messages[i]["id"])
+            deleted.add(messages[i]["id"])
+    return edited, deleted
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+async def test_rescan_finds_edits_and_deletions_and_keeps_every_version(
+    server: MessagesServer, fmt: str, tmp_path: Path
+) -> None:
+    out = _out(tmp_path, fmt)
+    await export(server, fmt, out, rescan=False)
+    before, _, _ = current_view(fmt, out)
+    edited, deleted = change(server, random.Random(fmt))
+    new = server.post_message(server.chat_ids()[0], "posted after the first run")
+
+    stats, found = await export(server, fmt, out)
+
+    assert found is not None
+    assert stats.failures == []
+    assert (found.edits, found.deletions) == (len(edited), len(deleted))
+    assert found.chats == len(server.chat_ids())
+    current, gone, versions = current_view(fmt, out)
+    assert gone == deleted
+    assert deleted <= set(current), "a deleted message was removed"
+    assert current[new["id"]] == new
+    for chat_id in server.chat_ids():
+        for m in server.messages(chat_id):
+            assert current[m["id"]] == m
+    assert set(versions) == set(edited)
+    for mid, kept in versions.items():
+        assert [k["v"] for k in kept] == [1, 2]
+        assert kept[0]["raw"] == before[mid]
+        assert kept[0]["seen"] is None  # stored before versions were kept
+        assert kept[1]["raw"] == edited[mid]
+        assert kept[1]["seen"]
+
+    # Nothing changed: nothing found, nothing written twice. Then a second edit: version 3.
+    _, again = await export(server, fmt, out)
+    assert again is not None
+    assert (again.edits, again.deletions) == (0, 0)
+    mid = next(iter(edited))
+    third = server.edit_message(mid, "edited twice")
+    _, last = await export(server, fmt, out)
+    assert last is not None
+    assert (last.edits, last.deletions) == (1, 0)
+    current, gone, versions = current_view(fmt, out)
+    assert [k["v"] for k in versions[mid]] == [1, 2, 3]
+    assert versions[mid][2]["raw"] == current[mid] == third
+    assert gone == deleted
+
+
+async def test_a_stopped_rescan_goes_on_from_its_checkpoint(
+    server: MessagesServer, tmp_path: Path
+) -> None:
+    out = _out(tmp_path, "sqlite")
+    await export(server, "sqlite", out, rescan=False)
+    edited, deleted = change(server, random.Random("stop"))
+    first, found = await export(server, "sqlite", out, stop_after=3)
+    assert first.interrupted
+    assert found is not None
+    db = sqlite3.connect(out)
+    saved = db.execute(
+        "SELECT chat_id, cursor FROM rescan_state WHERE cursor IS NOT NULL"
+    ).fetchall()
+    db.close()
+    assert saved, "the stopped rescan left no checkpoint"
+    server.reset_stats()
+
+    _, rest = await export(server, "sqlite", out)
+
+    assert rest is not None
+    assert found.edits + rest.edits == len(edited)
+    assert found.deletions + rest.deletions == len(deleted)
+    _, gone, versions = current_view("sqlite", out)
+    assert gone == deleted
+    assert set(versions) == set(edited)
+    for chat_id, cursor in saved:
+        mine = [r for r in listings(server) if r.query.get("chat_id") == str(chat_id)]
+        # The update's newest page, then the rescan from its saved cursor, not from the top.
+        assert any(cursor.endswith(r.query.get("cursor", "\0")) for r in mine), chat_id
+
+
+async def test_an_expired_rescan_cursor_starts_at_the_newest_page_without_repeating(
+    server: MessagesServer, tmp_path: Path
+) -> None:
+    out = _out(tmp_path, "jsonl")
+    await export(server, "jsonl", out, rescan=False)
+    edited, deleted = change(server, random.Random("expired"))
+    await export(server, "jsonl", out, stop_after=2)
+    expired = 0
+    for path in (out / "rescan").iterdir():
+        state = orjson.loads(path.read_bytes())
+        if state["cursor"]:
+            state["cursor"] = "expired-cursor-token"
+            path.write_bytes(orjson.dumps(state))
+            expired += 1
+    assert expired
+    server.reset_stats()
+
+    await export(server, "jsonl", out)
+
+    assert any(r.status == 400 for r in listings(server)), "the expired cursor was not tried"
+    _, gone, versions = current_view("jsonl", out)
+    assert gone == deleted
+    assert set(versions) == set(edited)
+    assert all(len(v) == 2 for v in versions.values())
+
+
+@pytest.mark.parametrize("fmt", ["sqlite", "parquet"])
+async def test_kill_9_during_rescans_then_rerun_records_each_change_once(
+    fmt: str, tmp_path: Path
+) -> None:
+    rng = random.Random(f"rescan-kill-{fmt}")
+    out = _out(tmp_path, fmt)
+    args = ["--out", str(out), "--format", fmt, "--concurrency", "2"]
+    async with MessagesServer(
+        chats=3, messages_per_chat=(250, 400), seed=41, extra_fields=True, latency=0.01
+    ) as srv:
+        proc = await start_cli(srv, *args)
+        await proc.communicate()
+        assert proc.returncode == 0
+        edited, deleted = change(srv, rng)
+        kills = 0
+        for _ in range(2):
+            kills += await kill_mid_run(srv, rng, [*args, "--rescan"], max_listings=10)
+        assert kills >= 1
+        proc = await start_cli(srv, *args, "--rescan")
+        stdout, stderr = await proc.communicate()
+        assert proc.returncode == 0, stderr.decode()
+        assert b"rescan:" in stdout
+        current, gone, versions = current_view(fmt, out)
+        assert gone == deleted
+        assert set(versions) == set(edited)
+        assert all(len(v) == 2 for v in versions.values()), "a change recorded twice"
+        for chat_id in srv.chat_ids():
+            for m in srv.messages(chat_id):
+                assert current[m["id"]] == m
