@@ -40,6 +40,8 @@ from ._models import (
     Period,
 )
 from ._watch import Watch
+from ._window_plan import Window
+from ._windows import WindowPage
 
 __all__ = [
     "ApiError",
@@ -78,5 +80,7 @@ __all__ = [
     "TransportError",
     "UnsafeCursorError",
     "Watch",
+    "Window",
+    "WindowPage",
     "__version__",
 ]

@@ -43,6 +43,8 @@ from ._secret import Secret
 from ._session import Credentials, SessionManager
 from ._transport import Transport
 from ._watch import Watch
+from ._window_plan import Window
+from ._windows import WindowPage, plan_windows, walk_windows
 from ._wire import (
     READ,
     WRITE,
@@ -775,6 +777,89 @@ class Messages:
             )
 
         return fan_out(ids, walk, concurrency=concurrency, on_error=on_error, max_items=max_items)
+
+    async def plan_windows(
+        self,
+        chat_id: int,
+        *,
+        windows: int,
+        query: str | None = None,
+        period: Period | None = None,
+        concurrency: int = 8,
+    ) -> Sequence[Window]:
+        """Split a chat's selection into about ``windows`` time windows of about equal count.
+
+        The boundaries are found by bisection on ``total_count`` of ``limit=1`` listings
+        (``concurrency`` at once); the windows tile the selection with no gap and no overlap,
+        newest first, the newest open-ended. A boundary never splits an instant, so a plan
+        can hold fewer windows than asked for (see :class:`Window`).
+        """
+        cid = check_chat_id(chat_id)
+        count("windows", windows, minimum=1)
+        count("concurrency", concurrency, minimum=1)
+        ListQuery.checked(cid, 1, query, period)
+        return await plan_windows(
+            self, cid, windows=windows, query=query, period=period, concurrency=concurrency
+        )
+
+    def iter_windows(
+        self,
+        chat_id: int,
+        *,
+        windows: int | Sequence[Window],
+        concurrency: int = 8,
+        limit: int | None = 100,
+        query: str | None = None,
+        period: Period | None = None,
+    ) -> AsyncGenerator[WindowPage, None]:
+        """One chat walked in time windows at once, as :class:`WindowPage` items.
+
+        ``windows=N`` plans about N windows of equal count first (:meth:`plan_windows`);
+        a list of :class:`Window` (saved ``WindowPage.next`` checkpoints) resumes them, the
+        ``period`` then being the windows' own. Pages of different windows interleave; within
+        a window they run newest first and no message is handed out twice. At most
+        ``concurrency`` windows are walked at once, through this client's limiter.
+        """
+        cid = check_chat_id(chat_id)
+        concurrency = count("concurrency", concurrency, minimum=1)
+        ListQuery.checked(cid, limit, query, period)
+        planned: Sequence[Window] | None = None
+        if isinstance(windows, int) and not isinstance(windows, bool):
+            count("windows", windows, minimum=1)
+        elif isinstance(windows, Sequence) and all(isinstance(w, Window) for w in windows):
+            planned = tuple(windows)
+        else:
+            raise TypeError("windows must be an int (how many) or a list of Window checkpoints")
+        self._root()
+
+        def walk(window: Window) -> AsyncGenerator[MessagesPage, None]:
+            # No prefetch: the windows already overlap the network, and in-flight requests
+            # stay within ``concurrency``.
+            return self.pages(
+                cid,
+                limit=limit,
+                cursor=window.cursor,
+                query=query,
+                period=window.period(),
+                prefetch=False,
+                bulk=True,
+            )
+
+        async def run() -> AsyncGenerator[WindowPage, None]:
+            plan = planned
+            if plan is None:
+                assert isinstance(windows, int)
+                plan = await plan_windows(
+                    self, cid, windows=windows, query=query, period=period, concurrency=concurrency
+                )
+            walk_all = walk_windows(walk, plan, concurrency=concurrency)
+            try:
+                async for item in walk_all:
+                    yield item
+            finally:
+                await walk_all.aclose()
+
+        return run()
 
     # --- watching -------------------------------------------------------------------------------
 
