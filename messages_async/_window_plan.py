@@ -142,12 +142,15 @@ class WindowPlanner:
         self._at: list[datetime] = []
         self._count: list[int] = []
         self._round = 0
+        self._top: datetime | None = until
+        self._first: list[datetime] = []
         if not self._targets:
             return
         assert newest is not None
         top = newest + RESOLUTION
         if until is not None and top > until:
             top = until
+        self._top = top
         self._learn(top, total)
         self._learn(since if since is not None else _EPOCH_FLOOR, 0)
         self._first = [
@@ -237,7 +240,12 @@ class WindowPlanner:
         if len(self._found) < len(self._targets):
             raise RuntimeError("the plan is not made yet: answer every probe first")
         floor = self._since if self._since is not None else _EPOCH_FLOOR
-        cuts = sorted({b for b in self._found.values() if b > floor})
+        # A cut at the top would only split off a window for messages posted later: the
+        # newest window is open-ended anyway.
+        top = self._top
+        cuts = sorted(
+            {b for b in self._found.values() if b > floor and (top is None or b < top)}
+        )
         counts = [0, *(self._count[self._at.index(c)] for c in cuts), self._total]
         shares = [max(0, b - a) for a, b in itertools.pairwise(counts)]
         return tile(cuts, since=self._since, until=self._until, estimates=shares)
