@@ -8,6 +8,7 @@ windows tile time exactly (every message in exactly one window) and hold about e
 from __future__ import annotations
 
 import bisect
+import itertools
 import random
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -69,8 +70,7 @@ def _assert_tiles(
     plan: list[Window], stamps: Sequence[datetime], since: datetime | None = None
 ) -> None:
     assert [w.index for w in plan] == list(range(len(plan)))
-    assert plan[0].till is None or plan[0].till == plan[0].till  # newest first
-    for newer, older in zip(plan, plan[1:], strict=False):
+    for newer, older in itertools.pairwise(plan):  # newest first
         assert older.till == newer.from_  # no gap, no overlap
         assert older.till is not None
     assert plan[-1].from_ == since
