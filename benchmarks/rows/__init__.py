@@ -17,6 +17,7 @@ from . import (
     simulated,
     tracing,
     walk,
+    windows,
 )
 
 __all__ = ["ROWS"]
@@ -26,6 +27,7 @@ ROWS: tuple[Row, ...] = (
     Row(decode.NAME, decode.run, "page bytes → MessagesPage vs orjson.loads and stdlib json"),
     Row(walk.NAME, walk.run, "one chat, no latency: iter() vs raw aiohttp and httpx loops"),
     Row(tracing.NAME, tracing.run, "the same walk with OpenTelemetry providers set vs none"),
+    Row(windows.NAME, windows.run, "one 200k chat at 50 ms: iter_windows(W) vs a serial walk"),
     Row(fanout.NAME, fanout.run, "200 chats × 5 pages, 20 ms: iter_many vs bound, gather, serial"),
     Row(prefetch.NAME, prefetch.run, "50 pages, 20 ms latency and consumer: prefetch on vs off"),
     Row(ratelimit.NAME, ratelimit.run, "fan-out against a token-bucket server vs its ceiling"),
