@@ -243,9 +243,7 @@ class WindowPlanner:
         # A cut at the top would only split off a window for messages posted later: the
         # newest window is open-ended anyway.
         top = self._top
-        cuts = sorted(
-            {b for b in self._found.values() if b > floor and (top is None or b < top)}
-        )
+        cuts = sorted({b for b in self._found.values() if b > floor and (top is None or b < top)})
         counts = [0, *(self._count[self._at.index(c)] for c in cuts), self._total]
         shares = [max(0, b - a) for a, b in itertools.pairwise(counts)]
         return tile(cuts, since=self._since, until=self._until, estimates=shares)

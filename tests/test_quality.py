@@ -86,6 +86,8 @@ def test_public_names_are_exported_and_documented() -> None:
                     "FailedPoll",
                     "Listed",
                     "RoundVerdict",
+                    # The time-window search behind iter_windows.
+                    "WindowPlanner",
                     # Telemetry and hooks: the client's own plumbing.
                     "EventHooks",
                     "CallObserver",
@@ -111,6 +113,9 @@ def test_pure_core_does_no_io() -> None:
     for module in ("_wire", "_converter", "_models", "_errors", "_secret", "_retry", "_checks"):
         source = (ROOT / "messages_async" / f"{module}.py").read_text()
         assert "aiohttp" not in source, f"{module} imports aiohttp"
+    plan = (ROOT / "messages_async" / "_window_plan.py").read_text()
+    assert "aiohttp" not in plan
+    assert "asyncio" not in plan
 
 
 def test_readme_shows_the_examples_verbatim() -> None:
