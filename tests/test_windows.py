@@ -267,7 +267,7 @@ async def test_an_instant_shared_by_many_messages_is_never_split() -> None:
         assert set(ids[300:900]) <= set(by_window[holders[0]])
 
 
-async def test_messages_posted_during_the_walk_land_in_the_open_newest_window() -> None:
+async def test_messages_posted_after_the_plan_land_in_the_open_newest_window() -> None:
     async with MessagesServer(chats=1, messages_per_chat=1_000, seed=9, latency=0.005) as server:
         (chat_id,) = server.chat_ids()
         before = [m["id"] for m in server.messages(chat_id)]
@@ -277,6 +277,25 @@ async def test_messages_posted_during_the_walk_land_in_the_open_newest_window() 
             ordered, by_window = await _walk_windowed(client, chat_id, list(plan), limit=20)
         assert ordered == sorted(posted, reverse=True) + before
         assert set(posted) <= set(by_window[0])
+
+
+async def test_messages_posted_during_the_walk_never_disturb_it() -> None:
+    async with MessagesServer(chats=1, messages_per_chat=1_000, seed=9, latency=0.005) as server:
+        (chat_id,) = server.chat_ids()
+        before = [m["id"] for m in server.messages(chat_id)]
+        async with client_for(server) as client:
+            by_window: dict[int, list[int]] = {}
+            posted: list[int] = []
+            async for item in client.messages.iter_windows(chat_id, windows=4, limit=20):
+                if not posted:  # the plan is made and the walk under way: post now
+                    posted = [server.post_message(chat_id, "late")["id"] for _ in range(5)]
+                by_window.setdefault(item.window.index, []).extend(m.id for m in item.page.items)
+        ordered = [i for w in sorted(by_window) for i in by_window[w]]
+        # Window 0 began before the posts: they are newer than its first page, so only a
+        # walk of window 0 that began after them would see them; the rest is exact.
+        assert [i for i in ordered if i not in posted] == before
+        assert set(ordered) - set(before) <= set(posted)
+        assert all(i in by_window[0] for i in set(ordered) & set(posted))
 
 
 async def test_a_window_whose_cursor_expires_starts_again_and_loses_nothing() -> None:
