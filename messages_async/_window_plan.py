@@ -111,7 +111,7 @@ class WindowPlanner:
 
     Args:
         total: Messages in the selection (``total_count`` of the whole listing).
-        windows: Windows wanted (at least 1).
+        windows: Windows wanted (fewer when the chat is small, one when it is empty).
         newest: ``created_at`` of the selection's newest message; ``None`` (empty selection,
             or a server that does not send it, docs/protocol.md §4): one window.
         since: The selection's own ``from`` (inclusive), if any.
