@@ -109,7 +109,10 @@ def walk_windows(
                     fresh = attrs.evolve(page, items=unseen(window, page.items))
                     after = advance(window, page)
                     await emit(WindowPage(window, fresh, after))
-                    restarts = 0
+                    if fresh.items:
+                        # Only progress starts the count again: a server that expires every
+                        # cursor right after the pages already seen cannot loop a window.
+                        restarts = 0
                     if after is None:
                         return
                     window = after

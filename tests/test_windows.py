@@ -304,12 +304,12 @@ async def test_a_window_whose_cursor_expires_starts_again_and_loses_nothing() ->
         serial = [m["id"] for m in server.messages(chat_id)]
         async with client_for(server) as client:
             plan = await client.messages.plan_windows(chat_id, windows=3)
-            # Cursor requests only: the third of the walk's pages that follow a cursor.
-            server.inject(Fault.invalid_cursor(), path="messages/", after=3, times=2)
+            # The three windows' first pages go out first; the next listing follows a cursor.
+            server.inject(Fault.invalid_cursor(), path="messages/", after=3, times=1)
             ordered, _ = await _walk_windowed(client, chat_id, list(plan), limit=25)
             await assert_nothing_left(client)
         assert ordered == serial
-        assert sum(1 for r in listings(server) if r.status == 400) == 2
+        assert sum(1 for r in listings(server) if r.status == 400) == 1
 
 
 async def test_a_window_resumes_from_its_saved_checkpoint() -> None:
@@ -350,3 +350,15 @@ async def test_bad_arguments_are_refused_before_anything_is_sent() -> None:
             with pytest.raises(ValueError, match="concurrency"):
                 client.messages.iter_windows(chat_id, windows=2, concurrency=0)
             assert listings(server) == []
+
+
+async def test_a_window_rejected_on_every_request_fails_instead_of_looping() -> None:
+    async with MessagesServer(chats=1, messages_per_chat=300, seed=12) as server:
+        (chat_id,) = server.chat_ids()
+        async with client_for(server) as client:
+            plan = await client.messages.plan_windows(chat_id, windows=2)
+            server.inject(Fault.invalid_cursor(), path="messages/", after=2, times=None)
+            with pytest.raises(ma.InvalidCursorError):
+                async for _ in client.messages.iter_windows(chat_id, windows=plan, limit=20):
+                    pass
+            await assert_nothing_left(client)
