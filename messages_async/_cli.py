@@ -504,7 +504,8 @@ class _Signals:
             self._say("stopping at once; the export resumes from its last checkpoint")
             os._exit(EXIT_INTERRUPTED if sig == signal.SIGINT else EXIT_TERMINATED)
         self.received = sig
-        self._say("stopping: finishing the pages being saved (Ctrl-C again to quit at once)")
+        again = "Ctrl-C again" if sig == signal.SIGINT else "a second signal"
+        self._say(f"stopping: finishing the pages being saved ({again} to quit at once)")
         self.stop.set()
 
 
