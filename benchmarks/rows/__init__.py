@@ -11,6 +11,7 @@ from . import (
     media,
     polling,
     prefetch,
+    priority,
     ratelimit,
     reply,
     server,
@@ -31,6 +32,7 @@ ROWS: tuple[Row, ...] = (
     Row(fanout.NAME, fanout.run, "200 chats × 5 pages, 20 ms: iter_many vs bound, gather, serial"),
     Row(prefetch.NAME, prefetch.run, "50 pages, 20 ms latency and consumer: prefetch on vs off"),
     Row(ratelimit.NAME, ratelimit.run, "fan-out against a token-bucket server vs its ceiling"),
+    Row(priority.NAME, priority.run, "a bot's reply while the same client exports at the ceiling"),
     Row(simulated.NAME, simulated.run, "rate controllers vs server limiter models, virtual clock"),
     Row(
         export.NAME,
