@@ -51,6 +51,7 @@ from .export._parquet import load_pyarrow
 from .export._progress import JsonLogFormatter, json_line
 from .export._rescan import Rescanner
 from .export._runner import unless_stopped
+from .export._shard import Shard
 
 __all__ = ["main"]
 
@@ -109,6 +110,13 @@ def _concurrency(text: str) -> int:
     if not 1 <= value <= 256:
         raise argparse.ArgumentTypeError(f"must be between 1 and 256, got {value}")
     return value
+
+
+def _shard(text: str) -> Shard:
+    try:
+        return Shard.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _size(text: str) -> int:
@@ -231,6 +239,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="chats exported at once (default 8); each may have a second page in flight, so "
         "up to 2N requests",
+    )
+    export.add_argument(
+        "--shard",
+        type=_shard,
+        metavar="I/N",
+        help="export only shard I of N (0 <= I < N, 0-based): the chats whose id hashes to I "
+        "(SHA-256, the same on every machine), each shard into its own --out",
     )
     export.add_argument(
         "--query", metavar="TEXT", help="only messages whose text contains TEXT (any case)"
@@ -520,6 +535,7 @@ async def _export(args: argparse.Namespace, argv: Sequence[str], err: Console) -
         query=args.query or None,
         since=args.since,
         until=args.until,
+        shard=args.shard,
     )
     if args.demo:
         if args.media:
@@ -640,6 +656,7 @@ async def _run_open(
         query=options.query,
         since=options.since.isoformat() if options.since else None,
         until=options.until.isoformat() if options.until else None,
+        shard=None if options.shard is None else str(options.shard),
     )
     store = _store(args)
     try:

@@ -15,6 +15,7 @@ from . import (
     ratelimit,
     reply,
     server,
+    shards,
     simulated,
     tracing,
     walk,
@@ -40,6 +41,11 @@ ROWS: tuple[Row, ...] = (
         "messages-async export into SQLite/JSONL/Parquet: rate vs iter_many, RSS",
     ),
     Row(media.NAME, media.run, "export --media against two file hosts at 20 ms: files/s vs C/L"),
+    Row(
+        shards.NAME,
+        shards.run,
+        "export --shard: 4 shards with 4 credentials vs one, per-credential limit",
+    ),
     Row(polling.NAME, polling.run, "watch() over 200 quiet chats: requests/s vs chats/interval"),
     Row(reply.NAME, reply.run, "a bot's reply to a quiet chat vs what its watch costs, 4 settings"),
 )

@@ -80,6 +80,7 @@ from ._media import MediaFetcher, MediaOptions, MediaStats, media_folder, run_wi
 from ._parquet import ParquetStore
 from ._progress import progress_line, show_progress, summary_lines
 from ._runner import ChatFailure, Exporter, ExportOptions, ExportStats
+from ._shard import Shard, shard_of
 from ._sqlite import SqliteStore
 from ._state import ChatState, ExportMeta
 from ._store import Store, StoreError
@@ -96,12 +97,14 @@ __all__ = [
     "MediaOptions",
     "MediaStats",
     "ParquetStore",
+    "Shard",
     "SqliteStore",
     "Store",
     "StoreError",
     "media_folder",
     "progress_line",
     "run_with_media",
+    "shard_of",
     "show_progress",
     "summary_lines",
 ]

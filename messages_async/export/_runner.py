@@ -52,6 +52,7 @@ from .._errors import AuthError, MessagesError, RateLimitError, UnsafeCursorErro
 from .._models import Message, MessagesPage, Period
 from .._pool import Emit, Pool
 from .._retry import RoundVerdict, after_failed_call
+from ._shard import Shard
 from ._state import ChatState
 from ._store import Store
 
@@ -81,6 +82,8 @@ class ExportOptions:
         since: Only messages at or after this instant (timezone-aware).
         until: Only messages before this instant (timezone-aware).
         page_size: Messages per request (the server caps it at 100).
+        shard: Only the chats of this shard (``--shard I/N``; see ``_shard.py``), of the
+            listing or of ``chat_ids``.
     """
 
     chat_ids: tuple[int, ...] | None = None
@@ -89,6 +92,7 @@ class ExportOptions:
     since: datetime | None = None
     until: datetime | None = None
     page_size: int = 100
+    shard: Shard | None = None
 
     def __attrs_post_init__(self) -> None:
         count("concurrency", self.concurrency, minimum=1)
@@ -287,16 +291,14 @@ class Exporter:
 
     async def _select(self) -> list[int]:
         chats = await self._client.messages.chats()
-        wanted = self._options.chat_ids
-        if wanted is None:
-            ids = [c.chat_id for c in chats]
-            raws = [c.raw for c in chats]
-        else:
-            ids = list(dict.fromkeys(wanted))  # repeated --chat: once, in the order given
-            chosen = set(ids)
-            # A chat the listing does not show is still tried: its walk reports why it fails.
-            raws = [c.raw for c in chats if c.chat_id in chosen]
-        await self._store.save_chats(raws)
+        wanted, shard = self._options.chat_ids, self._options.shard
+        # A repeated --chat is exported once, in the order given.
+        ids = [c.chat_id for c in chats] if wanted is None else list(dict.fromkeys(wanted))
+        if shard is not None:
+            ids = [i for i in ids if shard.owns(i)]
+        chosen = set(ids)
+        # A chat the listing does not show is still tried: its walk reports why it fails.
+        await self._store.save_chats([c.raw for c in chats if c.chat_id in chosen])
         return ids
 
     async def _export_chat(self, chat_id: int, emit: Emit[None]) -> None:

@@ -92,6 +92,8 @@ class ExportMeta:
     #: hence the same export: both are kept in UTC.
     since: str | None = attrs.field(default=None, converter=_one_spelling)
     until: str | None = attrs.field(default=None, converter=_one_spelling)
+    #: ``"I/N"`` for one shard of a sharded export (``--shard``), else None.
+    shard: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"version": FORMAT_VERSION, **attrs.asdict(self)}
@@ -105,11 +107,12 @@ class ExportMeta:
             query=obj.get("query"),
             since=obj.get("since"),
             until=obj.get("until"),
+            shard=obj.get("shard"),
         )
 
     def describe(self) -> str:
         parts = [f"source {self.source}"]
-        for name in ("query", "since", "until"):
+        for name in ("query", "since", "until", "shard"):
             value = getattr(self, name)
             parts.append(f"--{name} {value!r}" if value is not None else f"no --{name}")
         return ", ".join(parts)
