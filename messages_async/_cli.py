@@ -47,6 +47,7 @@ from .export import (
     summary_lines,
 )
 from .export._media import MediaFetcher, MediaOptions, run_with_media
+from .export._merge import merge_sqlite, merged_meta, read_meta
 from .export._parquet import load_pyarrow
 from .export._progress import JsonLogFormatter, json_line
 from .export._rescan import Rescanner
@@ -327,7 +328,47 @@ def _parser() -> argparse.ArgumentParser:
         help="run the Messages API emulator (see 'messages-async serve --help')",
         add_help=False,
     )
+    merge = sub.add_parser(
+        "merge",
+        help="merge the stores of an export's shards into one (SQLite)",
+        description=(
+            "Merge the SQLite stores of one export's shards (export --shard I/N) into OUT: "
+            "every chat, message, checkpoint, version and media row, and the media files. "
+            "Merging again is harmless and adds what the parts gained since. OUT is an "
+            "ordinary export afterwards (without a shard)."
+        ),
+        epilog="exit status: 0 merged; 2 bad usage, or parts that are not shards of one export",
+    )
+    merge.add_argument("--out", required=True, metavar="OUT", help="the merged store")
+    merge.add_argument("parts", nargs="+", metavar="PART", help="the shards' stores")
     return parser
+
+
+def _merge_main(args: argparse.Namespace) -> int:
+    out = os.path.abspath(args.out)
+    parts = list(dict.fromkeys(os.path.abspath(p) for p in args.parts))
+    if out in parts:
+        raise _UsageError(f"--out {args.out} is one of the parts; merge into a new file")
+    try:
+        meta = merged_meta([(p, read_meta(p)) for p in parts])
+    except StoreError as exc:
+        raise _UsageError(str(exc)) from None
+    _check_out(out, "sqlite")
+
+    async def prepare() -> None:
+        async with SqliteStore(out) as store:  # the schema and the export's identity
+            await store.open(meta, fresh=False)
+
+    try:
+        asyncio.run(prepare())
+    except StoreError as exc:
+        raise _UsageError(str(exc)) from None
+    stats = merge_sqlite(out, parts)
+    print(
+        f"Merged {stats.parts} parts into {args.out}: {stats.chats:,} chats, "
+        f"{stats.messages:,} messages, {stats.files:,} media files copied"
+    )
+    return 0
 
 
 # --- credentials ---------------------------------------------------------------------------------
@@ -799,9 +840,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
-        return _export_main(args, argv)
+        return _merge_main(args) if args.command == "merge" else _export_main(args, argv)
     except _UsageError as exc:
-        print(f"{PROG} export: {exc}", file=sys.stderr)
+        print(f"{PROG} {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         # Only before the export installed its own handler (or on platforms without one).
