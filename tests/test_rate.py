@@ -219,3 +219,22 @@ async def test_the_emulator_limits_each_credential_on_its_own() -> None:
         statuses = [r.status for r in server.resource_requests()]
         assert statuses == [200, 200, 200, 200]
         assert Outcome.OK.value == "ok"
+
+
+async def test_a_single_call_goes_ahead_of_the_bulk_pages_queued_before_it() -> None:
+    # One slot: every bulk page of the fan-out waits in line for it. A single call made
+    # while they wait is the next request the emulator sees, not the last.
+    async with MessagesServer(chats=6, messages_per_chat=30, latency=0.05) as server:
+        async with client_for(server, max_concurrency=1) as client:
+            walk = client.messages.iter_many(server.chat_ids(), concurrency=6, limit=5)
+            seen = 0
+            async for _ in walk:
+                seen += 1
+                if seen == 10:  # pages of every chat are queued by now
+                    before = len(server.resource_requests())
+                    await client.messages.chats()
+                    break
+            await walk.aclose()
+        arrived = [r.path for r in server.resource_requests()[before:]]
+    # At most the page already in flight (and the one granted with it) arrives first.
+    assert "messages/chats/" in arrived[:2], arrived
