@@ -38,7 +38,7 @@ import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -76,6 +76,43 @@ def remove_export(root: str, names: tuple[str, ...]) -> None:
             shutil.rmtree(target)
         elif os.path.exists(target):
             os.unlink(target)
+
+
+def open_folder_export(
+    root: str,
+    meta: ExportMeta,
+    fresh: bool,
+    *,
+    stored_meta: Callable[[], ExportMeta | None],
+    meta_file: str,
+    ours: tuple[str, ...],
+    folders: tuple[str, ...],
+    header: Mapping[str, Any],
+) -> None:
+    """Open (or create) an export kept in the directory ``root``, as JSONL and Parquet are.
+
+    ``stored_meta`` reads what ``root`` holds (``StoreError``: something else, or unreadable);
+    with ``fresh``, an unreadable export of ours is discarded rather than refused. A new
+    export gets ``folders`` and its ``header`` (written to ``meta_file`` atomically).
+    """
+    try:
+        stored = stored_meta()
+    except StoreError:
+        if not (fresh and os.path.exists(os.path.join(root, meta_file))):
+            raise
+        stored = None
+    if fresh and os.path.isdir(root):
+        remove_export(root, ours)
+        stored = None
+    if stored is not None and stored != meta:
+        raise mismatch(root, stored, meta)
+    for sub in folders:
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    if stored is None:
+        atomic_write(
+            os.path.join(root, meta_file), orjson.dumps(header, option=orjson.OPT_INDENT_2)
+        )
+        _fsync_dir(root)
 
 
 def _fsync_dir(path: str) -> None:
@@ -217,22 +254,16 @@ class JsonlStore(Store):
             ) from None
 
     def _open(self, meta: ExportMeta, fresh: bool) -> None:
-        try:
-            stored = self._stored_meta()
-        except StoreError:
-            if not (fresh and os.path.exists(self._p(_META))):
-                raise
-            stored = None
-        if fresh and os.path.isdir(self.path):
-            remove_export(self.path, _OURS)
-            stored = None
-        if stored is not None and stored != meta:
-            raise mismatch(self.path, stored, meta)
-        for sub in (_MESSAGES, _STATE, _PENDING):
-            os.makedirs(self._p(sub), exist_ok=True)
-        if stored is None:
-            atomic_write(self._p(_META), orjson.dumps(meta.to_json(), option=orjson.OPT_INDENT_2))
-            _fsync_dir(self.path)
+        open_folder_export(
+            self.path,
+            meta,
+            fresh,
+            stored_meta=self._stored_meta,
+            meta_file=_META,
+            ours=_OURS,
+            folders=(_MESSAGES, _STATE, _PENDING),
+            header=meta.to_json(),
+        )
 
     def _save_chats(self, chats: list[Mapping[str, Any]]) -> None:
         # Chats exported by earlier runs (say with other --chat options) stay listed.

@@ -47,9 +47,9 @@ import orjson
 from .._checks import count
 from .._models import Message
 from ._columns import chat_columns
-from ._jsonl import RESCAN_FOLDERS, _fsync_dir, atomic_write, remove_export
+from ._jsonl import RESCAN_FOLDERS, _fsync_dir, atomic_write, open_folder_export
 from ._state import ChatState, ExportMeta
-from ._store import Store, StoreError, mismatch
+from ._store import Store, StoreError
 
 __all__ = ["INSTALL_HINT", "MESSAGE_COLUMNS", "ParquetStore", "load_pyarrow"]
 
@@ -236,23 +236,16 @@ class ParquetStore(Store):
 
     def _open(self, meta: ExportMeta, fresh: bool) -> None:
         self._pa, self._pq = load_pyarrow()
-        try:
-            stored = self._stored_meta()
-        except StoreError:
-            if not (fresh and os.path.exists(self._p(_META))):
-                raise
-            stored = None
-        if fresh and os.path.isdir(self.path):
-            remove_export(self.path, _OURS)
-            stored = None
-        if stored is not None and stored != meta:
-            raise mismatch(self.path, stored, meta)
-        for sub in (_MESSAGES, _STATE):
-            os.makedirs(self._p(sub), exist_ok=True)
-        if stored is None:
-            header = {**meta.to_json(), "format": _FORMAT}
-            atomic_write(self._p(_META), orjson.dumps(header, option=orjson.OPT_INDENT_2))
-            _fsync_dir(self.path)
+        open_folder_export(
+            self.path,
+            meta,
+            fresh,
+            stored_meta=self._stored_meta,
+            meta_file=_META,
+            ours=_OURS,
+            folders=(_MESSAGES, _STATE),
+            header={**meta.to_json(), "format": _FORMAT},
+        )
 
     def _save_chats(self, chats: list[Mapping[str, Any]]) -> None:
         # Chats exported by earlier runs (say with other --chat options) stay listed.
