@@ -25,7 +25,12 @@ can and learns as much as it can from each overshoot:
 - **Probing.** After that, the pace ramps up slowly until a 429 reads the limit again; each
   probe that finds no higher limit doubles the wait before the next. A limit that has just
   *dropped* is probed for its return much sooner (``recall_after``), straight back at the old
-  rate, because such a drop is usually a server shedding load for a while.
+  rate, because such a drop is usually a server shedding load for a while; only a limit held
+  for ``recall_after`` seconds is gone back to, not one read too high off a short stretch.
+- **A limit on requests at once.** A server that counts requests in flight answers 429 when
+  one more than it allows is sent, whatever the pace. Two 429s in a row at the same count, with
+  nothing ever let in at that count, say so: the window is held one below it, unpaced, and the
+  cap is probed upward as rarely as a rate. A 429 within the cap says it was a rate after all.
 - **A 429 with nothing let through** says nothing about the rate (a transient storm): the pause
   does the work and the pace is left as it was.
 - **The server stopped limiting.** A pace that has ramped far above what the window lets through
@@ -150,7 +155,7 @@ class RateController:
         *,
         now: float,
         initial_window: int = 8,
-        margin: float = 0.98,
+        margin: float = 0.995,
         ramp: float = 10.0,
         probe_growth: float = 1.1,
         probe_after: float = 60.0,
@@ -183,6 +188,12 @@ class RateController:
         self._retry_after = 1.0  # the last pause the server asked for
         self._first: tuple[tuple[float, ...], float] | None = None  # the first stretch
         self._fastest = 0.0  # best success latency seen: what the window lets through
+        self.cap: int | None = None  # a concurrency limit the server enforces, once told
+        self._capped_at = now  # when the cap was last set or raised
+        self._admitted_most = 0  # most in flight at a request the server let in
+        self._last_count = 0  # in flight at the 429 before
+        self._refuted = 0  # a count a 429 showed is not a concurrency limit
+        self._confirmed: float | None = None  # the last limit held for a while
 
     # -- answers --------------------------------------------------------------------------------
 
@@ -206,7 +217,10 @@ class RateController:
         if self.pace is not None:
             # Pace from the later of the slot and now, minus a little slack for a late timer,
             # so a wake-up a millisecond late does not lower the rate for good.
+            # A bucket lets at most its burst through at once, so never catch up by more.
             slack = min(1.0 / self.pace, 0.005)
+            if self.burst is not None:
+                slack = min(slack, (self.burst - 1.0) / self.pace)
             self._next_send = max(self._next_send, now - slack) + 1.0 / self.pace
         self._sends.append(now)
         self._count += 1
@@ -230,8 +244,20 @@ class RateController:
         latency = now - ticket.sent_at
         if latency > 0 and (self._fastest == 0.0 or latency < self._fastest):
             self._fastest = latency
-        if self.phase is _Phase.START and self.window < self.max_concurrency:
-            self.window = min(float(self.max_concurrency), self.window + 1.0)
+        if ticket.in_flight > self._admitted_most and ticket.epoch == self._epoch:
+            # (Sent before a 429 came back, its count may include requests already refused.)
+            self._admitted_most = ticket.in_flight
+        top = self.max_concurrency
+        if self.cap is not None:
+            if now - self._capped_at >= self._wait:
+                # Probe whether the server allows one more at once now.
+                self.cap = min(top, self.cap + 1)
+                self._capped_at = now
+                self._wait = min(self._wait * 2.0, self.max_probe_after)
+            top = self.cap
+            self.window = min(self.window, float(top))
+        if self.phase is _Phase.START and self.window < top:
+            self.window = min(float(top), self.window + 1.0)
 
     def failed(self, ticket: Ticket, now: float) -> None:
         self.in_flight -= 1
@@ -243,7 +269,8 @@ class RateController:
             return
         self._epoch += 1
         self._grow(now)
-        self._learn(ticket, now)
+        if not self._concurrency_limited(ticket, now):
+            self._learn(ticket, now)
         self._sends.clear()
 
     def pause(self, now: float, seconds: float) -> None:
@@ -275,6 +302,10 @@ class RateController:
             floor = len(sends) / (throttled_at - sends[0] + _MAX_BURST_SECONDS)
             self._set_pace(max(_MIN_RATE, floor), now, _Phase.RAMP)
             return
+        if self.limit is not None and throttled_at - self._quiet_since >= self.recall_after:
+            # Only a limit the client held for a while is worth going back to after a drop:
+            # one read off a short stretch may just have been read too high.
+            self._confirmed = self.limit
         pace_then = self.pace
         floor = 0.0
         if self.burst is None:
@@ -308,8 +339,9 @@ class RateController:
         old, self.limit = self.limit, limit
         if self._recall is not None and (now > self._recall[1] or limit > self._recall[0] * _DROP):
             self._recall = None  # came back, or gone for too long to wait for
-        if old is not None and limit < old * _DROP and self.phase is not _Phase.RAMP:
-            self._recall = (old, now + self.max_probe_after / 10)
+        held = self._confirmed
+        if held is not None and limit < held * _DROP and self.phase is not _Phase.RAMP:
+            self._recall = (held, now + self.max_probe_after / 10)
         if self._recall is not None:
             self._wait = self.recall_after
         elif self.phase is _Phase.PROBE and old is not None and limit <= old * _RISE:
@@ -317,6 +349,40 @@ class RateController:
         else:
             self._wait = self.probe_after
         self._set_pace(limit * self.margin, now, _Phase.HOLD)
+
+    def _concurrency_limited(self, ticket: Ticket, now: float) -> bool:
+        """Whether 429s come from a limit on requests at once rather than on their rate.
+
+        Such a server answers 429 exactly when one more than it allows is in flight, whatever
+        the pace: two 429s in a row at the same count, none let in at that count or more, say
+        so. The client then keeps the window below the count, unpaced, and probes it upward
+        as rarely as a paced client probes its rate.
+        """
+        count = ticket.in_flight
+        if self.cap is not None:
+            if count > self.cap:
+                return True  # the probe's answer, or requests sent before the cap was set
+            # Throttled within the cap: it is the rate that is limited after all.
+            self._refuted = self.cap + 1
+            self.cap = None
+            self._last_count = 0
+            return False
+        let_in = ticket.seq - (self._count - len(self._sends))  # sent before it this stretch
+        if count <= max(1, self._refuted) or let_in <= 0 or self._admitted_most >= count:
+            return False
+        if self.cap is None and self._last_count != count:
+            self._last_count = count
+            return False
+        was = self.cap
+        self.cap = count - 1
+        self._capped_at = now
+        if was is None or self.cap < was:
+            self._wait = self.probe_after
+        self.pace = None
+        self.phase = _Phase.START
+        self.window = float(self.cap)
+        self._next_send = now
+        return True
 
     def _solve_burst(self, sends: tuple[float, ...], throttled_at: float) -> float:
         """The burst B that makes the first stretch and this one agree on one rate R.

@@ -238,3 +238,92 @@ async def test_a_single_call_goes_ahead_of_the_bulk_pages_queued_before_it() -> 
         arrived = [r.path for r in server.resource_requests()[before:]]
     # At most the page already in flight (and the one granted with it) arrives first.
     assert "messages/chats/" in arrived[:2], arrived
+
+
+def test_a_concurrency_limit_is_held_as_a_window_not_a_pace() -> None:
+    c = RateController(32, now=0.0)
+    limit = ConcurrencyLimit(4)
+    now = 0.0
+    # Requests answered after 10 ms; the server refuses a fifth at once.
+    pending: list[tuple[float, object]] = []
+    throttled_counts = []
+    while now < 10.0:
+        pending.sort(key=lambda p: p[0])
+        at = c.next_send(now)
+        if at is None or (pending and pending[0][0] <= at):
+            done_at, ticket = pending.pop(0)
+            now = max(now, done_at)
+            limit.finish(now)
+            c.succeeded(ticket, now)  # type: ignore[arg-type]
+            continue
+        now = at
+        ticket = c.sent(now)
+        if limit.admit(now) > 0:
+            throttled_counts.append(ticket.in_flight)
+            c.throttled(ticket, now)
+            c.pause(now, 1.0)
+        else:
+            pending.append((now + 0.01, ticket))
+    assert c.cap == 4
+    assert c.pace is None
+    assert c.window == 4
+    assert len(throttled_counts) < 12  # two stretches' worth, then none
+
+
+def test_a_429_within_the_cap_says_the_rate_is_limited_after_all() -> None:
+    c = RateController(32, now=0.0)
+
+    def send(n: int, now: float) -> tuple[list[Ticket], float]:
+        tickets = []
+        for _ in range(n):
+            at = c.next_send(now)
+            assert at is not None
+            now = at
+            tickets.append(c.sent(now))
+        return tickets, now
+
+    now = 0.0
+    for _ in range(2):
+        tickets, now = send(3, now)
+        c.throttled(tickets[2], now)  # two let in, the third refused: twice at 3 in flight
+        c.pause(now, 1.0)
+        for t in tickets[:2]:
+            c.succeeded(t, now + 0.01)
+        now += 1.0
+    assert c.cap == 2
+    assert c.pace is None
+    tickets, now = send(2, now)
+    c.throttled(tickets[1], now)  # refused at 2 in flight: within the cap
+    assert c.cap is None
+    assert c.pace is not None
+
+
+def test_catching_up_a_late_slot_never_sends_more_than_the_burst_at_once() -> None:
+    c = RateController(32, now=0.0)
+    bucket = TokenBucket(400.0, 1.0)
+    _drive(c, bucket, 0.0, 10.0)
+    assert c.burst == 1.0
+    pace = c.pace
+    assert pace is not None
+    # The caller wakes 5 ms late: with a burst of one, the next two slots are not sent at once.
+    now = 10.0 + 0.005
+    first = c.next_send(now)
+    assert first is not None
+    c.sent(max(first, now))
+    second = c.next_send(now)
+    assert second is not None
+    assert second - max(first, now) >= 1.0 / pace - 1e-9
+
+
+def test_only_a_limit_held_for_a_while_is_recalled_after_a_drop() -> None:
+    c = RateController(32, now=0.0)
+    # 200 req/s held for 10 s, then 100: the old limit is recalled within seconds.
+    limit = Schedule([(0.0, 200.0), (10.0, 100.0)], burst_seconds=0.1)
+    _drive(c, limit, 0.0, 12.5)
+    assert c.limit == pytest.approx(100, rel=0.05)
+    assert c._recall is not None
+    assert c._recall[0] == pytest.approx(200, rel=0.05)
+    # A limit read too high off a short stretch and refused at once is not gone back to.
+    c = RateController(32, now=0.0)
+    _drive(c, TokenBucket(5.0, 1.0), 0.0, 30.0)
+    assert c._recall is None
