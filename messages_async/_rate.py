@@ -339,9 +339,9 @@ class RateController:
         old, self.limit = self.limit, limit
         if self._recall is not None and (now > self._recall[1] or limit > self._recall[0] * _DROP):
             self._recall = None  # came back, or gone for too long to wait for
-        held = self._confirmed
-        if held is not None and limit < held * _DROP and self.phase is not _Phase.RAMP:
-            self._recall = (held, now + self.max_probe_after / 10)
+        confirmed = self._confirmed
+        if confirmed is not None and limit < confirmed * _DROP and self.phase is not _Phase.RAMP:
+            self._recall = (confirmed, now + self.max_probe_after / 10)
         if self._recall is not None:
             self._wait = self.recall_after
         elif self.phase is _Phase.PROBE and old is not None and limit <= old * _RISE:
