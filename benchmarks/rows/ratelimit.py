@@ -6,8 +6,17 @@ when it cannot know the server's rate, included) against the bucket's rate, or a
 same walk gets from a server with no limit, measured in the same run, where that is lower (a
 loaded machine's CPU, not the bucket, is then the ceiling).
 
+Two more scenarios over sockets, each from a new client at 20 ms: a **transient storm** (the
+next 10 requests from 5 s on answered 429, then no limit): seconds from the end of the last
+pause until a half second of goodput is back at 90% of what the same run did before the storm;
+and a **ceiling that halves and comes back** (200, then 100 from 15 s, then 200 from 30 s, bursts
+of 0.1 s): seconds after each change until a second of goodput holds 0.85x of the ceiling then
+in force, and the share of 429s over the run. The times come from the client's own timeline of
+answers (an event hook: the status and when it came), the changes from the emulator's schedule,
+which starts at the credential's first request.
+
 The same scenarios run on a virtual clock in ``benchmarks/sim.py`` (row ``sim``); this row runs
-them over sockets against the emulator's own limiter model.
+them over sockets against the emulator's own limiter models.
 """
 
 from __future__ import annotations
@@ -24,6 +33,12 @@ __all__ = ["NAME", "run"]
 NAME = "ratelimit"
 THROUGHPUT = Target(">=", 0.9)
 SHARE_429 = Target("<=", 0.03)
+RECOVERY = Target("<=", 1.0)
+SETTLE = Target("<=", 5.0)
+CHANGE_429 = Target("<=", 0.05)
+STORM_AT, STORM = 5.0, 10
+STEPS = ((0.0, 200.0), (15.0, 100.0), (30.0, 200.0))
+TICK = 0.1
 LATENCY = 0.02
 CONCURRENCY = 32
 PAGE = 10
@@ -48,6 +63,109 @@ async def _one(info: dict[str, Any], seconds: float) -> tuple[float, int, int]:
     requests = after.requests - before.requests
     limited = after.rate_limited - before.rate_limited
     return (requests - limited) / elapsed, requests, limited
+
+
+async def _timeline(info: dict[str, Any], seconds: float) -> tuple[list[int], list[float], int]:
+    """Answers 200 per ``TICK`` from the first request on, the times of the 429s, requests."""
+    start: list[float] = []
+    ok = [0] * (int(seconds / TICK) + 1)
+    limited: list[float] = []
+    requests = 0
+
+    def on_request(_view: object) -> None:
+        nonlocal requests
+        requests += 1
+        if not start:
+            start.append(time.perf_counter())
+
+    def on_response(view: Any) -> None:
+        at = time.perf_counter() - start[0]
+        if view.status == 429:
+            limited.append(at)
+        elif view.status == 200 and at < seconds:
+            ok[int(at / TICK)] += 1
+
+    hooks = {"request": [on_request], "response": [on_response]}
+    async with library_client(info, max_concurrency=CONCURRENCY, event_hooks=hooks) as client:
+        chat_ids = [c.chat_id for c in await client.messages.chats()]
+        walk = client.messages.iter_many(chat_ids, concurrency=CONCURRENCY, limit=PAGE)
+        async for _ in walk:
+            if time.perf_counter() - start[0] >= seconds:
+                break
+        await walk.aclose()
+    return ok, limited, requests
+
+
+def _rate(ok: list[int], start: float, end: float) -> float:
+    a, b = round(start / TICK), round(end / TICK)
+    return sum(ok[a:b]) / max(end - start, TICK)
+
+
+def _reaching(ok: list[int], start: float, target: float, window: float) -> float | None:
+    """Seconds after ``start`` until a ``window`` of goodput first reaches ``target`` req/s."""
+    t = start
+    while t + window <= len(ok) * TICK:
+        if _rate(ok, t, t + window) >= target:
+            return t - start
+        t += TICK
+    return None
+
+
+def _storm(seconds: float) -> list[Line]:
+    per_chat = 4000
+    with ServerProcess(
+        chats=CHATS, messages_per_chat=per_chat, latency=LATENCY, storm=f"{STORM}@{STORM_AT:g}"
+    ) as server:
+        ok, limited, _ = asyncio.run(_timeline(server.info, seconds))
+    before = _rate(ok, 1.0, STORM_AT)
+    end = (max(limited) + 1.0) if limited else STORM_AT  # Retry-After: 1
+    took = _reaching(ok, end, 0.9 * before, 0.5)
+    return [
+        Line(
+            NAME,
+            f"storm of {STORM} 429s at {STORM_AT:g} s, {LATENCY * 1000:g} ms: s from the end of "
+            f"the last pause to 90% of the goodput before ({before:.0f} req/s)",
+            "never" if took is None else f"{took:.1f} s",
+            "1 s",
+            took if took is not None else 99.0,
+            RECOVERY,
+        )
+    ]
+
+
+def _halving(seconds: float) -> list[Line]:
+    schedule = ",".join(f"{at:g}:{rate:g}" for at, rate in STEPS)
+    per_chat = int(200 * seconds * PAGE * 1.5 / CHATS) + PAGE
+    with ServerProcess(
+        chats=CHATS, messages_per_chat=per_chat, latency=LATENCY, rate_schedule=schedule
+    ) as server:
+        ok, limited, requests = asyncio.run(_timeline(server.info, seconds))
+    lines = []
+    for (at, rate), (until, _) in zip(STEPS[1:], (*STEPS[2:], (seconds, 0.0)), strict=True):
+        took = _reaching(ok, at, 0.85 * rate, 1.0)
+        held = _rate(ok, at + 5.0, until) / rate
+        lines.append(
+            Line(
+                NAME,
+                f"ceiling {STEPS[0][1]:g}→{STEPS[1][1]:g}→{STEPS[2][1]:g} req/s: s to 0.85× of "
+                f"{rate:g} after the change at {at:g} s (then {held:.2f}× till {until:g} s)",
+                "never" if took is None else f"{took:.1f} s",
+                "5 s",
+                took if took is not None else 99.0,
+                SETTLE,
+            )
+        )
+    lines.append(
+        Line(
+            NAME,
+            "  ceiling change: share of requests answered 429",
+            f"{len(limited) / max(1, requests):.1%}",
+            f"{requests} requests",
+            len(limited) / max(1, requests),
+            CHANGE_429,
+        )
+    )
+    return lines
 
 
 def _capacity(seconds: float) -> float:
@@ -105,4 +223,7 @@ def run(ctx: Context) -> list[Line]:
                 SHARE_429,
             )
         )
+    if not ctx.quick:
+        lines += _storm(STORM_AT + 10.0)
+        lines += _halving(STEPS[-1][0] + 15.0)
     return lines

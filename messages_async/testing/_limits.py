@@ -21,6 +21,7 @@ from typing import Protocol
 __all__ = [
     "ConcurrencyLimit",
     "FixedWindow",
+    "FromFirstRequest",
     "Limit",
     "PerCredential",
     "Schedule",
@@ -225,6 +226,54 @@ class Schedule:
 
     def finish(self, now: float) -> None:
         pass
+
+
+class FromFirstRequest:
+    """``inner`` on a clock that starts at its first request, so a schedule or a storm given in
+    seconds "from the start" runs from when a client first calls, not from when the server
+    started."""
+
+    def __init__(self, inner: Limit) -> None:
+        self.inner = inner
+        self.origin: float | None = None
+
+    def admit(self, now: float) -> float:
+        if self.origin is None:
+            self.origin = now
+        return self.inner.admit(now - self.origin)
+
+    def finish(self, now: float) -> None:
+        self.inner.finish(now - (self.origin if self.origin is not None else now))
+
+
+def parse_schedule(spec: str) -> list[tuple[float, float]]:
+    """``"0:200,20:100,40:200"`` (from seconds: requests/s) as :class:`Schedule` steps."""
+    steps = []
+    for part in spec.split(","):
+        at, sep, rate = part.partition(":")
+        try:
+            step = (float(at), float(rate))
+        except ValueError:
+            step = None
+        if not sep or step is None or step[0] < 0 or not step[1] > 0:
+            raise ValueError(
+                f"a rate schedule is steps of SECONDS:RATE separated by commas, e.g. "
+                f"0:200,20:100,40:200; got {part!r}"
+            )
+        steps.append(step)
+    return steps
+
+
+def parse_storm(spec: str) -> tuple[int, float]:
+    """``"10@5"``: the next 10 requests from 5 s on are answered 429."""
+    count, sep, start = spec.partition("@")
+    try:
+        value = (int(count), float(start))
+    except ValueError:
+        value = None
+    if not sep or value is None or value[0] < 1 or value[1] < 0:
+        raise ValueError(f"a storm is COUNT@SECONDS, e.g. 10@5 (COUNT >= 1); got {spec!r}")
+    return value
 
 
 class PerCredential:

@@ -19,6 +19,16 @@ from typing import Literal
 
 import orjson
 
+from ._limits import (
+    FromFirstRequest,
+    Limit,
+    Schedule,
+    Storm,
+    TokenBucket,
+    Unlimited,
+    parse_schedule,
+    parse_storm,
+)
 from ._server import MessagesServer
 
 __all__ = ["run_forever", "serve", "serve_main"]
@@ -57,6 +67,8 @@ async def serve(
     latency: float = 0.0,
     rate_limit: float | None = None,
     burst: int | None = None,
+    rate_schedule: str | None = None,
+    storm: str | None = None,
     cursor_mode: Literal["url", "token"] = "url",
     token_ttl: float | None = 3600.0,
     extra_fields: bool = False,
@@ -71,6 +83,7 @@ async def serve(
     """
     say = echo if echo is not None else (lambda line: print(line, flush=True))
     server = MessagesServer(
+        limit=_limit(rate_limit, burst, rate_schedule, storm),
         host=host,
         port=port,
         token_port=token_port,
@@ -180,6 +193,23 @@ def _parser() -> argparse.ArgumentParser:
         help="requests allowed at once above --rate-limit (default: one second's worth)",
     )
     p.add_argument(
+        "--rate-schedule",
+        type=_schedule_arg,
+        default=None,
+        metavar="S:R,...",
+        help="a rate limit that changes over time, e.g. 0:200,20:100,40:200 (from S seconds "
+        "after a credential's first request, R requests/s, bursts of 0.1 s); instead of "
+        "--rate-limit",
+    )
+    p.add_argument(
+        "--storm",
+        type=_storm_arg,
+        default=None,
+        metavar="N@S",
+        help="answer the next N requests from S seconds after a credential's first request "
+        "with 429, then go on as before (default: none)",
+    )
+    p.add_argument(
         "--cursor-mode",
         choices=("url", "token"),
         default="url",
@@ -205,6 +235,48 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _limit(
+    rate_limit: float | None, burst: int | None, schedule: str | None, storm: str | None
+) -> Callable[[], Limit] | None:
+    """The limiter the options ask for, per credential; None: ``--rate-limit`` (or nothing)."""
+    if schedule is None and storm is None:
+        return None
+    steps = parse_schedule(schedule) if schedule is not None else None
+    count, start = parse_storm(storm) if storm is not None else (0, 0.0)
+
+    def make() -> Limit:
+        after: Limit
+        if steps is not None:
+            after = Schedule(steps, burst_seconds=_BURST_SECONDS)
+        elif rate_limit is not None:
+            after = TokenBucket(rate_limit, burst if burst is not None else max(1, int(rate_limit)))
+        else:
+            after = Unlimited()
+        return FromFirstRequest(Storm(count, start=start, after=after) if count else after)
+
+    return make
+
+
+#: Each step of ``--rate-schedule`` lets a tenth of a second of its rate through at once.
+_BURST_SECONDS = 0.1
+
+
+def _schedule_arg(text: str) -> str:
+    try:
+        Schedule(parse_schedule(text), burst_seconds=_BURST_SECONDS)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _storm_arg(text: str) -> str:
+    try:
+        parse_storm(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def run_forever(**options: object) -> None:
     """`serve` with the given options in a new event loop, until SIGINT/SIGTERM."""
     asyncio.run(serve(**options))  # type: ignore[arg-type]
@@ -212,7 +284,10 @@ def run_forever(**options: object) -> None:
 
 def serve_main(argv: list[str] | None = None) -> int:
     """Entry point of ``messages-async serve``; returns the exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.rate_schedule is not None and args.rate_limit is not None:
+        parser.error("--rate-schedule and --rate-limit both set the rate limit: give one")
     try:
         run_forever(
             host=args.host,
@@ -224,6 +299,8 @@ def serve_main(argv: list[str] | None = None) -> int:
             latency=args.latency,
             rate_limit=args.rate_limit,
             burst=args.burst,
+            rate_schedule=args.rate_schedule,
+            storm=args.storm,
             cursor_mode=args.cursor_mode,
             token_ttl=args.token_ttl,
             extra_fields=args.extra_fields,
