@@ -512,7 +512,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", action="append", choices=sorted(POLICIES))
     parser.add_argument("--only", help="scenarios whose name contains this")
     parser.add_argument("--misses", action="store_true", help="print only misses")
+    parser.add_argument(
+        "--summary", action="store_true", help="then a markdown table per kind of server"
+    )
     args = parser.parse_args(argv)
+    results: list[Result] = []
     policies = args.policy or list(POLICIES)
     started = time.perf_counter()
     simulated = 0.0
@@ -523,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         miss = False
         for name in policies:
             result = run(scenario, name)
+            results.append(result)
             simulated += scenario.duration
             ok = result.ratio >= 0.95 and result.share_429 < 0.03
             if name == "controller" and not ok:
@@ -536,8 +541,54 @@ def main(argv: list[str] | None = None) -> int:
             + ("  MISS" if miss else "")
         )
     elapsed = time.perf_counter() - started
+    if args.summary:
+        print(summary(results, policies))
     print(f"{simulated:.0f} simulated s in {elapsed:.1f} s", file=sys.stderr)
     return 0
+
+
+def _kind(name: str) -> str:
+    if name.startswith("bucket"):
+        return "bucket R/s burst " + name.split(" burst ")[1]
+    if name.startswith(("fixed", "sliding")):
+        return name.rsplit(" ", 2)[0] + " R/1 s"
+    return name.split(" ")[0] + " limit"
+
+
+def _meets(result: Result) -> bool:
+    return result.ratio >= 0.95 and result.share_429 < 0.03
+
+
+def summary(results: list[Result], policies: list[str]) -> str:
+    """Per kind of server: each controller's worst and median goodput ratio, its worst share of
+    429s, and how many scenarios miss the target (>= 0.95x with < 3% 429s)."""
+    kinds: dict[str, dict[str, list[Result]]] = {}
+    for result in results:
+        kinds.setdefault(_kind(result.scenario.name), {}).setdefault(result.policy, []).append(
+            result
+        )
+    head = "| scenarios | n | " + " | ".join(
+        f"{p}: min / median, max 429s, misses" for p in policies
+    )
+    lines = [head + " |", "|---|---|" + "---|" * len(policies)]
+    for kind, by_policy in kinds.items():
+        cells = []
+        for policy in policies:
+            group = by_policy[policy]
+            ratios = sorted(r.ratio for r in group)
+            median = ratios[len(ratios) // 2]
+            worst = max(r.share_429 for r in group)
+            misses = sum(not _meets(r) for r in group)
+            cells.append(f"{ratios[0]:.2f} / {median:.2f}, {worst:.1%}, {misses}")
+        n = len(by_policy[policies[0]])
+        lines.append(f"| {kind} | {n} | " + " | ".join(cells) + " |")
+    totals = ", ".join(
+        f"{p} {sum(not _meets(r) for r in results if r.policy == p)}" for p in policies
+    )
+    count = sum(1 for r in results if r.policy == policies[0])
+    lines.append("")
+    lines.append(f"Scenarios missing the target, of {count}: {totals}.")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,43 @@ from messages_async.testing import MessagesServer
 from messages_async.testing._limits import (
     ConcurrencyLimit,
     FixedWindow,
+    FromFirstRequest,
     Schedule,
     SlidingWindow,
     Storm,
     TokenBucket,
+    parse_schedule,
+    parse_storm,
 )
 
 # -- the server models --------------------------------------------------------------------------
+
+
+def test_a_limit_from_the_first_request_runs_its_clock_from_then() -> None:
+    # A storm of 2 from 1 s on, its first request at 100 s on the server's clock.
+    limit = FromFirstRequest(Storm(2, start=1.0))
+    assert [limit.admit(t) for t in (100.0, 100.5, 101.0, 101.1, 101.2)] == [0, 0, 1.0, 1.0, 0]
+
+
+@pytest.mark.parametrize(
+    ("spec", "steps"),
+    [("0:200,20:100,40:200", [(0, 200), (20, 100), (40, 200)]), ("0:5", [(0, 5)])],
+)
+def test_a_rate_schedule_is_read_from_its_spec(spec: str, steps: list[tuple[float, float]]) -> None:
+    assert parse_schedule(spec) == steps
+
+
+@pytest.mark.parametrize("spec", ["", "0", "0:", "a:1", "0:0", "0:-1", "-1:5", "0:1,x"])
+def test_a_bad_rate_schedule_says_how_to_write_one(spec: str) -> None:
+    with pytest.raises(ValueError, match="SECONDS:RATE separated by commas"):
+        parse_schedule(spec)
+
+
+def test_a_storm_is_read_from_its_spec() -> None:
+    assert parse_storm("10@5") == (10, 5.0)
+    for bad in ("10", "@5", "0@5", "x@1", "3@-1"):
+        with pytest.raises(ValueError, match="COUNT@SECONDS"):
+            parse_storm(bad)
 
 
 @pytest.mark.parametrize(

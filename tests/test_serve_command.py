@@ -80,3 +80,50 @@ async def test_ready_file_is_there_while_serving_and_gone_after(
     assert "Traceback" not in stderr.decode()
     assert _left_in(tmp_path) == []  # neither the file nor a temporary one beside it
     assert str(info["client_secret"]) in stdout.decode()
+
+
+async def test_a_storm_answers_429_from_a_credentials_first_request(tmp_path: Path) -> None:
+    from messages_async.testing._serve import serve
+
+    ready = tmp_path / "ready.json"
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        serve(
+            chats=2,
+            messages_per_chat=3,
+            storm="2@0",
+            ready_file=str(ready),
+            stop=stop,
+            echo=lambda _line: None,
+        )
+    )
+    try:
+        async with asyncio.timeout(30):
+            while (info := _ready(ready)) is None:
+                await asyncio.sleep(0.02)
+        statuses: list[int] = []
+        async with ma.Client(
+            token_url=str(info["token_url"]),
+            client_id=str(info["client_id"]),
+            client_secret=str(info["client_secret"]),
+            event_hooks={"response": [lambda view: statuses.append(view.status)]},
+        ) as client:
+            assert len(await client.messages.chats()) == 2  # waited out, then answered
+        assert statuses == [429, 429, 200]
+    finally:
+        stop.set()
+        await task
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--storm", "10"], "a storm is COUNT@SECONDS"),
+        (["--rate-schedule", "5:100"], "steps must start with one at time 0"),
+        (["--rate-schedule", "0:100", "--rate-limit", "5"], "give one"),
+    ],
+)
+def test_bad_limit_options_exit_2_saying_what_to_fix(args: list[str], says: str) -> None:
+    result = subprocess.run([*SERVE, *args], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert says in result.stderr
