@@ -51,7 +51,7 @@ from .export._merge import merge_sqlite, merged_meta, read_meta
 from .export._parquet import load_pyarrow
 from .export._progress import JsonLogFormatter, json_line
 from .export._rescan import Rescanner
-from .export._runner import unless_stopped
+from .export._runner import DEFAULT_WINDOW_THRESHOLD, unless_stopped
 from .export._shard import Shard
 
 __all__ = ["main"]
@@ -111,6 +111,12 @@ def _concurrency(text: str) -> int:
     if not 1 <= value <= 256:
         raise argparse.ArgumentTypeError(f"must be between 1 and 256, got {value}")
     return value
+
+
+def _window_threshold(text: str) -> int:
+    if not text.isascii() or not text.isdigit():
+        raise argparse.ArgumentTypeError(f"a number of messages (0: never), got {text!r}")
+    return int(text)
 
 
 def _shard(text: str) -> Shard:
@@ -240,6 +246,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="chats exported at once (default 8); each may have a second page in flight, so "
         "up to 2N requests",
+    )
+    export.add_argument(
+        "--window-threshold",
+        type=_window_threshold,
+        default=DEFAULT_WINDOW_THRESHOLD,
+        metavar="N",
+        help="walk a chat of more than N messages in about N-sized time windows at once, up "
+        f"to --concurrency of them (default {DEFAULT_WINDOW_THRESHOLD}; 0: never)",
     )
     export.add_argument(
         "--shard",
@@ -577,6 +591,7 @@ async def _export(args: argparse.Namespace, argv: Sequence[str], err: Console) -
         since=args.since,
         until=args.until,
         shard=args.shard,
+        window_threshold=args.window_threshold,
     )
     if args.demo:
         if args.media:

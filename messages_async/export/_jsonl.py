@@ -30,6 +30,16 @@ checkpoint says ``merging`` (with both lengths) before the rename and is cleared
 a run killed in between finds out from the file's length whether the rename happened and
 finishes or repeats the merge. Readers never see a half-updated file; an update rewrites the
 chat's file once, costing a sequential copy of it.
+
+Windows. A chat walked in time windows at once (``_state.py``) writes each window's pages to
+a segment ``.pending/<chat_id>.window-<n>.jsonl`` with the window's own checkpoint
+``.pending/<chat_id>.window-<n>.json`` (the segment's length after each page, as above), and
+the chat's checkpoint lists the plan. The chat's file stays empty meanwhile. Once every
+window is walked, the segments are copied, newest window first, into
+``.pending/<chat_id>.merge``, which is ``fsync``-ed and renamed over the chat's file: the file
+is newest first, as if the chat had been walked in one go. The window files are removed only
+after the chat's checkpoint says done, so a run killed in between sees from the file's length
+whether the rename happened, and finishes or repeats the join.
 """
 
 from __future__ import annotations
@@ -45,7 +55,7 @@ import msgspec
 import orjson
 
 from .._models import Message
-from ._state import ChatState, ExportMeta
+from ._state import ChatState, ExportMeta, WindowState
 from ._store import Store, StoreError, mismatch
 
 __all__ = ["RESCAN_FOLDERS", "JsonlStore", "atomic_write", "chat_file", "remove_export"]
@@ -167,6 +177,18 @@ def _append(path: str, offset: int, data: bytes) -> int:
     return offset + len(data)
 
 
+def _copy_into(out: Any, path: str, length: int) -> None:
+    """Copy the first ``length`` bytes of ``path`` into ``out`` (streamed)."""
+    with open(path, "rb") as src:
+        left = length
+        while left > 0:
+            chunk = src.read(min(_COPY_CHUNK, left))
+            if not chunk:
+                raise OSError(f"{path} ended early while merging")
+            out.write(chunk)
+            left -= len(chunk)
+
+
 def _count_lines(path: str, length: int) -> int:
     count = 0
     with open(path, "rb") as f:
@@ -201,6 +223,8 @@ def _lines(messages: list[Message]) -> bytes:
 class JsonlStore(Store):
     """An export into a directory of JSONL files (see the module docstring for the layout)."""
 
+    supports_windows = True
+
     def __init__(self, path: str, *, threads: int = 4) -> None:
         # Several threads: chats are separate files, so their fsyncs can overlap. A chat's
         # own commits stay in order because its worker awaits each one.
@@ -229,6 +253,20 @@ class JsonlStore(Store):
 
     def _state_file(self, chat_id: int) -> str:
         return self._p(_STATE, f"{chat_id}.json")
+
+    def _window_segment(self, chat_id: int, index: int) -> str:
+        return self._p(_PENDING, f"{chat_id}.window-{index}.jsonl")
+
+    def _window_file(self, chat_id: int, index: int) -> str:
+        return self._p(_PENDING, f"{chat_id}.window-{index}.json")
+
+    def _remove_windows(self, chat_id: int) -> None:
+        prefix = f"{chat_id}.window-"
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(self._p(_PENDING)):
+                if name.startswith(prefix):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self._p(_PENDING, name))
 
     # --- opening ------------------------------------------------------------------------------
 
@@ -288,6 +326,7 @@ class JsonlStore(Store):
         for path in (self._pending(chat_id), self._merge_file(chat_id)):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+        self._remove_windows(chat_id)
         state = ChatState(chat_id)
         _append(self._main(chat_id), 0, b"")
         self._write_state(state)
@@ -305,6 +344,9 @@ class JsonlStore(Store):
         main, pending = self._main(chat_id), self._pending(chat_id)
         if state.merging:
             return self._finish_merge(state)
+        if state.windows and not state.done:
+            return self._load_windows(state)
+        self._remove_windows(chat_id)  # a plan never recorded: the chat starts afresh
         size = _size(main)
         if size is None:
             if state.length:
@@ -353,6 +395,89 @@ class JsonlStore(Store):
         self._write_state(state)
         return state
 
+    # --- windows ------------------------------------------------------------------------------
+
+    def _write_window(self, chat_id: int, window: WindowState) -> None:
+        atomic_write(self._window_file(chat_id, window.index), orjson.dumps(window.to_json()))
+
+    def _start_windows(self, state: ChatState) -> ChatState:
+        chat_id = state.chat_id
+        self._remove_windows(chat_id)
+        for window in state.windows:
+            _append(self._window_segment(chat_id, window.index), 0, b"")
+            self._write_window(chat_id, window)
+        _fsync_dir(self._p(_PENDING))
+        # The chat's checkpoint last: until it lists the plan, the window files are strays.
+        self._write_state(state)
+        return state
+
+    def _load_windows(self, state: ChatState) -> ChatState:
+        """A windowed chat's checkpoints, each window cut back to its own (or redone)."""
+        chat_id = state.chat_id
+        windows = []
+        for planned in state.windows:
+            window = planned
+            try:
+                with open(self._window_file(chat_id, planned.index), "rb") as f:
+                    window = WindowState.from_json(orjson.loads(f.read()))
+            except FileNotFoundError:
+                pass
+            except (ValueError, TypeError) as exc:
+                return self._reset(chat_id, f"a window's checkpoint is unreadable ({exc})")
+            segment = self._window_segment(chat_id, window.index)
+            size = _size(segment) or 0
+            if size < window.length:
+                # Only possible after a power cut lost an fsync-ed segment: redo the window.
+                logger.warning(
+                    "chat %d: window %d was lost; walking it again", chat_id, window.index
+                )
+                window = WindowState(
+                    planned.index, planned.from_, planned.till, estimate=planned.estimate
+                )
+                _append(segment, 0, b"")
+                self._write_window(chat_id, window)
+            elif size > window.length:
+                _truncate(segment, window.length)
+            windows.append(window)
+        state.windows = windows
+        total = sum(w.length for w in windows)
+        size = _size(self._main(chat_id)) or 0
+        if all(w.done for w in windows) and size == total:
+            return self._joined(state)  # killed after the join's rename
+        if size:
+            # The chat's file holds nothing while its windows are walked (no rename yet).
+            _truncate(self._main(chat_id), 0)
+        return state
+
+    def _commit_window(
+        self, state: ChatState, window: WindowState, messages: list[Message]
+    ) -> WindowState:
+        chat_id = state.chat_id
+        data = _lines(messages)
+        window.length = _append(self._window_segment(chat_id, window.index), window.length, data)
+        window.messages += len(messages)
+        self._write_window(chat_id, window)
+        return window
+
+    def _finish_windows(self, state: ChatState) -> ChatState:
+        chat_id = state.chat_id
+        main, merged = self._main(chat_id), self._merge_file(chat_id)
+        with open(merged, "wb") as out:
+            for window in state.windows:  # newest first
+                _copy_into(out, self._window_segment(chat_id, window.index), window.length)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(merged, main)
+        _fsync_dir(os.path.dirname(main))
+        return self._joined(state)
+
+    def _joined(self, state: ChatState) -> ChatState:
+        joined = state.joined()
+        self._write_state(joined)
+        _fsync_dir(self._p(_STATE))
+        self._remove_windows(state.chat_id)
+        return joined
+
     def _finish_merge(self, state: ChatState) -> ChatState:
         """Put the update segment on top of the chat's file (see the module docstring)."""
         chat_id = state.chat_id
@@ -367,14 +492,7 @@ class JsonlStore(Store):
                 return self._reset(chat_id, "an update was interrupted and its files changed")
             with open(merged, "wb") as out:
                 for path, length in ((pending, state.pending_length), (main, state.length)):
-                    with open(path, "rb") as src:
-                        left = length
-                        while left > 0:
-                            chunk = src.read(min(_COPY_CHUNK, left))
-                            if not chunk:
-                                raise OSError(f"{path} ended early while merging")
-                            out.write(chunk)
-                            left -= len(chunk)
+                    _copy_into(out, path, length)
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(merged, main)

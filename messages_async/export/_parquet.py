@@ -28,6 +28,14 @@ and fetches those pages again from the checkpoint's cursor: no duplicate, no gap
 
 Updates simply add parts: rows are not ordered across parts, so nothing is ever rewritten.
 
+Windows. A chat walked in time windows at once (``_state.py``) buffers and writes each
+window's pages the same way, as ``.windows/<chat_id>-<n>-<k>.part`` (Parquet files under a
+name no reader's glob takes), with the window's own checkpoint ``.windows/<chat_id>-<n>.json``
+(its ``length`` is the parts it has written). Once every window is walked, the parts are
+renamed, newest window first, to the chat's ``part-<k>.parquet`` and the chat's checkpoint
+says done with their count: the chat is then stored exactly as one walked in one go. The
+renames follow from the checkpoints alone, so a run killed among them finishes them.
+
 pyarrow is an optional dependency (``pip install 'messages-async[parquet]'``); it is imported
 when a store is opened, and its absence is a :class:`StoreError` that says how to install it.
 """
@@ -48,7 +56,7 @@ from .._checks import count
 from .._models import Message
 from ._columns import chat_columns
 from ._jsonl import RESCAN_FOLDERS, _fsync_dir, atomic_write, open_folder_export
-from ._state import ChatState, ExportMeta
+from ._state import ChatState, ExportMeta, WindowState
 from ._store import Store, StoreError
 
 __all__ = ["INSTALL_HINT", "MESSAGE_COLUMNS", "ParquetStore", "load_pyarrow"]
@@ -63,9 +71,11 @@ _META = "export.json"
 _CHATS = "chats.parquet"
 _MESSAGES = "messages"
 _STATE = "state"
-_OURS = (_META, _CHATS, _MESSAGES, _STATE, *RESCAN_FOLDERS)
+_WINDOWS = ".windows"
+_OURS = (_META, _CHATS, _MESSAGES, _STATE, _WINDOWS, *RESCAN_FOLDERS)
 _FORMAT = "parquet"
 _PART = re.compile(r"part-(\d+)\.parquet")
+_WINDOW_PART = re.compile(r"(\d+)-(\d+)-(\d+)\.part")
 _COMPRESSION = "zstd"
 
 
@@ -180,6 +190,8 @@ class ParquetStore(Store):
         part_bytes: Most bytes of raw JSON buffered per chat before a part is written.
     """
 
+    supports_windows = True
+
     def __init__(
         self, path: str, *, threads: int = 4, part_rows: int = 10_000, part_bytes: int = 8 << 20
     ) -> None:
@@ -192,6 +204,9 @@ class ParquetStore(Store):
         self._pq: Any = None
         self._buffers: dict[int, _Buffer] = {}
         self._parts: dict[int, int] = {}
+        # Windows' pages not yet written, by (chat_id, window index), with the window's
+        # checkpoint after the last one.
+        self._window_buffers: dict[tuple[int, int], tuple[_Buffer, WindowState]] = {}
 
     def _p(self, *parts: str) -> str:
         return os.path.join(self.path, *parts)
@@ -201,6 +216,24 @@ class ParquetStore(Store):
 
     def _state_file(self, chat_id: int) -> str:
         return self._p(_STATE, f"{chat_id}.json")
+
+    def _window_file(self, chat_id: int, index: int) -> str:
+        return self._p(_WINDOWS, f"{chat_id}-{index}.json")
+
+    def _window_part(self, chat_id: int, index: int, n: int) -> str:
+        return self._p(_WINDOWS, f"{chat_id}-{index}-{n}.part")
+
+    def _window_names(self, chat_id: int) -> list[str]:
+        prefixes = (f"{chat_id}-", f".{chat_id}-")  # the second: temporary names
+        try:
+            return [n for n in os.listdir(self._p(_WINDOWS)) if n.startswith(prefixes)]
+        except FileNotFoundError:
+            return []
+
+    def _remove_windows(self, chat_id: int) -> None:
+        for name in self._window_names(chat_id):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._p(_WINDOWS, name))
 
     # --- opening ------------------------------------------------------------------------------
 
@@ -243,7 +276,7 @@ class ParquetStore(Store):
             stored_meta=self._stored_meta,
             meta_file=_META,
             ours=_OURS,
-            folders=(_MESSAGES, _STATE),
+            folders=(_MESSAGES, _STATE, _WINDOWS),
             header={**meta.to_json(), "format": _FORMAT},
         )
 
@@ -272,6 +305,7 @@ class ParquetStore(Store):
     def _reset(self, chat_id: int, why: str) -> ChatState:
         logger.warning("chat %d: %s; exporting this chat again from the start", chat_id, why)
         shutil.rmtree(self._chat_dir(chat_id), ignore_errors=True)
+        self._remove_windows(chat_id)
         state = ChatState(chat_id)
         self._parts[chat_id] = 0
         self._write_state(state, 0)
@@ -292,6 +326,9 @@ class ParquetStore(Store):
             state, parts = ChatState(chat_id), 0
         except (ValueError, TypeError) as exc:
             return self._reset(chat_id, f"its checkpoint is unreadable ({exc})")
+        if state.windows and not state.done:
+            return self._load_windows(state)
+        self._remove_windows(chat_id)  # a plan never recorded: the chat starts afresh
         found: set[int] = set()
         folder = self._chat_dir(chat_id)
         with contextlib.suppress(FileNotFoundError):
@@ -337,6 +374,120 @@ class ParquetStore(Store):
             self._parts[chat_id] = parts
         self._write_state(buffer.state, parts)
 
+    # --- windows ------------------------------------------------------------------------------
+
+    def _write_window(self, chat_id: int, window: WindowState) -> None:
+        atomic_write(self._window_file(chat_id, window.index), orjson.dumps(window.to_json()))
+
+    def _start_windows(self, state: ChatState) -> ChatState:
+        chat_id = state.chat_id
+        self._remove_windows(chat_id)
+        os.makedirs(self._p(_WINDOWS), exist_ok=True)
+        for window in state.windows:
+            self._write_window(chat_id, window)
+        _fsync_dir(self._p(_WINDOWS))
+        # The chat's checkpoint last: until it lists the plan, the window files are strays.
+        self._write_state(state, 0)
+        self._parts[chat_id] = 0
+        return state
+
+    def _renames(self, state: ChatState) -> list[tuple[str, str]]:
+        """Each window part and the chat part it becomes: newest window first, in order."""
+        folder = self._chat_dir(state.chat_id)
+        pairs: list[tuple[str, str]] = []
+        for window in state.windows:
+            for n in range(window.length):
+                pairs.append(
+                    (
+                        self._window_part(state.chat_id, window.index, n),
+                        os.path.join(folder, part_name(len(pairs))),
+                    )
+                )
+        return pairs
+
+    def _load_windows(self, state: ChatState) -> ChatState:
+        """A windowed chat's checkpoints, each window's parts cut back to its own."""
+        chat_id = state.chat_id
+        windows = []
+        names = set(self._window_names(chat_id))
+        for name in names:
+            if name.endswith(".tmp"):  # a write never finished
+                os.unlink(self._p(_WINDOWS, name))
+        for planned in state.windows:
+            window = planned
+            try:
+                with open(self._window_file(chat_id, planned.index), "rb") as f:
+                    window = WindowState.from_json(orjson.loads(f.read()))
+            except FileNotFoundError:
+                pass
+            except (ValueError, TypeError) as exc:
+                return self._reset(chat_id, f"a window's checkpoint is unreadable ({exc})")
+            for name in names:
+                match = _WINDOW_PART.fullmatch(name)
+                ours = match is not None and match.group(1, 2) == (str(chat_id), str(window.index))
+                if ours and match is not None and int(match.group(3)) >= window.length:
+                    # Written after the window's checkpoint: its pages are fetched again.
+                    os.unlink(self._p(_WINDOWS, name))
+            windows.append(window)
+        state.windows = windows
+        renames = self._renames(state)
+        if all(w.done for w in windows):
+            if all(os.path.exists(a) or os.path.exists(b) for a, b in renames):
+                return state  # the join (perhaps begun) is finished by finish_windows
+            return self._reset(chat_id, "parts of its windows are missing")
+        if any(not os.path.exists(a) for a, _ in renames):
+            return self._reset(chat_id, "parts of its windows are missing")
+        # No rename has begun: whatever the chat's folder holds was never checkpointed.
+        shutil.rmtree(self._chat_dir(chat_id), ignore_errors=True)
+        return state
+
+    def _commit_window(
+        self, state: ChatState, window: WindowState, messages: list[Message]
+    ) -> WindowState:
+        key = (state.chat_id, window.index)
+        buffer = self._window_buffers.get(key, (None, window))[0] or _Buffer(state)
+        buffer.add(messages)
+        window.messages += len(messages)
+        self._window_buffers[key] = (buffer, window)
+        full = len(buffer.ids) >= self.part_rows or buffer.raw_bytes >= self.part_bytes
+        if full or window.done:
+            self._flush_window(key)
+        return window
+
+    def _flush_window(self, key: tuple[int, int]) -> None:
+        """Write the window's buffer as its next part, then its checkpoint."""
+        entry = self._window_buffers.pop(key, None)
+        if entry is None:
+            return
+        buffer, window = entry
+        chat_id, index = key
+        if buffer.ids:
+            os.makedirs(self._p(_WINDOWS), exist_ok=True)
+            _write_parquet(
+                self._pq, buffer.table(self._pa), self._window_part(chat_id, index, window.length)
+            )
+            window.length += 1
+        self._write_window(chat_id, window)
+
+    def _finish_windows(self, state: ChatState) -> ChatState:
+        chat_id = state.chat_id
+        for window in state.windows:
+            self._flush_window((chat_id, window.index))
+        renames = self._renames(state)
+        if renames:
+            os.makedirs(self._chat_dir(chat_id), exist_ok=True)
+            for src, dst in renames:
+                if os.path.exists(src):  # else renamed by a run killed during the join
+                    os.replace(src, dst)
+            _fsync_dir(self._chat_dir(chat_id))
+        joined = state.joined()
+        joined.length = 0  # parts are counted in the checkpoint's own "parts"
+        self._parts[chat_id] = len(renames)
+        self._write_state(joined, len(renames))
+        _fsync_dir(self._p(_STATE))
+        self._remove_windows(chat_id)
+        return joined
+
     def _fail(self, state: ChatState, error: str) -> ChatState:
         state.error = error
         if state.chat_id in self._buffers:
@@ -350,3 +501,5 @@ class ParquetStore(Store):
         # A clean stop keeps every page fetched: buffers are written with their checkpoints.
         for chat_id in list(self._buffers):
             self._flush(chat_id)
+        for key in list(self._window_buffers):
+            self._flush_window(key)

@@ -33,14 +33,27 @@ call that failed after the client's own retries, and counted in :class:`Rounds` 
 
 A walk that stored anything since the last failure starts the counts again, so a long chat on
 a flaky network is not failed for its length.
+
+Big chats in time windows. A chat's cursors form a chain, so one chat is one page at a time
+however many workers sit idle. A chat never walked before whose first page says
+``total_count`` > ``window_threshold`` is instead planned into :func:`window_count` time
+windows of about equal count (``client.messages.plan_windows``; the first page is not
+stored) and each window becomes a job of the same pool, ahead of the chats still waiting
+(:class:`JobFeed`). A window is walked like a chat (the same rounds, its own checkpoint in
+the store, an expired cursor restarts it at its own newest page skipping what it stored);
+the worker that completes a chat's last window has the store join them and goes on with the
+chat as with any other: an update (what arrived during the walk) and a rescan if asked. A
+chat resumed with windows goes on with them, whatever the threshold of this run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import enum
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from datetime import datetime
 from typing import Any, Literal, TypeVar
 
@@ -53,12 +66,20 @@ from .._models import Message, MessagesPage, Period
 from .._pool import Emit, Pool
 from .._retry import RoundVerdict, after_failed_call
 from ._shard import Shard
-from ._state import ChatState
+from ._state import ChatState, WindowState
 from ._store import Store
 
 T = TypeVar("T")
 
-__all__ = ["ChatFailure", "ExportOptions", "ExportStats", "Exporter"]
+__all__ = [
+    "DEFAULT_WINDOW_THRESHOLD",
+    "ChatFailure",
+    "ExportOptions",
+    "ExportStats",
+    "Exporter",
+    "JobFeed",
+    "window_count",
+]
 
 logger = logging.getLogger("messages_async.export")
 
@@ -69,6 +90,21 @@ MAX_TRANSIENT_ROUNDS = 5
 MAX_CURSOR_RESTARTS = 3
 #: Longest wait between transient rounds, in seconds.
 MAX_ROUND_WAIT = 60.0
+#: A chat with more messages than this is walked in time windows (README: planning one costs
+#: about twenty ``limit=1`` requests and a few round trips; at 10,000 messages, 100 pages,
+#: the walk it shortens is long enough to repay that many times over).
+DEFAULT_WINDOW_THRESHOLD = 10_000
+
+
+def window_count(total: int | None, *, threshold: int, concurrency: int) -> int:
+    """How many windows a chat of ``total`` messages is walked in (1: in one go).
+
+    About ``total / threshold`` (rounded up), at most ``concurrency``; ``threshold`` 0
+    never windows, nor does a server that sends no ``total_count``.
+    """
+    if threshold <= 0 or total is None or total <= threshold:
+        return 1
+    return max(1, min(concurrency, -(-total // threshold)))
 
 
 @attrs.frozen
@@ -84,6 +120,9 @@ class ExportOptions:
         page_size: Messages per request (the server caps it at 100).
         shard: Only the chats of this shard (``--shard I/N``; see ``_shard.py``), of the
             listing or of ``chat_ids``.
+        window_threshold: A chat never exported before with more messages than this is
+            walked in about ``total / window_threshold`` time windows at once (at most
+            ``concurrency``); 0: every chat in one walk.
     """
 
     chat_ids: tuple[int, ...] | None = None
@@ -93,9 +132,11 @@ class ExportOptions:
     until: datetime | None = None
     page_size: int = 100
     shard: Shard | None = None
+    window_threshold: int = DEFAULT_WINDOW_THRESHOLD
 
     def __attrs_post_init__(self) -> None:
         count("concurrency", self.concurrency, minimum=1)
+        count("window_threshold", self.window_threshold, minimum=0)
         if not 1 <= self.page_size <= 100:
             raise ValueError(f"page_size must be between 1 and 100, got {self.page_size}")
         # Period checks awareness and order, with messages that say what to fix.
@@ -129,6 +170,8 @@ class ExportStats:
     pages: int = 0
     cursor_restarts: int = 0
     resumed_rounds: int = 0
+    #: Time windows walked (or resumed) in this run, over every windowed chat.
+    windows: int = 0
     stored_messages: int = 0
     waiting_until: float = 0.0
     interrupted: bool = False
@@ -227,6 +270,7 @@ class Exporter:
         self._options = options
         self._period = options.period()
         self._stop = stop if stop is not None else asyncio.Event()
+        self._feed = JobFeed(())
         self.stats = ExportStats()
 
     async def run(self) -> ExportStats:
@@ -247,13 +291,11 @@ class Exporter:
                 stats.interrupted = True
                 return stats
             stats.chats_total = len(ids)
-            pool: Pool[int, None] = Pool(
-                self._export_chat,
-                workers=self._options.concurrency,
-                capacity=1,
-                jobs=ids,
-                name="export",
+            self._feed = JobFeed(ids)
+            pool: Pool[_Job, None] = Pool(
+                self._run_job, workers=self._options.concurrency, capacity=1, name="export"
             )
+            pool.spawn(lambda: self._feed.run(pool), "jobs")
             try:
                 # The pool's first failure (a rejected token, a store that cannot be
                 # written) is raised here, after every other worker was cancelled.
@@ -301,51 +343,173 @@ class Exporter:
         await self._store.save_chats([c.raw for c in chats if c.chat_id in chosen])
         return ids
 
-    async def _export_chat(self, chat_id: int, emit: Emit[None]) -> None:
+    async def _run_job(self, job: _Job, emit: Emit[None]) -> None:
+        if isinstance(job, _WindowJob):
+            await self._export_window(job)
+            return
         stats = self.stats
         stats.chats_active += 1
+        handed_over = False
         try:
-            job = _ChatJob(await self._store.load(chat_id))
+            chat = _ChatJob(await self._store.load(job))
+            if chat.state.windows and not chat.state.done:
+                handed_over = self._hand_over(chat)
+                if not handed_over:  # every window walked: a run stopped before the join
+                    chat.state = await self._store.finish_windows(chat.state)
+                    await self._export_chat(chat, catch_up=False)
+                return
             # A walk stores the chat as it was when the walk began. One that began in an
             # earlier run (or began again after an expired cursor) may be long out of date
             # when it ends, so it is followed by an update: a finished run leaves every chat
             # current.
-            catch_up = job.state.in_progress
-            rounds = Rounds()
-            while True:
-                stored = job.state.messages
-                try:
-                    if job.rescanning and self._rescan is not None:
-                        await self._rescan(job.state)
-                    else:
-                        await self._walk(job)
-                except Exception as exc:
-                    next_round = rounds.after(exc, progressed=job.state.messages > stored)
-                    if next_round.action == "raise":
-                        raise
-                    if next_round.action == "fail":
-                        await self._fail(job, next_round.why)
-                        return
-                    if next_round.action == "restart":
-                        catch_up = True
-                        stats.cursor_restarts += 1
-                        logger.info("chat %d: %s; walking again from the newest page", chat_id, exc)
-                        job.state = attrs.evolve(job.state, cursor=None)
-                    else:
-                        stats.resumed_rounds += 1
-                        await self._wait(next_round.wait)
-                    continue
-                if catch_up:
-                    catch_up = False
-                    continue
-                if self._rescan is not None and not job.rescanning:
-                    job.rescanning = True
-                    continue
-                stats.chats_done += 1
-                stats.stored_messages += job.state.messages
-                return
+            handed_over = await self._export_chat(chat, catch_up=chat.state.in_progress)
+        finally:
+            if not handed_over:
+                stats.chats_active -= 1
+            self._feed.chat_ended()
+
+    async def _export_chat(self, job: _ChatJob, *, catch_up: bool) -> bool:
+        """Walk (update, rescan) the chat to its end; True: handed over to its windows."""
+        stats = self.stats
+        chat_id = job.state.chat_id
+        rounds = Rounds()
+        while True:
+            stored = job.state.messages
+            windows = 1
+            try:
+                if job.rescanning and self._rescan is not None:
+                    await self._rescan(job.state)
+                else:
+                    windows = await self._walk(job)
+                    if windows > 1 and await self._start_windows(job, windows):
+                        return True
+            except Exception as exc:
+                next_round = rounds.after(exc, progressed=job.state.messages > stored)
+                if next_round.action == "raise":
+                    raise
+                if next_round.action == "fail":
+                    await self._fail(job, next_round.why)
+                    return False
+                if next_round.action == "restart":
+                    catch_up = True
+                    stats.cursor_restarts += 1
+                    logger.info("chat %d: %s; walking again from the newest page", chat_id, exc)
+                    job.state = attrs.evolve(job.state, cursor=None)
+                else:
+                    stats.resumed_rounds += 1
+                    await self._wait(next_round.wait)
+                continue
+            if windows > 1:
+                continue  # the plan came out as one window: walked in one go after all
+            if catch_up:
+                catch_up = False
+                continue
+            if self._rescan is not None and not job.rescanning:
+                job.rescanning = True
+                continue
+            stats.chats_done += 1
+            stats.stored_messages += job.state.messages
+            return False
+
+    # --- windows -------------------------------------------------------------------------------
+
+    async def _start_windows(self, job: _ChatJob, windows: int) -> bool:
+        """Plan the fresh chat's windows and hand them to the pool; False: one window."""
+        state = job.state
+        plan = await self._client.messages.plan_windows(
+            state.chat_id,
+            windows=windows,
+            query=self._options.query,
+            period=self._period,
+            concurrency=self._options.concurrency,
+        )
+        if len(plan) < 2:
+            job.windowless = True  # one instant holds (nearly) all of it
+            return False
+        checkpoints = [WindowState(w.index, w.from_, w.till, estimate=w.estimate) for w in plan]
+        job.state = await self._store.start_windows(state, checkpoints)
+        logger.info("chat %d: walking %d time windows at once", state.chat_id, len(plan))
+        return self._hand_over(job)
+
+    def _hand_over(self, job: _ChatJob) -> bool:
+        """Queue the chat's windows not walked yet; False if there is none."""
+        chat = _WindowedChat(job, left=sum(not w.done for w in job.state.windows))
+        if not chat.left:
+            return False
+        assert [w.index for w in job.state.windows] == list(range(len(job.state.windows)))
+        self.stats.windows += chat.left
+        self._feed.add(_WindowJob(chat, w.index) for w in job.state.windows if not w.done)
+        return True
+
+    async def _export_window(self, job: _WindowJob) -> None:
+        """Walk one window under the chat's rules; the last one joins and finishes the chat."""
+        chat, stats = job.chat, self.stats
+        windows = chat.job.state.windows
+        rounds = Rounds()
+        while not windows[job.index].done:
+            if chat.failed:
+                return  # another window failed the chat: the next run goes on from here
+            stored = windows[job.index].messages
+            try:
+                await self._walk_window(chat, job.index)
+            except Exception as exc:
+                next_round = rounds.after(exc, progressed=windows[job.index].messages > stored)
+                if next_round.action == "raise":
+                    raise
+                if next_round.action == "fail":
+                    if not chat.failed:
+                        chat.failed = True
+                        stats.chats_active -= 1
+                        await self._fail(chat.job, next_round.why)
+                    return
+                if next_round.action == "restart":
+                    stats.cursor_restarts += 1
+                    logger.info(
+                        "chat %d window %d: %s; walking it again from its newest page",
+                        chat.job.state.chat_id,
+                        job.index,
+                        exc,
+                    )
+                    windows[job.index] = attrs.evolve(windows[job.index], cursor=None)
+                else:
+                    stats.resumed_rounds += 1
+                    await self._wait(next_round.wait)
+        chat.left -= 1
+        if chat.left or chat.failed:
+            return
+        try:
+            chat.job.state = await self._store.finish_windows(chat.job.state)
+            # Its first walk is now an update: what was posted while the windows were walked.
+            await self._export_chat(chat.job, catch_up=False)
         finally:
             stats.chats_active -= 1
+
+    async def _walk_window(self, chat: _WindowedChat, index: int) -> None:
+        state = chat.job.state
+        window = state.windows[index]
+        pages = self._list(state.chat_id, window.cursor, window.period(), prefetch=True)
+        try:
+            async for page in pages:
+                if chat.failed:
+                    return
+                window = state.windows[index]
+                low = window.low
+                # After a restart at the window's newest page: every id at or above ``low``
+                # is stored already, or newer than the walk (the chat's update gets those).
+                writes = [m for m in page.items if low is None or m.id < low]
+                new = attrs.evolve(window, cursor=page.next_cursor, done=not page.next_cursor)
+                if writes:
+                    new.top = writes[0].id if window.top is None else window.top
+                    new.low = writes[-1].id
+                state.windows[index] = await self._store.commit_window(state, new, writes)
+                if self._on_commit is not None and writes:
+                    self._on_commit(writes)
+                self.stats.messages += len(writes)
+                self.stats.pages += 1
+                if new.done:
+                    return
+        finally:
+            await pages.aclose()
 
     async def _wait(self, seconds: float) -> None:
         until = time.monotonic() + seconds
@@ -359,34 +523,48 @@ class Exporter:
         self.stats.chats_failed += 1
         self.stats.failures.append(ChatFailure(chat_id, error))
 
-    def _pages(self, state: ChatState) -> AsyncGenerator[MessagesPage, None]:
+    def _list(
+        self, chat_id: int, cursor: str | None, period: Period | None, *, prefetch: bool
+    ) -> AsyncGenerator[MessagesPage, None]:
         options = self._options
         try:
             return self._client.messages.pages(
-                state.chat_id,
+                chat_id,
                 limit=options.page_size,
-                cursor=state.cursor,
+                cursor=cursor,
                 query=options.query,
-                period=self._period,
-                # An update usually ends on its first page: fetching the second ahead would
-                # be a wasted request per chat.
-                prefetch=not state.updating,
+                period=period,
+                prefetch=prefetch,
                 bulk=True,
             )
         except UnsafeCursorError as exc:
-            if state.cursor is None:
+            if cursor is None:
                 raise
             # A saved cursor that now points outside the API (the server moved, or the
             # demo emulator runs on another port): never followed, the chat restarts.
             raise _Restart(f"the saved cursor no longer points at this API ({exc})") from None
 
-    async def _walk(self, job: _ChatJob) -> None:
+    async def _walk(self, job: _ChatJob) -> int:
+        """Walk the chat from its checkpoint; more than 1: it is to be walked in that many
+        windows instead (its first page said how big it is; nothing was stored)."""
         state = job.state
         update = state.updating
         high = state.newest_id if update else None
-        pages = self._pages(state)
+        # An update usually ends on its first page: fetching the second ahead would be a
+        # wasted request per chat.
+        pages = self._list(state.chat_id, state.cursor, self._period, prefetch=not update)
+        may_window = state.fresh and self._store.supports_windows and not job.windowless
         try:
             async for page in pages:
+                if may_window:
+                    may_window = False
+                    windows = window_count(
+                        page.total_count,
+                        threshold=self._options.window_threshold,
+                        concurrency=self._options.concurrency,
+                    )
+                    if windows > 1:
+                        return windows
                 state = job.state
                 low = state.walk_low
                 writes = []
@@ -418,12 +596,13 @@ class Exporter:
                 self.stats.messages += job.state.messages - before
                 self.stats.pages += 1
                 if finished:
-                    return
+                    return 1
+            return 1
         finally:
             await pages.aclose()
 
 
-async def _drain(pool: Pool[int, None]) -> bool:
+async def _drain(pool: Pool[_Job, None]) -> bool:
     """Run the pool to its end; True (``unless_stopped`` answers None when stopped)."""
     async for _ in pool:
         pass
@@ -450,3 +629,72 @@ async def unless_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T
 class _ChatJob:
     state: ChatState
     rescanning: bool = False
+    #: Planned once already in this run (or found too small): walked in one go.
+    windowless: bool = False
+
+
+@attrs.define(eq=False)
+class _WindowedChat:
+    """A chat whose windows are being walked: their checkpoints are ``job.state.windows``."""
+
+    job: _ChatJob
+    left: int
+    failed: bool = False
+
+
+@attrs.frozen(eq=False)
+class _WindowJob:
+    chat: _WindowedChat
+    index: int
+
+
+_Job = int | _WindowJob
+
+
+class _Wait(enum.Enum):
+    WAIT = "WAIT"
+
+
+class JobFeed:
+    """The order of the export's jobs (plain code; :meth:`run` hands them to the pool).
+
+    Chats go in their listing's order; a chat found big hands back its windows, which go
+    ahead of the chats still waiting, so that the chat is walked in about as many windows
+    at once as it was planned in. The feed ends once every chat was handed out and no chat
+    job is still running (one that may yet hand back windows).
+    """
+
+    WAIT = _Wait.WAIT
+
+    def __init__(self, chat_ids: Iterable[int]) -> None:
+        self._chats = collections.deque(chat_ids)
+        self._windows: collections.deque[_WindowJob] = collections.deque()
+        self._running = 0
+        self._changed = asyncio.Event()
+
+    def add(self, windows: Iterable[_WindowJob]) -> None:
+        self._windows.extend(windows)
+        self._changed.set()
+
+    def chat_ended(self) -> None:
+        self._running -= 1
+        self._changed.set()
+
+    def next(self) -> _Job | _Wait | None:
+        """The next job; ``WAIT``: none until a running chat ends; None: no more, ever."""
+        if self._windows:
+            return self._windows.popleft()
+        if self._chats:
+            self._running += 1
+            return self._chats.popleft()
+        return self.WAIT if self._running > 0 else None
+
+    async def run(self, pool: Pool[_Job, None]) -> None:
+        while (job := self.next()) is not None:
+            if job is self.WAIT:
+                await self._changed.wait()
+                self._changed.clear()
+                continue
+            assert not isinstance(job, _Wait)
+            await pool.submit(job)
+        await pool.no_more_jobs()

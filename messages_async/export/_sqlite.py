@@ -10,6 +10,8 @@ included, as JSON text)::
              uid INTEGER, message TEXT, created_at TIMESTAMP)    -- index on (chat_id, id)
     export_state(chat_id INTEGER PRIMARY KEY, done, newest_id, cursor, walk_top, walk_low,
                  error, messages, updated_at)                    -- see _state.py
+    export_windows(chat_id INTEGER, idx INTEGER, checkpoint TEXT, PRIMARY KEY (chat_id, idx))
+                                                  -- a windowed chat's windows while it is walked
 
 ``created_at`` is UTC as ``YYYY-MM-DD HH:MM:SS[.ffffff]`` (see ``_columns.utc_timestamp``);
 an export begun before that column was typed keeps the server's text there.
@@ -22,7 +24,10 @@ export made with the older layout still resumes as before.
 
 A page's messages and the chat's new checkpoint go in one transaction, so the file always
 holds exactly the pages its checkpoints say; ``INSERT OR IGNORE`` on the message id makes a
-replayed page harmless besides. WAL mode with ``synchronous=NORMAL``: a killed process loses
+replayed page harmless besides. A chat walked in time windows (``_state.py``) commits each
+window's page with that window's row of ``export_windows`` (its checkpoint as JSON) instead;
+the rows are deleted in the transaction that marks the chat done, so a completed chat is
+stored exactly as one walked in one go. WAL mode with ``synchronous=NORMAL``: a killed process loses
 nothing that was committed; a power cut may lose the last few commits, but never leaves the
 file inconsistent, and the next run simply fetches those pages again.
 """
@@ -41,7 +46,7 @@ import orjson
 
 from .._models import Message
 from ._columns import chat_columns, utc_timestamp
-from ._state import ChatState, ExportMeta
+from ._state import ChatState, ExportMeta, WindowState
 from ._store import Store, StoreError, mismatch
 
 __all__ = ["SqliteStore", "created_column"]
@@ -71,6 +76,12 @@ CREATE TABLE IF NOT EXISTS export_state (
     error TEXT,
     messages INTEGER NOT NULL DEFAULT 0,
     updated_at TEXT
+);
+CREATE TABLE IF NOT EXISTS export_windows (
+    chat_id INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    checkpoint TEXT NOT NULL,
+    PRIMARY KEY (chat_id, idx)
 );
 """
 
@@ -108,6 +119,10 @@ _UPSERT_STATES = (
     "FROM json_each(?) WHERE true "  # WHERE: lets SQLite parse the ON CONFLICT that follows
     "ON CONFLICT (chat_id) DO UPDATE SET "
     + ", ".join(f"{c} = excluded.{c}" for c in (*_STATE_COLUMNS[1:], "updated_at"))
+)
+_UPSERT_WINDOW = (
+    "INSERT INTO export_windows (chat_id, idx, checkpoint) VALUES (?, ?, ?) "
+    "ON CONFLICT (chat_id, idx) DO UPDATE SET checkpoint = excluded.checkpoint"
 )
 _SIDE_FILES = ("-wal", "-shm", "-journal")
 
@@ -157,15 +172,21 @@ def _state_row(state: ChatState, now: str) -> tuple[Any, ...]:
     )
 
 
+#: One page to commit: the chat's checkpoint, the window's (for a windowed chat), the rows.
+_Write = tuple[ChatState, WindowState | None, list[Message]]
+
+
 class SqliteStore(Store):
     """An export into one SQLite file (see the module docstring for the schema)."""
+
+    supports_windows = True
 
     def __init__(self, path: str) -> None:
         # One thread: a SQLite connection belongs to the thread that made it, and one writer
         # is all SQLite allows at a time anyway.
         super().__init__(path, threads=1)
         self._db: sqlite3.Connection | None = None
-        self._queue: list[tuple[ChatState, list[Message], asyncio.Future[ChatState]]] = []
+        self._queue: list[tuple[_Write, asyncio.Future[Any]]] = []
         self._writer: asyncio.Task[None] | None = None
         #: Whether ``messages.created_at`` holds UTC timestamps (see the module docstring).
         self.timestamps = True
@@ -290,7 +311,16 @@ class SqliteStore(Store):
             return ChatState(chat_id)
         values = dict(zip(_STATE_COLUMNS, row, strict=True))
         values["done"] = bool(values["done"])
-        return ChatState(**values)
+        state = ChatState(**values)
+        if not state.done:
+            state.windows = [
+                WindowState.from_json(orjson.loads(text))
+                for (text,) in self.db.execute(
+                    "SELECT checkpoint FROM export_windows WHERE chat_id = ? ORDER BY idx",
+                    (chat_id,),
+                )
+            ]
+        return state
 
     def _write_state(self, state: ChatState) -> None:
         self.db.execute(_UPSERT_STATE, _state_row(state, _now()))
@@ -304,9 +334,20 @@ class SqliteStore(Store):
         in the next, so the cost of a commit is shared. Each page and its checkpoint are still
         in the same transaction, which is all that crash safety needs.
         """
+        stored: ChatState = await self._queued((state, None, list(messages)))
+        return stored
+
+    async def commit_window(
+        self, state: ChatState, window: WindowState, messages: Sequence[Message]
+    ) -> WindowState:
+        """A window's page goes through the same group commit as every other page."""
+        stored: WindowState = await self._queued((state, window, list(messages)))
+        return stored
+
+    async def _queued(self, write: _Write) -> Any:
         loop = asyncio.get_running_loop()
-        done: asyncio.Future[ChatState] = loop.create_future()
-        self._queue.append((state, list(messages), done))
+        done: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((write, done))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_queued(), name="export sqlite writer")
         return await done
@@ -315,41 +356,49 @@ class SqliteStore(Store):
         while self._queue:
             batch, self._queue = self._queue, []
             try:
-                await self._call(self._commit_queued, [(s, m) for s, m, _ in batch])
+                await self._call(self._commit_queued, [write for write, _ in batch])
             except BaseException as exc:
-                for _, _, done in batch:
+                for _, done in batch:
                     if not done.done():
                         done.set_exception(exc)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
             else:
-                for state, _, done in batch:
+                for (state, window, _), done in batch:
                     if not done.done():
-                        done.set_result(state)
+                        done.set_result(state if window is None else window)
 
-    def _commit_queued(self, batch: list[tuple[ChatState, list[Message]]]) -> None:
+    def _commit_queued(self, batch: list[_Write]) -> None:
         # Counted here, on the store's thread, whether or not a walk still waits for it.
         self._count(self._commit_batch(batch))
 
-    def _commit_batch(self, batch: list[tuple[ChatState, list[Message]]]) -> int:
+    def _commit_batch(self, batch: list[_Write]) -> int:
         """Commit the pages and their checkpoints in one transaction; the new rows stored."""
         db = self.db
         now = _now()
         rows: list[tuple[Any, ...]] = []
         states = []
-        for state, messages in batch:
+        windows = []
+        for state, window, messages in batch:
             _message_rows(state.chat_id, messages, rows, self.timestamps)
             # The walk skips every id it stored before, so each row here is new; OR IGNORE
             # only guards the file against a server that repeats itself.
-            state.messages += len(messages)
-            states.append(_state_row(state, now))
+            if window is None:
+                state.messages += len(messages)
+                states.append(_state_row(state, now))
+            else:
+                window.messages += len(messages)
+                windows.append((state.chat_id, window.index, orjson.dumps(window.to_json())))
         inserted = 0
         try:
             db.execute("BEGIN")
             try:
                 if rows:
                     inserted = db.executemany(_INSERT_MESSAGES, rows).rowcount
-                db.execute(_UPSERT_STATES, (orjson.dumps(states),))
+                if states:
+                    db.execute(_UPSERT_STATES, (orjson.dumps(states),))
+                if windows:
+                    db.executemany(_UPSERT_WINDOW, windows)
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
@@ -360,8 +409,49 @@ class SqliteStore(Store):
 
     def _commit(self, state: ChatState, messages: list[Message], update: bool) -> ChatState:
         # The Store interface's one-page commit; commit() above groups pages instead.
-        self._commit_batch([(state, messages)])
+        self._commit_batch([(state, None, messages)])
         return state
+
+    def _in_transaction(self, *statements: tuple[str, Sequence[Any]]) -> None:
+        db = self.db
+        try:
+            db.execute("BEGIN")
+            try:
+                for sql, params in statements:
+                    db.execute(sql, params)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise OSError(f"SQLite error in {self.path}: {exc}") from exc
+
+    def _start_windows(self, state: ChatState) -> ChatState:
+        self._in_transaction(
+            ("DELETE FROM export_windows WHERE chat_id = ?", (state.chat_id,)),
+            *(
+                (_UPSERT_WINDOW, (state.chat_id, w.index, orjson.dumps(w.to_json())))
+                for w in state.windows
+            ),
+            (_UPSERT_STATE, _state_row(state, _now())),
+        )
+        return state
+
+    def _commit_window(
+        self, state: ChatState, window: WindowState, messages: list[Message]
+    ) -> WindowState:
+        self._commit_batch([(state, window, messages)])
+        return window
+
+    def _finish_windows(self, state: ChatState) -> ChatState:
+        joined = state.joined()
+        # The chat's rows are in the messages table already: marking it done and dropping
+        # the windows' rows in one transaction is the whole join.
+        self._in_transaction(
+            (_UPSERT_STATE, _state_row(joined, _now())),
+            ("DELETE FROM export_windows WHERE chat_id = ?", (state.chat_id,)),
+        )
+        return joined
 
     def _fail(self, state: ChatState, error: str) -> ChatState:
         state.error = error

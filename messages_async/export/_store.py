@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Self, TypeVar
 
 from .._models import Message
-from ._state import ChatState, ExportMeta
+from ._state import ChatState, ExportMeta, WindowState
 
 __all__ = ["Store", "StoreError"]
 
@@ -114,6 +114,50 @@ class Store(abc.ABC):
         stored = self._commit(state, messages, update)
         self._count(len(messages))
         return stored
+
+    # --- windows: one chat walked in time windows at once (see _state.py) --------------------
+
+    #: Whether this backend keeps per-window checkpoints; the runner never windows a chat of
+    #: a store that does not (a backend written before windows existed keeps working).
+    supports_windows: bool = False
+
+    async def start_windows(self, state: ChatState, windows: Sequence[WindowState]) -> ChatState:
+        """Record that the fresh chat ``state`` is to be walked in ``windows`` (its plan)."""
+        state.windows = list(windows)
+        return await self._call(self._start_windows, state)
+
+    async def commit_window(
+        self, state: ChatState, window: WindowState, messages: Sequence[Message]
+    ) -> WindowState:
+        """Store one page of a window and the window's checkpoint after it, atomically.
+
+        Windows of one chat commit concurrently: each writes only its own checkpoint.
+        ``messages`` are newest first and new to the chat.
+        """
+        return await self._call(self._commit_window_counted, state, window, list(messages))
+
+    def _commit_window_counted(
+        self, state: ChatState, window: WindowState, messages: list[Message]
+    ) -> WindowState:
+        stored = self._commit_window(state, window, messages)
+        self._count(len(messages))
+        return stored
+
+    async def finish_windows(self, state: ChatState) -> ChatState:
+        """Join a chat whose every window is walked: afterwards it is ``done``, its
+        ``windows`` empty and its layout that of a chat walked in one go."""
+        return await self._call(self._finish_windows, state)
+
+    def _start_windows(self, state: ChatState) -> ChatState:
+        raise NotImplementedError(f"{type(self).__name__} does not walk chats in windows")
+
+    def _commit_window(
+        self, state: ChatState, window: WindowState, messages: list[Message]
+    ) -> WindowState:
+        raise NotImplementedError(f"{type(self).__name__} does not walk chats in windows")
+
+    def _finish_windows(self, state: ChatState) -> ChatState:
+        raise NotImplementedError(f"{type(self).__name__} does not walk chats in windows")
 
     async def fail(self, state: ChatState, error: str) -> ChatState:
         """Record that the chat failed with ``error`` (its stored data is kept)."""
