@@ -1,4 +1,5 @@
-"""Row: one huge chat walked in W time windows at once (``iter_windows``) vs one serial walk.
+"""Row: one huge chat walked in W time windows at once vs one serial walk, by
+``iter_windows`` and by the export itself.
 
 A chat of 200,000 messages at 50 ms server latency: the serial walk (``iter()``, its cursors a
 chain) takes one round trip per page whatever the concurrency. ``iter_windows(windows=W)``
@@ -7,14 +8,26 @@ included) and walks them at once through the same client, whose concurrency is 8
 a speed-up of at least 0.8 × W; each line also checks that the windowed walk handed out
 exactly the serial walk's ids, in the same order once the windows are put newest first.
 The serial walk takes minutes at this size, so it runs once; each windowed walk runs once too.
+
+The export lines do the same with ``Exporter`` into SQLite, as the command runs it
+(``ExportOptions(concurrency=8)``, a client of ``max_concurrency`` 16): one export with
+``window_threshold=0`` (one walk) against one with the threshold at ``total // W``, so that
+the export plans W windows by itself. Its time includes the first page (which tells the
+chat's size and is not stored), the plan, the join and the update after it; each line checks
+that the windowed export stored exactly the serial export's rows (ids and raw text, hashed).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import sqlite3
+import tempfile
 import time
+from pathlib import Path
 
 import messages_async as ma
+from messages_async.export import Exporter, ExportMeta, ExportOptions, SqliteStore
 
 from .._harness import Context, Line, ServerProcess, Target, fmt_seconds
 from ._clients import library_client
@@ -71,7 +84,66 @@ async def _main(ctx: Context, server: ServerProcess, messages: int) -> list[Line
         return lines
 
 
+def _rows(path: Path) -> tuple[int, str]:
+    """How many message rows the export holds, and a hash of them in id order."""
+    digest = hashlib.sha256()
+    db = sqlite3.connect(path)
+    try:
+        n = 0
+        for mid, chat_id, raw in db.execute("SELECT id, chat_id, raw FROM messages ORDER BY id"):
+            digest.update(f"{mid} {chat_id} {raw}\n".encode())
+            n += 1
+        return n, digest.hexdigest()
+    finally:
+        db.close()
+
+
+async def _export(server: ServerProcess, path: Path, threshold: int) -> tuple[float, int]:
+    """One export into a new SQLite file; its wall time and the windows it walked."""
+    options = ExportOptions(concurrency=CONCURRENCY, window_threshold=threshold)
+    async with (
+        library_client(server.info, max_concurrency=2 * CONCURRENCY) as client,
+        SqliteStore(str(path)) as store,
+    ):
+        await store.open(ExportMeta(source="benchmark"), fresh=True)
+        start = time.perf_counter()
+        stats = await Exporter(client, store, options).run()
+        seconds = time.perf_counter() - start
+    if stats.failures or stats.chats_done != 1:
+        raise RuntimeError(f"the benchmark export failed: {stats.failures}")
+    return seconds, stats.windows
+
+
+def _export_lines(ctx: Context, server: ServerProcess, messages: int) -> list[Line]:
+    lines = []
+    with tempfile.TemporaryDirectory(prefix="bench-windows-") as tmp:
+        serial_path = Path(tmp) / "serial.sqlite"
+        ctx.log(f"export of {messages} messages in one walk ...")
+        serial_s, _ = asyncio.run(_export(server, serial_path, 0))
+        serial_rows = _rows(serial_path)
+        for w in WINDOWS:
+            ctx.log(f"export in {w} windows ...")
+            path = Path(tmp) / f"windows-{w}.sqlite"
+            seconds, used = asyncio.run(_export(server, path, messages // w))
+            exact = _rows(path) == serial_rows
+            speedup = serial_s / seconds
+            lines.append(
+                Line(
+                    NAME,
+                    f"export {messages // 1000}k msgs, {LATENCY * 1000:.0f} ms, {used} windows: "
+                    f"speed-up {speedup:.2f}× ÷ W ({'exact' if exact else 'ROWS DIFFER'})",
+                    fmt_seconds(seconds),
+                    fmt_seconds(serial_s),
+                    speedup / w if exact else 0.0,
+                    TARGET,
+                )
+            )
+            path.unlink()
+    return lines
+
+
 def run(ctx: Context) -> list[Line]:
     messages = 20_000 if ctx.quick else 200_000
     with ServerProcess(chats=1, messages_per_chat=messages, latency=LATENCY) as server:
-        return asyncio.run(_main(ctx, server, messages))
+        lines = asyncio.run(_main(ctx, server, messages))
+        return lines + _export_lines(ctx, server, messages)

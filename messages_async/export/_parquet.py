@@ -29,12 +29,13 @@ and fetches those pages again from the checkpoint's cursor: no duplicate, no gap
 Updates simply add parts: rows are not ordered across parts, so nothing is ever rewritten.
 
 Windows. A chat walked in time windows at once (``_state.py``) buffers and writes each
-window's pages the same way, as ``.windows/<chat_id>-<n>-<k>.part`` (Parquet files under a
-name no reader's glob takes), with the window's own checkpoint ``.windows/<chat_id>-<n>.json``
-(its ``length`` is the parts it has written). Once every window is walked, the parts are
-renamed, newest window first, to the chat's ``part-<k>.parquet`` and the chat's checkpoint
-says done with their count: the chat is then stored exactly as one walked in one go. The
-renames follow from the checkpoints alone, so a run killed among them finishes them.
+window's pages the same way, as ``messages/chat_id=<id>/.window-<n>-<k>.part`` (Parquet files
+under a hidden name no reader's glob takes), with the window's own checkpoint
+``.window-<n>.json`` beside them (its ``length`` is the parts it has written). Once every
+window is walked, the parts are renamed, newest window first, to the chat's
+``part-<k>.parquet`` and the chat's checkpoint says done with their count: the chat is then
+stored exactly as one walked in one go. The renames follow from the checkpoints alone, so a
+run killed among them finishes them.
 
 pyarrow is an optional dependency (``pip install 'messages-async[parquet]'``); it is imported
 when a store is opened, and its absence is a :class:`StoreError` that says how to install it.
@@ -71,11 +72,11 @@ _META = "export.json"
 _CHATS = "chats.parquet"
 _MESSAGES = "messages"
 _STATE = "state"
-_WINDOWS = ".windows"
-_OURS = (_META, _CHATS, _MESSAGES, _STATE, _WINDOWS, *RESCAN_FOLDERS)
+_OURS = (_META, _CHATS, _MESSAGES, _STATE, *RESCAN_FOLDERS)
 _FORMAT = "parquet"
 _PART = re.compile(r"part-(\d+)\.parquet")
-_WINDOW_PART = re.compile(r"(\d+)-(\d+)-(\d+)\.part")
+_WINDOW = ".window-"
+_WINDOW_PART = re.compile(r"\.window-(\d+)-(\d+)\.part")
 _COMPRESSION = "zstd"
 
 
@@ -218,22 +219,22 @@ class ParquetStore(Store):
         return self._p(_STATE, f"{chat_id}.json")
 
     def _window_file(self, chat_id: int, index: int) -> str:
-        return self._p(_WINDOWS, f"{chat_id}-{index}.json")
+        return os.path.join(self._chat_dir(chat_id), f"{_WINDOW}{index}.json")
 
     def _window_part(self, chat_id: int, index: int, n: int) -> str:
-        return self._p(_WINDOWS, f"{chat_id}-{index}-{n}.part")
+        return os.path.join(self._chat_dir(chat_id), f"{_WINDOW}{index}-{n}.part")
 
     def _window_names(self, chat_id: int) -> list[str]:
-        prefixes = (f"{chat_id}-", f".{chat_id}-")  # the second: temporary names
+        prefixes = (_WINDOW, f".{_WINDOW}")  # the second: temporary names
         try:
-            return [n for n in os.listdir(self._p(_WINDOWS)) if n.startswith(prefixes)]
+            return [n for n in os.listdir(self._chat_dir(chat_id)) if n.startswith(prefixes)]
         except FileNotFoundError:
             return []
 
     def _remove_windows(self, chat_id: int) -> None:
         for name in self._window_names(chat_id):
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._p(_WINDOWS, name))
+                os.unlink(os.path.join(self._chat_dir(chat_id), name))
 
     # --- opening ------------------------------------------------------------------------------
 
@@ -276,7 +277,7 @@ class ParquetStore(Store):
             stored_meta=self._stored_meta,
             meta_file=_META,
             ours=_OURS,
-            folders=(_MESSAGES, _STATE, _WINDOWS),
+            folders=(_MESSAGES, _STATE),
             header={**meta.to_json(), "format": _FORMAT},
         )
 
@@ -382,10 +383,10 @@ class ParquetStore(Store):
     def _start_windows(self, state: ChatState) -> ChatState:
         chat_id = state.chat_id
         self._remove_windows(chat_id)
-        os.makedirs(self._p(_WINDOWS), exist_ok=True)
+        os.makedirs(self._chat_dir(chat_id), exist_ok=True)
         for window in state.windows:
             self._write_window(chat_id, window)
-        _fsync_dir(self._p(_WINDOWS))
+        _fsync_dir(self._chat_dir(chat_id))
         # The chat's checkpoint last: until it lists the plan, the window files are strays.
         self._write_state(state, 0)
         self._parts[chat_id] = 0
@@ -409,10 +410,11 @@ class ParquetStore(Store):
         """A windowed chat's checkpoints, each window's parts cut back to its own."""
         chat_id = state.chat_id
         windows = []
+        folder = self._chat_dir(chat_id)
         names = set(self._window_names(chat_id))
         for name in names:
             if name.endswith(".tmp"):  # a write never finished
-                os.unlink(self._p(_WINDOWS, name))
+                os.unlink(os.path.join(folder, name))
         for planned in state.windows:
             window = planned
             try:
@@ -424,10 +426,10 @@ class ParquetStore(Store):
                 return self._reset(chat_id, f"a window's checkpoint is unreadable ({exc})")
             for name in names:
                 match = _WINDOW_PART.fullmatch(name)
-                ours = match is not None and match.group(1, 2) == (str(chat_id), str(window.index))
-                if ours and match is not None and int(match.group(3)) >= window.length:
+                ours = match is not None and int(match.group(1)) == window.index
+                if ours and match is not None and int(match.group(2)) >= window.length:
                     # Written after the window's checkpoint: its pages are fetched again.
-                    os.unlink(self._p(_WINDOWS, name))
+                    os.unlink(os.path.join(folder, name))
             windows.append(window)
         state.windows = windows
         renames = self._renames(state)
@@ -437,8 +439,11 @@ class ParquetStore(Store):
             return self._reset(chat_id, "parts of its windows are missing")
         if any(not os.path.exists(a) for a, _ in renames):
             return self._reset(chat_id, "parts of its windows are missing")
-        # No rename has begun: whatever the chat's folder holds was never checkpointed.
-        shutil.rmtree(self._chat_dir(chat_id), ignore_errors=True)
+        # No rename has begun: a part of the chat's own was never checkpointed.
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(folder):
+                if _PART.fullmatch(name) is not None:
+                    os.unlink(os.path.join(folder, name))
         return state
 
     def _commit_window(
@@ -462,7 +467,6 @@ class ParquetStore(Store):
         buffer, window = entry
         chat_id, index = key
         if buffer.ids:
-            os.makedirs(self._p(_WINDOWS), exist_ok=True)
             _write_parquet(
                 self._pq, buffer.table(self._pa), self._window_part(chat_id, index, window.length)
             )
