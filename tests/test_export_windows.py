@@ -352,6 +352,58 @@ async def test_a_window_that_fails_for_good_fails_its_chat_once_and_the_rest_goe
     assert_complete(server, "sqlite", out)
 
 
+# --- a join interrupted half way -------------------------------------------------------------
+
+
+async def test_a_jsonl_join_killed_after_its_rename_is_finished_by_the_next_run(
+    server: MessagesServer, tmp_path: Path
+) -> None:
+    def tap(store: Store, _stop: asyncio.Event) -> None:
+        assert isinstance(store, JsonlStore)
+        original = store._joined
+
+        def joined(state: ChatState) -> ChatState:
+            if not getattr(store, "crashed", False):
+                store.crashed = True  # type: ignore[attr-defined]
+                raise OSError("killed between the rename and the checkpoint")
+            return original(state)
+
+        store._joined = joined  # type: ignore[method-assign]
+
+    out = _out(tmp_path, "jsonl")
+    with pytest.raises(OSError, match="killed between"):
+        await export(server, "jsonl", out, tap=tap)
+    stats = await export(server, "jsonl", out)
+    assert stats.failures == []
+    assert_complete(server, "jsonl", out)
+
+
+async def test_a_parquet_join_killed_among_its_renames_is_finished_by_the_next_run(
+    server: MessagesServer, tmp_path: Path
+) -> None:
+    def tap(store: Store, _stop: asyncio.Event) -> None:
+        assert isinstance(store, ParquetStore)
+        original = store._renames
+
+        def renames(state: ChatState) -> list[tuple[str, str]]:
+            pairs = original(state)
+            if not getattr(store, "crashed", False) and len(pairs) >= 2:
+                store.crashed = True  # type: ignore[attr-defined]
+                for src, dst in pairs[: len(pairs) // 2]:
+                    Path(src).replace(dst)
+                raise OSError("killed among the renames")
+            return pairs
+
+        store._renames = renames  # type: ignore[method-assign]
+
+    out = _out(tmp_path, "parquet")
+    with pytest.raises(OSError, match="killed among"):
+        await export(server, "parquet", out, tap=tap)
+    stats = await export(server, "parquet", out)
+    assert stats.failures == []
+    assert_complete(server, "parquet", out)
+
+
 # --- real processes: SIGINT and SIGKILL --------------------------------------------------------
 
 

@@ -43,9 +43,11 @@ as in the options (``since``/``until`` as ISO 8601 text; equal instants match wh
 offset). Resuming with other filters would mix two selections in one output, so it is refused.
 
 ``ExportOptions(chat_ids=None, concurrency=8, query=None, since=None, until=None,
-page_size=100)``: which chats (``None``: every chat the token can see), how many are walked at
-once (each with a page fetched ahead), and the filters (``since`` inclusive, ``until``
-exclusive, timezone-aware datetimes).
+page_size=100, shard=None, window_threshold=10000)``: which chats (``None``: every chat the
+token can see), how many are walked at once (each with a page fetched ahead), the filters
+(``since`` inclusive, ``until`` exclusive, timezone-aware datetimes), and the size above which
+a chat exported for the first time is walked in time windows at once (0: never; see
+``_runner.py``).
 
 ``Exporter(client, store, options, stop=None, on_commit=None, rescan=None)`` with an open
 client and an open store (``on_commit`` gets each page's new messages once they are
@@ -63,7 +65,7 @@ cleanly, as Ctrl-C does: every committed page stays, and a later run resumes.
 
 ``ExportStats``: ``chats_total``, ``chats_done`` (complete in the store), ``chats_failed``
 and ``failures`` (``ChatFailure(chat_id, error)``), ``messages`` (new in this run),
-``stored_messages`` (held for the complete chats), ``pages``, ``cursor_restarts``,
+``stored_messages`` (held for the complete chats), ``pages``, ``cursor_restarts``, ``windows``,
 ``elapsed``, ``rate`` and ``interrupted``. After a stop, the chat counts are read from the
 store's checkpoints. ``ChatState`` is one chat's checkpoint, as ``store.load(chat_id)``
 returns it.
