@@ -19,17 +19,15 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from test_export import (
-    _client,
     _meta,
     assert_exact,
     kill_mid_run,
     listings,
     start_cli,
 )
-from test_parquet import assert_parquet_is_server, every_part_is_whole
+from test_parquet import assert_parquet_is_server, every_part_is_whole, export_into
 
 from messages_async.export import (
-    Exporter,
     ExportOptions,
     ExportStats,
     JsonlStore,
@@ -138,17 +136,7 @@ async def export(
         "window_threshold": THRESHOLD,
         **options,
     }
-    opts = ExportOptions(**settings)
-    store = _store(fmt, out)
-    stop = asyncio.Event()
-    if tap is not None:
-        tap(store, stop)
-    async with _client(server) as client:
-        try:
-            await store.open(_meta(server, opts), fresh=False)
-            return await Exporter(client, store, opts, stop=stop).run()
-        finally:
-            await store.close()
+    return await export_into(server, _store(fmt, out), tap=tap, **settings)
 
 
 def assert_complete(server: MessagesServer, fmt: str, out: Path) -> None:

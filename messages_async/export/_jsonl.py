@@ -58,7 +58,15 @@ from .._models import Message
 from ._state import ChatState, ExportMeta, WindowState
 from ._store import Store, StoreError, mismatch
 
-__all__ = ["RESCAN_FOLDERS", "JsonlStore", "atomic_write", "chat_file", "remove_export"]
+__all__ = [
+    "RESCAN_FOLDERS",
+    "JsonlStore",
+    "atomic_write",
+    "chat_file",
+    "read_window",
+    "remove_export",
+    "write_window",
+]
 
 logger = logging.getLogger("messages_async.export")
 
@@ -141,6 +149,24 @@ def atomic_write(path: str, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_window(path: str, window: WindowState) -> None:
+    """Replace a window's checkpoint file (atomically)."""
+    atomic_write(path, orjson.dumps(window.to_json()))
+
+
+def read_window(path: str, planned: WindowState) -> WindowState:
+    """A window's checkpoint file; ``planned`` (the plan's entry) if there is none yet.
+
+    Raises:
+        ValueError, TypeError: the file is unreadable.
+    """
+    try:
+        with open(path, "rb") as f:
+            return WindowState.from_json(orjson.loads(f.read()))
+    except FileNotFoundError:
+        return planned
 
 
 def _size(path: str) -> int | None:
@@ -398,7 +424,7 @@ class JsonlStore(Store):
     # --- windows ------------------------------------------------------------------------------
 
     def _write_window(self, chat_id: int, window: WindowState) -> None:
-        atomic_write(self._window_file(chat_id, window.index), orjson.dumps(window.to_json()))
+        write_window(self._window_file(chat_id, window.index), window)
 
     def _start_windows(self, state: ChatState) -> ChatState:
         chat_id = state.chat_id
@@ -416,12 +442,8 @@ class JsonlStore(Store):
         chat_id = state.chat_id
         windows = []
         for planned in state.windows:
-            window = planned
             try:
-                with open(self._window_file(chat_id, planned.index), "rb") as f:
-                    window = WindowState.from_json(orjson.loads(f.read()))
-            except FileNotFoundError:
-                pass
+                window = read_window(self._window_file(chat_id, planned.index), planned)
             except (ValueError, TypeError) as exc:
                 return self._reset(chat_id, f"a window's checkpoint is unreadable ({exc})")
             segment = self._window_segment(chat_id, window.index)

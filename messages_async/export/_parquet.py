@@ -56,7 +56,14 @@ import orjson
 from .._checks import count
 from .._models import Message
 from ._columns import chat_columns
-from ._jsonl import RESCAN_FOLDERS, _fsync_dir, atomic_write, open_folder_export
+from ._jsonl import (
+    RESCAN_FOLDERS,
+    _fsync_dir,
+    atomic_write,
+    open_folder_export,
+    read_window,
+    write_window,
+)
 from ._state import ChatState, ExportMeta, WindowState
 from ._store import Store, StoreError
 
@@ -378,7 +385,7 @@ class ParquetStore(Store):
     # --- windows ------------------------------------------------------------------------------
 
     def _write_window(self, chat_id: int, window: WindowState) -> None:
-        atomic_write(self._window_file(chat_id, window.index), orjson.dumps(window.to_json()))
+        write_window(self._window_file(chat_id, window.index), window)
 
     def _start_windows(self, state: ChatState) -> ChatState:
         chat_id = state.chat_id
@@ -416,12 +423,8 @@ class ParquetStore(Store):
             if name.endswith(".tmp"):  # a write never finished
                 os.unlink(os.path.join(folder, name))
         for planned in state.windows:
-            window = planned
             try:
-                with open(self._window_file(chat_id, planned.index), "rb") as f:
-                    window = WindowState.from_json(orjson.loads(f.read()))
-            except FileNotFoundError:
-                pass
+                window = read_window(self._window_file(chat_id, planned.index), planned)
             except (ValueError, TypeError) as exc:
                 return self._reset(chat_id, f"a window's checkpoint is unreadable ({exc})")
             for name in names:

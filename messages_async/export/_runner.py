@@ -384,20 +384,16 @@ class Exporter:
                     if windows > 1 and await self._start_windows(job, windows):
                         return True
             except Exception as exc:
-                next_round = rounds.after(exc, progressed=job.state.messages > stored)
-                if next_round.action == "raise":
+                progressed = job.state.messages > stored
+                step = await self._after(rounds, exc, progressed=progressed, what=f"chat {chat_id}")
+                if step.action == "raise":
                     raise
-                if next_round.action == "fail":
-                    await self._fail(job, next_round.why)
+                if step.action == "fail":
+                    await self._fail(job, step.why)
                     return False
-                if next_round.action == "restart":
+                if step.action == "restart":
                     catch_up = True
-                    stats.cursor_restarts += 1
-                    logger.info("chat %d: %s; walking again from the newest page", chat_id, exc)
                     job.state = attrs.evolve(job.state, cursor=None)
-                else:
-                    stats.resumed_rounds += 1
-                    await self._wait(next_round.wait)
                 continue
             if windows > 1:
                 continue  # the plan came out as one window: walked in one go after all
@@ -453,27 +449,19 @@ class Exporter:
             try:
                 await self._walk_window(chat, job.index)
             except Exception as exc:
-                next_round = rounds.after(exc, progressed=windows[job.index].messages > stored)
-                if next_round.action == "raise":
+                progressed = windows[job.index].messages > stored
+                what = f"chat {chat.job.state.chat_id} window {job.index}"
+                step = await self._after(rounds, exc, progressed=progressed, what=what)
+                if step.action == "raise":
                     raise
-                if next_round.action == "fail":
+                if step.action == "fail":
                     if not chat.failed:
                         chat.failed = True
                         stats.chats_active -= 1
-                        await self._fail(chat.job, next_round.why)
+                        await self._fail(chat.job, step.why)
                     return
-                if next_round.action == "restart":
-                    stats.cursor_restarts += 1
-                    logger.info(
-                        "chat %d window %d: %s; walking it again from its newest page",
-                        chat.job.state.chat_id,
-                        job.index,
-                        exc,
-                    )
+                if step.action == "restart":
                     windows[job.index] = attrs.evolve(windows[job.index], cursor=None)
-                else:
-                    stats.resumed_rounds += 1
-                    await self._wait(next_round.wait)
         chat.left -= 1
         if chat.left or chat.failed:
             return
@@ -510,6 +498,18 @@ class Exporter:
                     return
         finally:
             await pages.aclose()
+
+    async def _after(self, rounds: Rounds, exc: Exception, *, progressed: bool, what: str) -> Round:
+        """What a failed walk of ``what`` leads to; a wait is waited here (the caller
+        restarts, fails or raises)."""
+        step = rounds.after(exc, progressed=progressed)
+        if step.action == "restart":
+            self.stats.cursor_restarts += 1
+            logger.info("%s: %s; walking again from the newest page", what, exc)
+        elif step.action == "wait":
+            self.stats.resumed_rounds += 1
+            await self._wait(step.wait)
+        return step
 
     async def _wait(self, seconds: float) -> None:
         until = time.monotonic() + seconds

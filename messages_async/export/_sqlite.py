@@ -39,7 +39,7 @@ import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -390,21 +390,13 @@ class SqliteStore(Store):
                 window.messages += len(messages)
                 windows.append((state.chat_id, window.index, orjson.dumps(window.to_json())))
         inserted = 0
-        try:
-            db.execute("BEGIN")
-            try:
-                if rows:
-                    inserted = db.executemany(_INSERT_MESSAGES, rows).rowcount
-                if states:
-                    db.execute(_UPSERT_STATES, (orjson.dumps(states),))
-                if windows:
-                    db.executemany(_UPSERT_WINDOW, windows)
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise OSError(f"SQLite error in {self.path}: {exc}") from exc
+        with self._transaction():
+            if rows:
+                inserted = db.executemany(_INSERT_MESSAGES, rows).rowcount
+            if states:
+                db.execute(_UPSERT_STATES, (orjson.dumps(states),))
+            if windows:
+                db.executemany(_UPSERT_WINDOW, windows)
         return inserted
 
     def _commit(self, state: ChatState, messages: list[Message], update: bool) -> ChatState:
@@ -412,19 +404,26 @@ class SqliteStore(Store):
         self._commit_batch([(state, None, messages)])
         return state
 
-    def _in_transaction(self, *statements: tuple[str, Sequence[Any]]) -> None:
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One transaction around the block; an SQLite error is an ``OSError`` (the store
+        could not be written), after the rollback."""
         db = self.db
         try:
             db.execute("BEGIN")
             try:
-                for sql, params in statements:
-                    db.execute(sql, params)
+                yield
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             raise OSError(f"SQLite error in {self.path}: {exc}") from exc
+
+    def _in_transaction(self, *statements: tuple[str, Sequence[Any]]) -> None:
+        with self._transaction():
+            for sql, params in statements:
+                self.db.execute(sql, params)
 
     def _start_windows(self, state: ChatState) -> ChatState:
         self._in_transaction(
