@@ -23,9 +23,10 @@ from test_export import (
     assert_exact,
     kill_mid_run,
     listings,
+    read,
     start_cli,
 )
-from test_parquet import assert_parquet_is_server, every_part_is_whole, export_into
+from test_parquet import assert_parquet_is_server, every_part_is_whole, export_into, parquet_rows
 
 from messages_async.export import (
     ExportOptions,
@@ -159,6 +160,13 @@ def assert_complete(server: MessagesServer, fmt: str, out: Path) -> None:
             db.close()
 
 
+def stored(fmt: str, out: Path) -> Any:
+    """What an export holds, comparable between two exports of the same data."""
+    if fmt == "parquet":
+        return sorted(parquet_rows(out))
+    return read(fmt, out)
+
+
 def window_starts(server: MessagesServer) -> list[Any]:
     """The first page of each window walk: a period, the page size, no cursor."""
     return [
@@ -212,6 +220,12 @@ async def test_big_chats_are_walked_in_windows_at_once_and_stored_exactly(
     assert len(window_starts(server)) == 10
     assert server.max_in_flight >= 3
     assert_complete(server, fmt, out)
+    # And exactly what one walk per chat stores, row for row (JSONL: line for line).
+    serial = tmp_path / "serial"
+    serial.mkdir()
+    one_walk = await export(server, fmt, _out(serial, fmt), window_threshold=0)
+    assert one_walk.windows == 0
+    assert stored(fmt, out) == stored(fmt, _out(serial, fmt))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
