@@ -28,6 +28,7 @@ from test_export import (
 )
 from test_parquet import assert_parquet_is_server, every_part_is_whole, export_into, parquet_rows
 
+from messages_async import _cli
 from messages_async.export import (
     ExportOptions,
     ExportStats,
@@ -36,7 +37,13 @@ from messages_async.export import (
     SqliteStore,
     Store,
 )
-from messages_async.export._runner import JobFeed, _WindowedChat, _WindowJob, window_count
+from messages_async.export._runner import (
+    DEFAULT_WINDOW_THRESHOLD,
+    JobFeed,
+    _WindowedChat,
+    _WindowJob,
+    window_count,
+)
 from messages_async.export._state import ChatState, WindowState
 from messages_async.testing import Fault, MessagesServer
 
@@ -449,3 +456,19 @@ async def test_sigint_and_sigkill_mid_windows_then_rerun_gives_exactly_the_full_
         assert proc.returncode == 0, stderr.decode()
         assert b"Export done" in stdout
         assert_complete(srv, fmt, out)
+
+
+@pytest.mark.parametrize("value", ["-1", "many", "1e4", ""])
+def test_a_bad_window_threshold_is_usage_error_2(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        _cli.main(["export", "--window-threshold", value])
+    assert exc.value.code == 2
+    assert "--window-threshold" in capsys.readouterr().err
+
+
+def test_the_window_threshold_flag_defaults_to_10000_and_takes_0() -> None:
+    parser = _cli._parser()
+    assert parser.parse_args(["export"]).window_threshold == DEFAULT_WINDOW_THRESHOLD == 10_000
+    assert parser.parse_args(["export", "--window-threshold", "0"]).window_threshold == 0
