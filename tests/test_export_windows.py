@@ -353,8 +353,9 @@ async def test_a_window_that_fails_for_good_fails_its_chat_once_and_the_rest_goe
 
     out = _out(tmp_path, "sqlite")
     stats = await export(server, "sqlite", out, tap=after_window_commits(3, forbid))
-    assert stats.chats_failed >= 1
-    assert len({f.chat_id for f in stats.failures}) == len(stats.failures)
+    assert big in {f.chat_id for f in stats.failures}
+    assert len({f.chat_id for f in stats.failures}) == len(stats.failures)  # each failed once
+    assert stats.chats_done + stats.chats_failed == 5  # the others were exported
     server.clear_faults()
     again = await export(server, "sqlite", out)
     assert again.failures == []
