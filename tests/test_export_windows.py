@@ -342,6 +342,21 @@ async def test_threshold_zero_walks_every_chat_in_one_go(
     assert_complete(server, "sqlite", out)
 
 
+async def test_a_store_without_windows_walks_every_chat_in_one_go(
+    server: MessagesServer, tmp_path: Path
+) -> None:
+    class Plain(SqliteStore):
+        supports_windows = False  # a backend written before windows existed
+
+    out = _out(tmp_path, "sqlite")
+    stats = await export_into(
+        server, Plain(str(out)), concurrency=4, page_size=50, window_threshold=THRESHOLD
+    )
+    assert stats.windows == 0
+    assert window_starts(server) == []
+    assert_complete(server, "sqlite", out)
+
+
 async def test_a_window_that_fails_for_good_fails_its_chat_once_and_the_rest_goes_on(
     server: MessagesServer, tmp_path: Path
 ) -> None:

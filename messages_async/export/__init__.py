@@ -16,8 +16,9 @@ own threads, never on the event loop):
 - ``SqliteStore(path)``: one SQLite file with the tables ``chats(chat_id, raw, type, name,
   picture_url, members_count)``, ``messages(id, chat_id, raw, uid, message, created_at)``
   (``created_at`` a UTC ``TIMESTAMP``; indexed on ``id`` and ``(chat_id, id)``),
-  ``export_state`` (one checkpoint per chat) and ``meta``, plus ``media`` and
-  ``message_versions`` when ``--media`` or ``--rescan`` ran. ``raw`` is the object exactly as
+  ``export_state`` (one checkpoint per chat), ``export_windows`` (a big chat's windows while
+  they are walked) and ``meta``, plus ``media`` and ``message_versions`` when ``--media`` or
+  ``--rescan`` ran. ``raw`` is the object exactly as
   received, unknown fields included, as JSON text. One transaction per page: the page and the
   chat's checkpoint are stored together.
 - ``JsonlStore(path, threads=4)``: a directory with ``chats.jsonl``,
