@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["count", "flag", "seconds"]
+__all__ = ["count", "flag", "per_second", "seconds"]
 
 
 def count(name: str, value: object, *, minimum: int = 0, what: str = "an int") -> int:
@@ -39,6 +39,18 @@ def seconds(name: str, value: object, *, allow_zero: bool = False, finite: bool 
         if finite:
             kind += ", finite"
         raise ValueError(f"{name} must be a {kind} number of seconds, got {value}")
+    return float(value)
+
+
+def per_second(name: str, value: object) -> float:
+    """A rate: a positive, finite number of events per second."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"{name} must be a number of requests per second, got {type(value).__name__} "
+            f"{_show(value)}"
+        )
+    if not value > 0 or math.isinf(value):
+        raise ValueError(f"{name} must be a positive, finite number per second, got {value}")
     return float(value)
 
 

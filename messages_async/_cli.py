@@ -29,7 +29,7 @@ from typing import NoReturn
 
 from rich.console import Console
 
-from ._checks import count
+from ._checks import count, per_second
 from ._client import Client, __version__
 from ._errors import AuthError, ConfigurationError, MessagesError, ScopeError, TransportError
 from ._retry import is_outage
@@ -117,6 +117,14 @@ def _window_threshold(text: str) -> int:
     if not text.isascii() or not text.isdigit():
         raise argparse.ArgumentTypeError(f"a number of messages (0: never), got {text!r}")
     return int(text)
+
+
+def _rate_limit(text: str) -> float:
+    try:
+        return per_second("--rate-limit", float(text))
+    except ValueError as exc:
+        message = str(exc) if "--rate-limit" in str(exc) else f"not a number: {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
 
 
 def _shard(text: str) -> Shard:
@@ -254,6 +262,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="walk a chat of more than N messages in about N-sized time windows at once, up "
         f"to --concurrency of them (default {DEFAULT_WINDOW_THRESHOLD}; 0: never)",
+    )
+    export.add_argument(
+        "--rate-limit",
+        type=_rate_limit,
+        metavar="R",
+        help="requests per second never exceeded, when you know the server's limit for these "
+        "credentials (default: found from the server's 429s)",
     )
     export.add_argument(
         "--shard",
@@ -442,18 +457,19 @@ def _client(args: argparse.Namespace, **options: object) -> Client:
     )
 
 
-def _client_options(concurrency: int, max_unreachable: float) -> dict[str, object]:
+def _client_options(args: argparse.Namespace) -> dict[str, object]:
     # An export is patient where a single call is not: a long Retry-After is waited out (the
     # progress display shows the countdown), and transient errors get more retries; but a
     # server that cannot be connected to at all is given up on after --max-unreachable.
     return {
-        "max_unreachable": max_unreachable,
+        "rate_limit": args.rate_limit,
+        "max_unreachable": args.max_unreachable,
         "max_retries": 10,
         "max_retry_after": 3600.0,
         "backoff_max": 30.0,
         "timeout": 60.0,
         # Each worker has one page in flight and one fetched ahead.
-        "max_concurrency": 2 * concurrency,
+        "max_concurrency": 2 * args.concurrency,
     }
 
 
@@ -600,7 +616,7 @@ async def _export(args: argparse.Namespace, argv: Sequence[str], err: Console) -
                 "files.example.test, which does not exist"
             )
         return await _demo(args, argv, options, err, say)
-    client = _client(args, **_client_options(args.concurrency, args.max_unreachable))
+    client = _client(args, **_client_options(args))
     return await _run(client, None, args, argv, options, err, say)
 
 
@@ -639,7 +655,7 @@ async def _demo(
             client_id=server.client_id,
             client_secret=server.client_secret,
             scopes=("messages_read",),
-            **_client_options(args.concurrency, args.max_unreachable),  # type: ignore[arg-type]
+            **_client_options(args),  # type: ignore[arg-type]
         )
         return await _run(client, DEMO_SOURCE, args, argv, options, err, say)
 

@@ -21,7 +21,7 @@ import aiohttp
 import attrs
 from yarl import URL
 
-from ._checks import count, flag, seconds
+from ._checks import count, flag, per_second, seconds
 from ._download import (
     DEFAULT_MAX_BYTES,
     DEFAULT_TIMEOUT,
@@ -154,6 +154,10 @@ class Client:
             that is not counted here (docs/protocol.md §7).
         max_concurrency: Most requests this client has in flight at once (the adaptive bound
             starts here and never exceeds it).
+        rate_limit: Requests per second this client never exceeds, for a server whose limit
+            you know (its documentation, or your share of a quota): the client is paced at it
+            from its first request instead of finding the rate with its first 429s, and a
+            429 still slows it further. ``None`` (the default): the rate is found.
         backoff_base: First backoff step in seconds; doubles per retry, with full jitter.
         backoff_max: Longest backoff step in seconds.
         max_retry_after: Longest ``Retry-After`` waited out; a longer one raises at once with
@@ -187,6 +191,7 @@ class Client:
         deadline: float | None = None,
         max_retries: int = 3,
         max_concurrency: int = 32,
+        rate_limit: float | None = None,
         backoff_base: float = 0.5,
         backoff_max: float = 30.0,
         max_retry_after: float = 60.0,
@@ -265,7 +270,10 @@ class Client:
         )
         response_cap = count("max_response_bytes", max_response_bytes, minimum=1)
         rng = random.Random()
-        self._limiter = Limiter(max_concurrency)
+        self._limiter = Limiter(
+            max_concurrency,
+            max_rate=None if rate_limit is None else per_second("rate_limit", rate_limit),
+        )
         self._observer = Observer(hooks, self._limiter)
         self._sessions = SessionManager(
             credentials=credentials,

@@ -73,11 +73,17 @@ class _Waiter:
 class Limiter:
     """The gate every resource request passes through. One per client."""
 
-    def __init__(self, max_concurrency: int, *, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        max_concurrency: int,
+        *,
+        max_rate: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         count("max_concurrency", max_concurrency, minimum=1)
         self._clock = clock
         self._max = max_concurrency
-        self.controller = RateController(max_concurrency, now=clock())
+        self.controller = RateController(max_concurrency, now=clock(), max_rate=max_rate)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._queues: dict[Priority, collections.deque[_Waiter]] = {

@@ -147,6 +147,8 @@ class RateController:
         recall_after: seconds after a drop before probing whether the old limit is back.
         max_probe_after: the wait before a probe doubles after each probe that finds nothing,
             up to this.
+        max_rate: requests per second never exceeded (a limit the caller knows): the client
+            is paced at it from the first request, and a 429 still slows it further.
     """
 
     def __init__(
@@ -161,6 +163,7 @@ class RateController:
         probe_after: float = 60.0,
         recall_after: float = 4.0,
         max_probe_after: float = 600.0,
+        max_rate: float | None = None,
     ) -> None:
         self.max_concurrency = max_concurrency
         self.margin = margin
@@ -169,6 +172,7 @@ class RateController:
         self.probe_after = probe_after
         self.recall_after = recall_after
         self.max_probe_after = max_probe_after
+        self.max_rate = max_rate
 
         self.phase = _Phase.START
         self.in_flight = 0
@@ -194,6 +198,9 @@ class RateController:
         self._last_count = 0  # in flight at the 429 before
         self._refuted = 0  # a count a 429 showed is not a concurrency limit
         self._confirmed: float | None = None  # the last limit held for a while
+        if max_rate is not None:
+            self._set_pace(max_rate, now, _Phase.HOLD)
+            self.limit = max_rate
 
     # -- answers --------------------------------------------------------------------------------
 
@@ -295,7 +302,7 @@ class RateController:
         sends = tuple(itertools.islice(self._sends, max(0, before)))
         if not sends:
             return  # nothing got through: says nothing about the rate
-        if self.pace is None and self.burst is None:
+        if self.burst is None and (self.pace is None or self._first is None):
             # The first reading: one equation, two unknowns. Pace at a floor (what got through,
             # over the stretch plus the longest burst assumed) and ramp up until the next 429.
             self._first = (sends, throttled_at)
@@ -378,7 +385,7 @@ class RateController:
         self._capped_at = now
         if was is None or self.cap < was:
             self._wait = self.probe_after
-        self.pace = None
+        self.pace = self.max_rate
         self.phase = _Phase.START
         self.window = float(self.cap)
         self._next_send = now
@@ -406,7 +413,7 @@ class RateController:
         return burst
 
     def _set_pace(self, pace: float, now: float, phase: _Phase) -> None:
-        self.pace = pace
+        self.pace = pace if self.max_rate is None else min(pace, self.max_rate)
         self.phase = phase
         self._grown_at = max(now, self.paused_until)
         self.window = float(self.max_concurrency)
@@ -425,7 +432,9 @@ class RateController:
         growth = self.ramp if self.phase is _Phase.RAMP else self.probe_growth
         self.pace *= growth ** (now - self._grown_at)
         self._grown_at = now
-        if self._fastest > 0 and self.pace > _UNBOUND * self.max_concurrency / self._fastest:
+        if self.max_rate is not None:
+            self.pace = min(self.pace, self.max_rate)
+        elif self._fastest > 0 and self.pace > _UNBOUND * self.max_concurrency / self._fastest:
             # Far above anything the window could use: the server has stopped limiting.
             self.pace = None
             self.phase = _Phase.START

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from messages_async._checks import count, seconds
+from messages_async._checks import count, per_second, seconds
 
 
 @pytest.mark.parametrize(
@@ -72,3 +72,21 @@ def test_the_check_is_written_once() -> None:
         and "testing" not in path.parts
     ]
     assert spelled == [], spelled
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "message"),
+    [
+        ("40", TypeError, "r must be a number of requests per second, got str '40'"),
+        (True, TypeError, "r must be a number of requests per second, got bool True"),
+        (0, ValueError, "r must be a positive, finite number per second, got 0"),
+        (-5.0, ValueError, "r must be a positive, finite number per second, got -5.0"),
+        (math.inf, ValueError, "r must be a positive, finite number per second, got inf"),
+        (math.nan, ValueError, "r must be a positive, finite number per second, got nan"),
+    ],
+)
+def test_per_second_refuses(value: object, error: type, message: str) -> None:
+    with pytest.raises(error) as info:
+        per_second("r", value)
+    assert str(info.value) == message
+    assert per_second("r", 40) == 40.0

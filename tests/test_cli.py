@@ -457,3 +457,26 @@ def test_export_identity_compares_instants_not_spellings() -> None:
     # Exports written before keep whatever spelling they were written with.
     assert ExportMeta.from_json({"version": 1, "source": "s", "since": b"x".decode()}).since == "x"
     assert ExportMeta(source="s", since="2025-06-01T00:00:01Z") != a
+
+
+@pytest.mark.parametrize(("value", "says"), [("0", "positive, finite"), ("fast", "not a number")])
+def test_a_bad_rate_limit_exits_2(
+    capsys: pytest.CaptureFixture[str], value: str, says: str
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        _cli.main(["export", "--rate-limit", value])
+    assert exc.value.code == 2
+    assert says in capsys.readouterr().err
+
+
+async def test_told_the_rate_the_export_meets_no_429(tmp_path: Path) -> None:
+    async with MessagesServer(
+        chats=12, messages_per_chat=(150, 400), seed=8, rate_limit=30, burst=3
+    ) as server:
+        out = tmp_path / "out.sqlite"
+        code, _, err = await run(server, "--out", str(out), "--rate-limit", "30", "--concurrency", "8")
+        assert code == 0, err
+        assert_exact(server, "sqlite", out)
+        statuses = [r.status for r in server.resource_requests()]
+        assert len(statuses) > 30
+        assert 429 not in statuses

@@ -357,3 +357,54 @@ def test_only_a_limit_held_for_a_while_is_recalled_after_a_drop() -> None:
     c = RateController(32, now=0.0)
     _drive(c, TokenBucket(5.0, 1.0), 0.0, 30.0)
     assert c._recall is None
+
+
+def test_a_client_told_the_rate_paces_at_it_from_the_first_request_and_never_above() -> None:
+    c = RateController(32, now=0.0, max_rate=50.0)
+    assert c.pace == 50.0
+    sent = []
+    now = 0.0
+    for _ in range(100):
+        at = c.next_send(now)
+        assert at is not None
+        now = at
+        sent.append(now)
+        c.succeeded(c.sent(now), now + 0.001)
+    # 100 requests at 50/s: two seconds, give or take the catch-up slack of one slot.
+    assert sent[-1] - sent[0] == pytest.approx(99 / 50.0, abs=0.03)
+    c.next_send(120.0)  # long past the first probe: probing never goes above the told rate
+    assert c.pace is not None
+    assert c.pace <= 50.0
+
+
+def test_a_429_still_slows_a_client_told_a_rate_too_high() -> None:
+    c = RateController(32, now=0.0, max_rate=100.0)
+    _drive(c, TokenBucket(40.0, 4.0), 0.0, 10.0)
+    assert c.pace is not None
+    assert c.pace <= 40.0
+
+
+async def test_told_the_rate_the_server_sees_no_429_and_no_burst() -> None:
+    async with MessagesServer(chats=4, messages_per_chat=300, rate_limit=50, burst=5) as server:
+        async with client_for(server, rate_limit=50, max_concurrency=16) as client:
+            ids = server.chat_ids()
+            async for _ in client.messages.iter_many(ids, concurrency=4, limit=10):
+                pass
+        listed = [r for r in server.resource_requests() if r.path == "messages/"]
+        statuses = [r.status for r in listed]
+        assert len(listed) >= 100
+        assert 429 not in statuses
+        times = [r.started for r in listed]
+        # 50 per second: no second of the run saw more than the rate and the burst.
+        for i, start in enumerate(times):
+            within = sum(1 for t in times[i:] if t - start < 1.0)
+            assert within <= 50 + 5
+
+
+@pytest.mark.parametrize(("value", "error"), [("40", TypeError), (0, ValueError), (-1, ValueError)])
+async def test_client_checks_rate_limit_before_sending(value: object, error: type) -> None:
+    async with MessagesServer(chats=1, messages_per_chat=1) as server:
+        with pytest.raises(error, match="rate_limit"):
+            async with client_for(server, rate_limit=value):
+                pass
+        assert server.resource_requests() == []

@@ -32,6 +32,8 @@ __all__ = ["NAME", "run"]
 
 NAME = "ratelimit"
 THROUGHPUT = Target(">=", 0.9)
+#: The bucket at which a client told the rate (``Client(rate_limit=...)``) is also measured.
+TOLD = 100.0
 SHARE_429 = Target("<=", 0.03)
 RECOVERY = Target("<=", 1.0)
 SETTLE = Target("<=", 5.0)
@@ -45,9 +47,11 @@ PAGE = 10
 CHATS = 64
 
 
-async def _one(info: dict[str, Any], seconds: float) -> tuple[float, int, int]:
+async def _one(
+    info: dict[str, Any], seconds: float, rate_limit: float | None = None
+) -> tuple[float, int, int]:
     """Pages per second, requests and 429s of one run of ``seconds``."""
-    async with library_client(info, max_concurrency=CONCURRENCY) as client:
+    async with library_client(info, max_concurrency=CONCURRENCY, rate_limit=rate_limit) as client:
         chat_ids = [c.chat_id for c in await client.messages.chats()]
         before = client.stats
         start = time.perf_counter()
@@ -199,6 +203,7 @@ def run(ctx: Context) -> list[Line]:
             burst=burst,
         ) as server:
             goodput, requests, limited = asyncio.run(_one(server.info, seconds))
+            told = asyncio.run(_one(server.info, seconds, rate)) if rate == TOLD else None
         ctx.log(f"ratelimit {rate:g}/s: {requests} requests, {limited} answered 429")
         ceiling = min(rate, capacity)
         lines.append(
@@ -213,6 +218,18 @@ def run(ctx: Context) -> list[Line]:
                 THROUGHPUT,
             )
         )
+        if told is not None:
+            lines.append(
+                Line(
+                    NAME,
+                    f"  {rate:g} req/s, the same with Client(rate_limit={rate:g}): pages "
+                    f"answered 200 vs the bucket ({told[2]} 429s)",
+                    fmt_rate(told[0], "req"),
+                    fmt_rate(ceiling, "req"),
+                    told[0] / ceiling,
+                    None,
+                )
+            )
         lines.append(
             Line(
                 NAME,
