@@ -124,17 +124,17 @@ def _storm(seconds: float) -> list[Line]:
     before = _rate(ok, 1.0, STORM_AT)
     end = (max(limited) + 1.0) if limited else STORM_AT  # Retry-After: 1
     took = _reaching(ok, end, 0.9 * before, 0.5)
-    return [
-        Line(
-            NAME,
-            f"storm of {STORM} 429s at {STORM_AT:g} s, {LATENCY * 1000:g} ms: s from the end of "
-            f"the last pause to 90% of the goodput before ({before:.0f} req/s)",
-            "never" if took is None else f"{took:.1f} s",
-            "1 s",
-            took if took is not None else 99.0,
-            RECOVERY,
-        )
-    ]
+    label = (
+        f"storm of {STORM} 429s at {STORM_AT:g} s, {LATENCY * 1000:g} ms: s from the end of "
+        f"the last pause to 90% of the goodput before ({before:.0f} req/s)"
+    )
+    return [_seconds_line(label, took, "1 s", RECOVERY)]
+
+
+def _seconds_line(label: str, took: float | None, bound: str, target: Target) -> Line:
+    """A line of seconds until something happened; ``never`` counts as 99 s."""
+    shown = "never" if took is None else f"{took:.1f} s"
+    return Line(NAME, label, shown, bound, took if took is not None else 99.0, target)
 
 
 def _halving(seconds: float) -> list[Line]:
@@ -148,17 +148,11 @@ def _halving(seconds: float) -> list[Line]:
     for (at, rate), (until, _) in zip(STEPS[1:], (*STEPS[2:], (seconds, 0.0)), strict=True):
         took = _reaching(ok, at, 0.85 * rate, 1.0)
         held = _rate(ok, at + 5.0, until) / rate
-        lines.append(
-            Line(
-                NAME,
-                f"ceiling {STEPS[0][1]:g}→{STEPS[1][1]:g}→{STEPS[2][1]:g} req/s: s to 0.85× of "
-                f"{rate:g} after the change at {at:g} s (then {held:.2f}× till {until:g} s)",
-                "never" if took is None else f"{took:.1f} s",
-                "5 s",
-                took if took is not None else 99.0,
-                SETTLE,
-            )
+        label = (
+            f"ceiling {STEPS[0][1]:g}→{STEPS[1][1]:g}→{STEPS[2][1]:g} req/s: s to 0.85× of "
+            f"{rate:g} after the change at {at:g} s (then {held:.2f}× till {until:g} s)"
         )
+        lines.append(_seconds_line(label, took, "5 s", SETTLE))
     lines.append(
         Line(
             NAME,
