@@ -474,7 +474,9 @@ async def test_told_the_rate_the_export_meets_no_429(tmp_path: Path) -> None:
         chats=12, messages_per_chat=(150, 400), seed=8, rate_limit=30, burst=3
     ) as server:
         out = tmp_path / "out.sqlite"
-        code, _, err = await run(server, "--out", str(out), "--rate-limit", "30", "--concurrency", "8")
+        code, _, err = await run(
+            server, "--out", str(out), "--rate-limit", "30", "--concurrency", "8"
+        )
         assert code == 0, err
         assert_exact(server, "sqlite", out)
         statuses = [r.status for r in server.resource_requests()]
