@@ -64,10 +64,23 @@ async def plan_windows(
 ) -> list[Window]:
     """The windows of about equal count for ``chat_id``'s selection, newest first."""
     since, until = _bounds(period)
-    first = await messages.list(chat_id, limit=1, query=query, period=period)
-    newest = first.items[0].created_at if first.items else None
+    # The newest message and the selection's count, from the first page that holds a message:
+    # a page may be empty and still carry a cursor (docs/protocol.md §3), and the walk follows
+    # it with its guards against loops and endless empty pages.
+    total: int | None = None
+    newest: datetime | None = None
+    pages = messages.pages(chat_id, limit=1, query=query, period=period, prefetch=False)
+    try:
+        async for page in pages:
+            if total is None:
+                total = page.total_count or 0
+            if page.items:
+                newest = page.items[0].created_at
+                break
+    finally:
+        await pages.aclose()
     planner = WindowPlanner(
-        total=first.total_count or 0, windows=windows, newest=newest, since=since, until=until
+        total=total or 0, windows=windows, newest=newest, since=since, until=until
     )
 
     async def count(at: datetime, emit: Emit[tuple[datetime, int]]) -> None:

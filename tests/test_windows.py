@@ -362,3 +362,15 @@ async def test_a_window_rejected_on_every_request_fails_instead_of_looping() -> 
                 async for _ in client.messages.iter_windows(chat_id, windows=plan, limit=20):
                     pass
             await assert_nothing_left(client)
+
+
+async def test_an_empty_first_page_with_a_cursor_does_not_stop_the_plan() -> None:
+    async with MessagesServer(chats=1, messages_per_chat=2_000, seed=4) as server:
+        (chat_id,) = server.chat_ids()
+        serial = [m["id"] for m in server.messages(chat_id)]
+        server.inject(Fault.empty_page(), path="messages/", times=1)
+        async with client_for(server) as client:
+            plan = await client.messages.plan_windows(chat_id, windows=4)
+            assert len(plan) == 4
+            ordered, _ = await _walk_windowed(client, chat_id, list(plan), limit=100)
+        assert ordered == serial
