@@ -58,9 +58,11 @@ def _rows(paths: list[Path]) -> set[tuple[int, int, str]]:
     return rows
 
 
-async def _measure(per_chat: int, folder: Path) -> tuple[float, float, int, bool, float]:
+async def _measure(
+    chats: int, per_chat: int, folder: Path
+) -> tuple[float, float, int, bool, float]:
     async with MessagesServer(
-        chats=CHATS,
+        chats=chats,
         messages_per_chat=per_chat,
         latency=LATENCY,
         rate_limit=RATE,
@@ -84,9 +86,11 @@ async def _measure(per_chat: int, folder: Path) -> tuple[float, float, int, bool
 
 
 def run(ctx: Context) -> list[Line]:
-    per_chat = 20 if ctx.quick else 1000
+    chats, per_chat = (32, 20) if ctx.quick else (CHATS, 1000)
     with TemporaryDirectory() as folder:
-        one, sharded, messages, exact, balance = asyncio.run(_measure(per_chat, Path(folder)))
+        one, sharded, messages, exact, balance = asyncio.run(
+            _measure(chats, per_chat, Path(folder))
+        )
     ctx.log(
         f"shards: {messages:,} messages, one credential {one:.1f} s, "
         f"{SHARDS} shards {sharded:.1f} s, exact: {exact}"
@@ -96,7 +100,7 @@ def run(ctx: Context) -> list[Line]:
     return [
         Line(
             NAME,
-            f"{SHARDS} shards × own credential vs one, {CHATS} chats × {per_chat} msgs, "
+            f"{SHARDS} shards × own credential vs one, {chats} chats × {per_chat} msgs, "
             f"bucket {RATE:g} req/s per credential, {LATENCY * 1000:g} ms (rows exact)",
             fmt_rate(messages / sharded, "msg"),
             fmt_rate(messages / one, "msg"),
