@@ -47,7 +47,7 @@ from .export import (
     summary_lines,
 )
 from .export._media import MediaFetcher, MediaOptions, run_with_media
-from .export._merge import merge_sqlite, merged_meta, read_meta
+from .export._merge import merge_exports, plan
 from .export._parquet import load_pyarrow
 from .export._progress import JsonLogFormatter, json_line
 from .export._rescan import Rescanner
@@ -359,14 +359,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     merge = sub.add_parser(
         "merge",
-        help="merge the stores of an export's shards into one (SQLite)",
+        help="merge the stores of an export's shards into one (SQLite, JSONL or Parquet)",
         description=(
-            "Merge the SQLite stores of one export's shards (export --shard I/N) into OUT: "
-            "every chat, message, checkpoint, version and media row, and the media files. "
-            "Merging again is harmless and adds what the parts gained since. OUT is an "
+            "Merge the stores of one export's shards (export --shard I/N) into OUT, in their "
+            "format: every chat, message, checkpoint, version and media record, and the media "
+            "files. Merging again is harmless and adds what the parts gained since. OUT is an "
             "ordinary export afterwards (without a shard)."
         ),
-        epilog="exit status: 0 merged; 2 bad usage, or parts that are not shards of one export",
+        epilog=(
+            "exit status: 0 merged; 1 some chats could not be merged yet (listed: a part's "
+            "walk of them is in progress) or a disk error; 2 bad usage, or parts that are "
+            "not shards of one export or not of one format"
+        ),
     )
     merge.add_argument("--out", required=True, metavar="OUT", help="the merged store")
     merge.add_argument("parts", nargs="+", metavar="PART", help="the shards' stores")
@@ -376,28 +380,25 @@ def _parser() -> argparse.ArgumentParser:
 def _merge_main(args: argparse.Namespace) -> int:
     out = os.path.abspath(args.out)
     parts = list(dict.fromkeys(os.path.abspath(p) for p in args.parts))
-    if out in parts:
-        raise _UsageError(f"--out {args.out} is one of the parts; merge into a new file")
     try:
-        meta = merged_meta([(p, read_meta(p)) for p in parts])
+        fmt, _ = plan(out, parts)
     except StoreError as exc:
         raise _UsageError(str(exc)) from None
-    _check_out(out, "sqlite")
-
-    async def prepare() -> None:
-        async with SqliteStore(out) as store:  # the schema and the export's identity
-            await store.open(meta, fresh=False)
-
+    _check_out(out, fmt)
     try:
-        asyncio.run(prepare())
+        stats = asyncio.run(merge_exports(out, parts))
     except StoreError as exc:
         raise _UsageError(str(exc)) from None
-    stats = merge_sqlite(out, parts)
+    except OSError as exc:
+        print(f"merge failed: {exc}; what was merged stays, run the merge again", file=sys.stderr)
+        return EXIT_FAILED
+    for why in stats.skipped:
+        print(f"not merged: {why}", file=sys.stderr)
     print(
         f"Merged {stats.parts} parts into {args.out}: {stats.chats:,} chats, "
         f"{stats.messages:,} messages, {stats.files:,} media files copied"
     )
-    return 0
+    return EXIT_FAILED if stats.skipped else EXIT_OK
 
 
 # --- credentials ---------------------------------------------------------------------------------

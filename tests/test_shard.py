@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import sqlite3
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from test_export import cli_env, export, read, start_cli
+from test_export import export, read, start_cli
 
-from messages_async.export import ExportMeta, Shard, StoreError, shard_of
-from messages_async.export._merge import merged_meta
+from messages_async.export import Shard, shard_of
 from messages_async.testing import MessagesServer
 
 # --- the rule, without I/O -----------------------------------------------------------------------
@@ -129,106 +126,3 @@ async def test_a_store_of_one_shard_is_not_resumed_as_another(tmp_path: Path) ->
     said = err.decode()
     assert "--shard '0/2'" in said, said  # what the store holds
     assert "--shard '1/2'" in said, said  # what this run asks for
-
-
-# --- merge ---------------------------------------------------------------------------------------
-
-
-def _table(path: Path, query: str) -> set[tuple[object, ...]]:
-    with sqlite3.connect(path) as db:
-        return set(db.execute(query))
-
-
-_MESSAGES = "SELECT id, chat_id, raw, uid, message, created_at FROM messages"
-_CHATS = "SELECT chat_id, raw, type, name, members_count FROM chats"
-_STATES = "SELECT chat_id, done, newest_id, messages, error FROM export_state"
-
-
-@pytest.mark.parametrize(
-    ("metas", "says"),
-    [
-        ([ExportMeta("s", shard="0/2"), ExportMeta("s", query="x", shard="1/2")], "another export"),
-        ([ExportMeta("s", shard="0/2"), ExportMeta("t", shard="1/2")], "another export"),
-        ([ExportMeta("s", shard="0/2"), ExportMeta("s", shard="1/3")], "different splits"),
-        ([], "at least one part"),
-    ],
-)
-def test_only_shards_of_one_export_are_merged(metas: list[ExportMeta], says: str) -> None:
-    with pytest.raises(StoreError, match=says):
-        merged_meta([(f"part{i}", m) for i, m in enumerate(metas)])
-
-
-def test_the_merged_export_is_the_unsharded_one() -> None:
-    metas = [ExportMeta("s", query="q", shard=f"{i}/3") for i in range(3)]
-    assert merged_meta([(str(i), m) for i, m in enumerate(metas)]) == ExportMeta("s", query="q")
-
-
-async def _command(server: MessagesServer, *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "messages_async",
-        *args,
-        env=cli_env(server),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
-async def _run(server: MessagesServer, *args: str) -> str:
-    """``messages-async export ARGS`` (or ``merge ARGS`` when the first is "merge")."""
-    command = list(args) if args[:1] == ("merge",) else ["export", *args]
-    status, out, err = await _command(server, *command)
-    assert status == 0, err
-    return out
-
-
-async def test_merged_shards_equal_one_export_and_merging_again_adds_only_the_new(
-    tmp_path: Path,
-) -> None:
-    whole, merged = tmp_path / "whole.sqlite", tmp_path / "merged.sqlite"
-    parts = [tmp_path / f"shard-{i}.sqlite" for i in range(3)]
-    async with MessagesServer(chats=12, messages_per_chat=40) as server:
-        for i, part in enumerate(parts):
-            await _run(server, "--out", str(part), "--shard", f"{i}/3")
-        said = await _run(server, "merge", "--out", str(merged), *map(str, parts))
-        assert "Merged 3 parts" in said
-        await _run(server, "--out", str(whole))
-        for query in (_MESSAGES, _CHATS, _STATES):
-            assert _table(merged, query) == _table(whole, query), query
-        once = _table(merged, _MESSAGES)
-        await _run(server, "merge", "--out", str(merged), *map(str, parts))  # idempotent
-        assert _table(merged, _MESSAGES) == once
-        # New messages, one shard run again: merging again adds exactly what it gained.
-        chat = next(c for c in server.chat_ids() if Shard(1, 3).owns(c))
-        server.post_message(chat, "after the first merge")
-        await _run(server, "--out", str(parts[1]), "--shard", "1/3")
-        await _run(server, "merge", "--out", str(merged), *map(str, parts))
-        await _run(server, "--out", str(whole))  # the single export, updated too
-    assert _table(merged, _MESSAGES) == _table(whole, _MESSAGES)
-    assert len(_table(merged, _MESSAGES)) == len(once) + 1
-    # The merged store is an ordinary export: a plain run resumes it with nothing new.
-    with sqlite3.connect(merged) as db:
-        (header,) = db.execute("SELECT value FROM meta WHERE key = 'export'").fetchone()
-    assert '"shard": null' in header or '"shard":null' in header
-
-
-async def test_merge_refuses_what_is_not_one_export(tmp_path: Path) -> None:
-    async with MessagesServer(chats=4, messages_per_chat=3) as server:
-        a, b = tmp_path / "a.sqlite", tmp_path / "b.sqlite"
-        await _run(server, "--out", str(a), "--shard", "0/2")
-        await _run(server, "--out", str(b), "--shard", "1/2", "--query", "x")
-        for args, says in (
-            (["--out", str(tmp_path / "m.sqlite"), str(a), str(b)], "another export"),
-            (["--out", str(a), str(a), str(b)], "is one of the parts"),
-            (
-                ["--out", str(tmp_path / "m2.sqlite"), str(tmp_path / "missing.sqlite")],
-                "not a file",
-            ),
-        ):
-            status, _, err = await _command(server, "merge", *args)
-            assert status == 2, err
-            assert says in err, err

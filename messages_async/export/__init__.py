@@ -80,6 +80,7 @@ See ``_runner.py`` for what a run does, ``_state.py`` for the checkpoints, and `
 
 from ._jsonl import JsonlStore
 from ._media import MediaFetcher, MediaOptions, MediaStats, media_folder, run_with_media
+from ._merge import MergeStats, merge_exports
 from ._parquet import ParquetStore
 from ._progress import progress_line, show_progress, summary_lines
 from ._runner import ChatFailure, Exporter, ExportOptions, ExportStats
@@ -99,12 +100,14 @@ __all__ = [
     "MediaFetcher",
     "MediaOptions",
     "MediaStats",
+    "MergeStats",
     "ParquetStore",
     "Shard",
     "SqliteStore",
     "Store",
     "StoreError",
     "media_folder",
+    "merge_exports",
     "progress_line",
     "run_with_media",
     "shard_of",

@@ -113,6 +113,10 @@ def open_folder_export(
     with ``fresh``, an unreadable export of ours is discarded rather than refused. A new
     export gets ``folders`` and its ``header`` (written to ``meta_file`` atomically).
     """
+    from ._swap import finish_swaps  # (it builds on this module)
+
+    if os.path.isdir(root):
+        finish_swaps(root)  # a merge killed midway: each chat wholly old or wholly new
     try:
         stored = stored_meta()
     except StoreError:

@@ -1,39 +1,70 @@
-"""``messages-async merge --out OUT PART...``: shard stores joined into one export.
+"""``messages-async merge --out OUT PART...``: the exports of an export's shards joined into one.
 
 Chat ids are global and each shard exports whole chats (``_shard.py``), so a merge copies
-rows and never reconciles them: every table of every part is copied into ``OUT`` by its key
-(``messages`` by ``id``, ``chats`` and the checkpoints by ``chat_id``, versions by ``(id,
-version)``, the media index by ``url``), a row already there being replaced by the part's.
-Merging the same parts again changes nothing; merging a part again after it ran further adds
-what it gained. Raw objects are copied as stored, byte for byte. The media files beside each
-part (content-addressed, ``ab/ab12…``) are copied into ``OUT``'s media folder when missing.
+what the parts hold and never has to reconcile two versions of a message. ``OUT`` is an
+ordinary export of the same source and filters without a shard, in the parts' format (the
+parts must all be of one format, and of one export: the same source and filters, their
+``--shard`` aside); a later ``messages-async export`` on ``OUT`` resumes and updates it.
 
-The parts must be the same export: the same source and filters (their ``--shard`` aside);
-``OUT`` is an export of that, without a shard. SQLite only for now.
+SQLite: every table of every part is copied into ``OUT`` by its key (``messages`` by ``id``,
+``chats`` and the checkpoints by ``chat_id``, versions by ``(id, version)``, the media index
+by ``url``), a row already there being replaced by the part's, one transaction per part (a
+merge killed midway leaves ``OUT`` as it was before that part). Raw objects are copied as
+stored, byte for byte.
+
+JSONL and Parquet: chat by chat, each chat's files swapped in together through a journal
+(``_merge_folders.py`` and ``_swap.py``): a merge killed midway leaves every chat of ``OUT``
+wholly as it was or wholly merged, and the next merge or export finishes the swap.
+
+Every format: merging the same parts again changes nothing; merging a part again after it ran
+further adds what it gained; a subset of the shards, or a whole export given as a part, adds
+only what ``OUT`` lacks. The media files beside each part (content-addressed, ``ab/ab12…``)
+are copied into ``OUT``'s media folder when missing.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
-import shutil
 import sqlite3
 from collections.abc import Sequence
 
 import attrs
 import orjson
 
+from ._jsonl import JsonlStore
+from ._merge_folders import copy_media, merge_folder
+from ._parquet import ParquetStore
+from ._sqlite import SqliteStore
 from ._state import ExportMeta
-from ._store import StoreError
+from ._store import Store, StoreError
+from ._swap import unfinished_swaps
 
-__all__ = ["MergeStats", "merge_sqlite", "merged_meta"]
+__all__ = ["MergeStats", "merge_exports", "merged_meta", "plan", "read_part"]
 
 
 @attrs.define
 class MergeStats:
+    """What a merge did.
+
+    Attributes:
+        parts: Parts merged.
+        chats: Chats in ``OUT`` afterwards.
+        messages: Messages in ``OUT`` afterwards.
+        files: Media files copied.
+        taken: JSONL/Parquet: chats whose copy came whole from a part.
+        joined: JSONL/Parquet: chats whose two copies were joined.
+        skipped: JSONL/Parquet: why some chats of the parts were left as ``OUT`` had them.
+    """
+
     parts: int = 0
     chats: int = 0
     messages: int = 0
     files: int = 0
+    taken: int = 0
+    joined: int = 0
+    skipped: list[str] = attrs.Factory(list)
 
 
 def merged_meta(path_metas: Sequence[tuple[str, ExportMeta]]) -> ExportMeta:
@@ -73,6 +104,114 @@ def media_folder_of(path: str) -> str:
     return os.path.splitext(path)[0] + ".media"
 
 
+def read_part(path: str) -> tuple[str, ExportMeta]:
+    """The format (``sqlite``, ``jsonl`` or ``parquet``) and identity of the export at ``path``."""
+    if os.path.isfile(path):
+        return "sqlite", read_meta(path)
+    if not os.path.isdir(path):
+        raise StoreError(
+            f"{path} is not a file or a directory; merge takes exports (an SQLite file, or a "
+            "JSONL or Parquet directory)"
+        )
+    for fmt, name in (("jsonl", "state.json"), ("parquet", "export.json")):
+        header = os.path.join(path, name)
+        if os.path.exists(header):
+            try:
+                with open(header, "rb") as f:
+                    obj = orjson.loads(f.read())
+                if fmt == "parquet" and obj.get("format") != "parquet":
+                    raise ValueError("not a Parquet export")
+                meta = ExportMeta.from_json(obj)
+            except (ValueError, KeyError, AttributeError, OSError) as exc:
+                raise StoreError(f"{path} is not a messages-async export ({exc})") from None
+            if unfinished_swaps(path):
+                raise StoreError(
+                    f"{path} was being merged into when that merge stopped; merge into it "
+                    "again (or resume its export) before merging it elsewhere"
+                )
+            return fmt, meta
+    raise StoreError(f"{path} is a directory without a messages-async export")
+
+
+def plan(out: str, parts: Sequence[str]) -> tuple[str, ExportMeta]:
+    """The format of the merge and what ``OUT`` is an export of; ``StoreError`` if the parts
+    are not of one format and one export, or ``OUT`` is one of them or of another format."""
+    if out in parts:
+        raise StoreError(f"--out {out} is one of the parts; merge into a new or merged export")
+    found = [(p, *read_part(p)) for p in parts]
+    meta = merged_meta([(p, m) for p, _, m in found])
+    formats = {fmt for _, fmt, _ in found}
+    if len(formats) > 1:
+        listed = ", ".join(f"{p} ({_NAMES[fmt]})" for p, fmt, _ in found)
+        raise StoreError(
+            f"the parts are in different formats: {listed}; merge the parts of one format "
+            "at a time, each into an OUT of that format"
+        )
+    (fmt,) = formats
+    out_fmt = None
+    with contextlib.suppress(StoreError):  # not an export (yet): the store says what is wrong
+        out_fmt, _ = read_part(out)
+    if out_fmt is not None and out_fmt != fmt:
+        raise StoreError(
+            f"--out {out} is a {_NAMES[out_fmt]} export and the parts are {_NAMES[fmt]}: "
+            "OUT must be in the parts' format"
+        )
+    return fmt, meta
+
+
+_NAMES = {"sqlite": "SQLite", "jsonl": "JSONL", "parquet": "Parquet"}
+
+
+def _store(fmt: str, out: str) -> Store:
+    if fmt == "jsonl":
+        return JsonlStore(out, threads=1)
+    if fmt == "parquet":
+        return ParquetStore(out, threads=1)
+    return SqliteStore(out)
+
+
+async def merge_exports(out: str, parts: Sequence[str]) -> MergeStats:
+    """Merge the exports at ``parts`` (the shards of one export, or whole copies of it) into
+    the export at ``out``, created if missing; see the module docstring.
+
+    Raises:
+        StoreError: the parts are not of one export and one format, or ``out`` cannot hold
+            their merge (another export, another format, not an export); nothing was written.
+        OSError: reading a part or writing ``out`` failed (what was merged before stays).
+    """
+    out, parts = await asyncio.to_thread(_absolute, out, parts)
+    fmt, meta = await asyncio.to_thread(plan, out, parts)
+    store = _store(fmt, out)
+    async with store:
+        await store.open(meta, fresh=False)  # the layout, the identity, a crash's repairs
+        if fmt != "sqlite":
+            folder = await store._call(merge_folder, store, parts, fmt)
+            stats = MergeStats(
+                parts=len(parts),
+                files=folder.files,
+                taken=folder.taken,
+                joined=folder.joined,
+                skipped=folder.skipped,
+            )
+            stats.chats, stats.messages = await store._call(_count_folder, out)
+            return stats
+    return await asyncio.to_thread(merge_sqlite, out, parts)
+
+
+def _absolute(out: str, parts: Sequence[str]) -> tuple[str, list[str]]:
+    return os.path.abspath(out), list(dict.fromkeys(os.path.abspath(p) for p in parts))
+
+
+def _count_folder(root: str) -> tuple[int, int]:
+    chats = messages = 0
+    for name in os.listdir(os.path.join(root, "state")):
+        if name.endswith(".json"):
+            with open(os.path.join(root, "state", name), "rb") as f:
+                chats += 1
+                messages += int(orjson.loads(f.read()).get("messages", 0))
+    return chats, messages
+
+
 def merge_sqlite(out: str, parts: Sequence[str]) -> MergeStats:
     """Copy every part into ``out`` (an export opened before by ``SqliteStore``)."""
     stats = MergeStats()
@@ -81,7 +220,7 @@ def merge_sqlite(out: str, parts: Sequence[str]) -> MergeStats:
         for part in parts:
             _merge_one(db, part, stats)
             stats.parts += 1
-            stats.files += _copy_media(media_folder_of(part), media_folder_of(out))
+            stats.files += copy_media(media_folder_of(part), media_folder_of(out))
         stats.chats = db.execute("SELECT count(*) FROM chats").fetchone()[0]
         stats.messages = db.execute("SELECT count(*) FROM messages").fetchone()[0]
     finally:
@@ -122,21 +261,3 @@ def _merge_one(db: sqlite3.Connection, part: str, stats: MergeStats) -> None:
             raise
     finally:
         db.execute("DETACH DATABASE part")
-
-
-def _copy_media(source: str, target: str) -> int:
-    copied = 0
-    if not os.path.isdir(source):
-        return 0
-    for folder, dirs, files in os.walk(source):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]  # partial downloads stay behind
-        for name in files:
-            src = os.path.join(folder, name)
-            dst = os.path.join(target, os.path.relpath(src, source))
-            if os.path.exists(dst):
-                continue  # content-addressed: the same name is the same bytes
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            shutil.copyfile(src, dst + ".tmp")
-            os.replace(dst + ".tmp", dst)
-            copied += 1
-    return copied
