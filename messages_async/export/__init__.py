@@ -71,6 +71,12 @@ and ``failures`` (``ChatFailure(chat_id, error)``), ``messages`` (new in this ru
 store's checkpoints. ``ChatState`` is one chat's checkpoint, as ``store.load(chat_id)``
 returns it.
 
+``await merge_exports(out, parts)`` joins the exports of an export's shards (``--shard``), or
+whole copies of it, into the export at ``out``, in their format: what one process would have
+exported, idempotent and additive, crash-safe (``_merge.py``); it returns ``MergeStats``
+(``parts``, ``chats``, ``messages``, ``files`` copied, and ``skipped``: the chats that could
+not be joined yet, with why) and raises ``StoreError`` for parts that are not one export.
+
 ``show_progress``, ``progress_line`` and ``summary_lines`` are the command's progress display
 and summary, for programs that want the same output.
 
