@@ -45,7 +45,7 @@ from typing import Any
 import attrs
 import orjson
 
-from ._jsonl import atomic_write
+from ._jsonl import _copy_into, atomic_write
 from ._media import _RETRIED
 from ._parquet import _write_parquet, load_pyarrow, part_name
 from ._state import ChatState
@@ -67,7 +67,6 @@ logger = logging.getLogger("messages_async.export")
 
 _STATE_FILE = re.compile(r"(\d+)\.json")
 _PART_FILE = re.compile(r"part-(\d+)\.parquet")
-_CHUNK = 1 << 20
 
 
 # --- the decision, without I/O -------------------------------------------------------------------
@@ -155,16 +154,7 @@ def _lines(path: str, length: int) -> Iterator[bytes]:
 def _copy_prefix(source: str, target: str, length: int) -> None:
     """``target`` made of the first ``length`` bytes of ``source`` (none: an empty file)."""
     with open(target, "wb") as dst:
-        if length <= 0:
-            return
-        with open(source, "rb") as src:
-            left = length
-            while left > 0:
-                chunk = src.read(min(_CHUNK, left))
-                if not chunk:
-                    raise StoreError(f"{source} is shorter than its checkpoint says")
-                dst.write(chunk)
-                left -= len(chunk)
+        _copy_into(dst, source, length)
 
 
 def _message_id(line: bytes) -> int:
