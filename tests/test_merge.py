@@ -333,19 +333,26 @@ async def test_an_export_resumes_on_the_merge_and_a_later_merge_joins_both(
     async with MessagesServer(chats=8, messages_per_chat=(10, 50)) as server:
         parts = await export_shards(server, fmt, tmp_path, 2)
         await merge(merged, parts)
-        chats = server.chat_ids()
-        # OUT is updated by a plain export of its own; the shard by its own run, later:
-        # the same chat now has messages only OUT holds and messages only the shard holds.
-        chat = next(c for c in chats if Shard(0, 2).owns(c))
-        server.post_message(chat, "seen by the export on OUT")
-        await export(server, fmt, merged)
-        server.post_message(chat, "seen by the shard only")
-        await export(server, fmt, parts[0], Shard(0, 2))
-        await merge(merged, parts)
         await export(server, fmt, whole)
+        chats = server.chat_ids()
+        # OUT is updated by a plain export of its own, which stores a message deleted before
+        # the shard runs again; the shard stores a newer one: each copy of the chat now holds
+        # a message the other lacks, as the single process holds both.
+        chat = next(c for c in chats if Shard(0, 2).owns(c))
+        gone = server.post_message(chat, "stored by the export on OUT only")
+        await export(server, fmt, merged)
+        await export(server, fmt, whole)
+        server.delete_message(gone["id"])
+        server.post_message(chat, "stored by the shard only")
+        await export(server, fmt, parts[0], Shard(0, 2))
+        await export(server, fmt, whole)
+        stats = await merge_exports(str(merged), [str(p) for p in parts])
+        assert (stats.joined, stats.skipped) == (1, [])
         assert_same_export(fmt, merged, whole)
+        again = await merge_exports(str(merged), [str(p) for p in parts])
+        assert (again.joined, again.taken) == (0, 0)
         # And an export resumes on the result as on any export of its own.
-        server.post_message(chats[0], "after the union")
+        server.post_message(chat, "after the union")
         await export(server, fmt, merged)
         await export(server, fmt, whole)
     assert_same_export(fmt, merged, whole)
