@@ -509,7 +509,12 @@ async def test_mixed_formats_and_an_out_of_another_format_are_refused(tmp_path: 
         await export(server, "jsonl", b, Shard(1, 2))
         c = tmp_path / "c"
         await export(server, "parquet", c, Shard(1, 2))
+        torn = tmp_path / "torn"  # a part that a merge into it was killed in
+        await export(server, "jsonl", torn, Shard(0, 2))
+        (torn / ".merge" / "7").mkdir(parents=True)
+        (torn / ".merge" / "7" / "plan.json").write_bytes(b'{"moves": [], "removals": []}')
         for args, says in (
+            ([str(tmp_path / "m4"), str(torn), str(b)], "was being merged into"),
             ([str(tmp_path / "m.sqlite"), str(a), str(b)], "different formats"),
             ([str(tmp_path / "m"), str(b), str(c)], "different formats"),
             ([str(c), str(b)], "is a Parquet export and the parts are JSONL"),

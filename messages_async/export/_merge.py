@@ -19,7 +19,8 @@ wholly as it was or wholly merged, and the next merge or export finishes the swa
 Every format: merging the same parts again changes nothing; merging a part again after it ran
 further adds what it gained; a subset of the shards, or a whole export given as a part, adds
 only what ``OUT`` lacks. The media files beside each part (content-addressed, ``ab/ab12…``)
-are copied into ``OUT``'s media folder when missing.
+are copied into ``OUT``'s media folder when missing. Nothing else may write ``OUT`` while a
+merge runs (an export into it, another merge); the parts are only read.
 """
 
 from __future__ import annotations
