@@ -289,6 +289,12 @@ async def test_the_command_merges_shards_into_exactly_one_export(fmt: str, tmp_p
         assert status == 0, err
         assert "Merged 3 parts" in said
         await export(server, fmt, whole)
+        assert_same_export(fmt, merged, whole)
+        # The command resumes on the merged export as on its own: an incremental update.
+        server.post_message(server.chat_ids()[0], "after the merge")
+        status, _, err = await command(server, "export", "--format", fmt, "--out", str(merged))
+        assert status == 0, err
+        await export(server, fmt, whole)
     assert_same_export(fmt, merged, whole)
 
 

@@ -45,7 +45,7 @@ from typing import Any
 import attrs
 import orjson
 
-from ._jsonl import _copy_into, atomic_write
+from ._jsonl import _copy_into, atomic_write, chat_file
 from ._media import _RETRIED
 from ._parquet import _write_parquet, load_pyarrow, part_name
 from ._state import ChatState
@@ -307,7 +307,7 @@ class JsonlCopy(Copy):
 
     @property
     def main_rel(self) -> str:
-        return os.path.join("messages", f"chat_id={self.chat_id}", "messages.jsonl")
+        return os.path.relpath(chat_file(self.root, self.chat_id), self.root)
 
     @property
     def flat_rel(self) -> str:
