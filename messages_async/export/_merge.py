@@ -6,11 +6,17 @@ ordinary export of the same source and filters without a shard, in the parts' fo
 parts must all be of one format, and of one export: the same source and filters, their
 ``--shard`` aside); a later ``messages-async export`` on ``OUT`` resumes and updates it.
 
-SQLite: every table of every part is copied into ``OUT`` by its key (``messages`` by ``id``,
-``chats`` and the checkpoints by ``chat_id``, versions by ``(id, version)``, the media index
-by ``url``), a row already there being replaced by the part's, one transaction per part (a
-merge killed midway leaves ``OUT`` as it was before that part). Raw objects are copied as
-stored, byte for byte.
+SQLite: one transaction per part (a merge killed midway leaves ``OUT`` as it was before that
+part). Each chat of the part gets its rule from the same table as the folder formats
+(``_merge_folders.decide``, over the chat's message ids, versions and deletions): a part that
+holds more replaces ``OUT``'s rows of the chat by their keys (``messages`` by ``id``, the
+chat, its checkpoint and rescan state by ``chat_id``, versions by ``(id, version)``); one that
+holds less, or the same, leaves them untouched (an older copy never takes a checkpoint back);
+two settled copies that each hold what the other lacks are joined (the one with the higher
+watermark wins equal keys, and the checkpoint counts the union); a walk in progress that
+cannot be joined is reported. The media index takes, per ``url``, a final status over one to
+be retried, then the later fetch; any other table is copied by its key. Raw objects are copied
+as stored, byte for byte.
 
 JSONL and Parquet: chat by chat, each chat's files swapped in together through a journal
 (``_merge_folders.py`` and ``_swap.py``): a merge killed midway leaves every chat of ``OUT``
@@ -30,12 +36,15 @@ import contextlib
 import os
 import sqlite3
 from collections.abc import Sequence
+from typing import Any
 
 import attrs
 import orjson
 
 from ._jsonl import JsonlStore
-from ._merge_folders import copy_media, merge_folder
+from ._media import _RETRIED
+from ._merge_folders import Action, Held, Standing, copy_media, decide, merge_folder
+from ._merge_folders import joined as joined_relations
 from ._parquet import ParquetStore
 from ._sqlite import SqliteStore
 from ._state import ExportMeta
@@ -243,22 +252,168 @@ def _merge_one(db: sqlite3.Connection, part: str, stats: MergeStats) -> None:
             for _kind, name, sql in schema:
                 if name not in have and name != "meta":
                     db.execute(sql)  # a table (or index) the part has and OUT not yet
+            columns: dict[str, list[str]] = {}
             for table in tables:
                 ours = {r[1] for r in db.execute(f"PRAGMA main.table_info({table})")}
-                theirs = [r[1] for r in db.execute(f"PRAGMA part.table_info({table})")]
-                for column in theirs:
+                columns[table] = [r[1] for r in db.execute(f"PRAGMA part.table_info({table})")]
+                for column in columns[table]:
                     if column not in ours:
                         db.execute(f"ALTER TABLE main.{table} ADD COLUMN {column}")
-                cols = ", ".join(theirs)
-                # Every table has a key (see the module docstring): a row already merged
-                # is replaced by the part's current one, never doubled.
-                db.execute(
-                    f"INSERT OR REPLACE INTO main.{table} ({cols}) "
-                    f"SELECT {cols} FROM part.{table} ORDER BY rowid"
-                )
+            joined = _decide_chats(db, columns, stats)
+            for table in tables:
+                _copy_table(db, table, columns[table])
+            # A joined chat's checkpoint (its leading copy's) counts the union's messages.
+            db.executemany(
+                "UPDATE main.export_state SET messages = (SELECT count(*) FROM main.messages "
+                "WHERE chat_id = ?) WHERE chat_id = ?",
+                [(c, c) for c in joined],
+            )
+            db.execute("DROP TABLE temp.merge_rule")
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
     finally:
         db.execute("DETACH DATABASE part")
+
+
+def _count(db: sqlite3.Connection, query: str, *args: object) -> int:
+    return int(db.execute(query, args).fetchone()[0])
+
+
+def _decide_chats(
+    db: sqlite3.Connection, columns: dict[str, list[str]], stats: MergeStats
+) -> list[int]:
+    """Each chat's rule for this part, by the table of ``_merge_folders.decide``, into
+    ``temp.merge_rule``: ``replace`` (the part's rows win), ``ignore`` (only what ``OUT``
+    lacks is added) or ``keep`` (untouched). Returns the chats that are joined."""
+    db.execute("CREATE TEMP TABLE merge_rule (chat_id INTEGER PRIMARY KEY, rule TEXT NOT NULL)")
+    joined: list[int] = []
+    query = "SELECT done, cursor, walk_top, newest_id FROM {}.export_state WHERE chat_id = ?"
+    for (chat,) in db.execute("SELECT chat_id FROM part.export_state").fetchall():
+        out = db.execute(query.format("main"), (chat,)).fetchone()
+        part = db.execute(query.format("part"), (chat,)).fetchone()
+        rule = "replace"
+        if out is not None:
+            relation = joined_relations(_sqlite_relations(db, columns, chat))
+            action = decide(
+                relation,
+                _sqlite_standing(db, columns, "main", chat, out),
+                _sqlite_standing(db, columns, "part", chat, part),
+            )
+            if action is Action.SKIP:
+                stats.skipped.append(
+                    f"chat {chat}: the part and OUT hold different messages of it and one of "
+                    "them is in the middle of a walk; run that export to its end and merge again"
+                )
+            if action is Action.UNION:
+                joined.append(chat)
+                stats.joined += 1
+                # The copy with the higher watermark leads: its rows, its checkpoint.
+                ahead = (part[3] or -1) >= (out[3] or -1)
+                rule = "replace" if ahead else "ignore"
+            else:
+                rule = {Action.TAKE: "replace"}.get(action, "keep")
+                stats.taken += action is Action.TAKE
+        db.execute("INSERT INTO temp.merge_rule VALUES (?, ?)", (chat, rule))
+    return joined
+
+
+def _sqlite_standing(
+    db: sqlite3.Connection, columns: dict[str, list[str]], where: str, chat: int, row: Any
+) -> Standing:
+    done, cursor, walk_top, _ = row
+    busy = cursor is not None or walk_top is not None
+    if not busy and "rescan_state" in columns:
+        query = f"SELECT count(*) FROM {where}.rescan_state WHERE chat_id = ? AND top IS NOT NULL"
+        busy = bool(_count(db, query, chat))
+    return Standing(done=bool(done), settled=not busy)
+
+
+#: What a chat holds, as ``(table, alias, join, which rows, the same row elsewhere)``.
+_CONTENT = {
+    "messages": ("messages", "m", "", "m.chat_id = ?", "o.id = m.id"),
+    "message_versions": (
+        "message_versions",
+        "v",
+        "JOIN {db}.messages m ON m.id = v.id",
+        "m.chat_id = ?",
+        "o.id = v.id AND o.version = v.version",
+    ),
+    "deleted_at": (
+        "messages",
+        "m",
+        "",
+        "m.chat_id = ? AND m.deleted_at IS NOT NULL",
+        "o.id = m.id AND o.deleted_at IS NOT NULL",
+    ),
+}
+
+
+def _sqlite_relations(
+    db: sqlite3.Connection, columns: dict[str, list[str]], chat: int
+) -> list[Held]:
+    """How ``OUT``'s messages, versions and deletions of the chat relate to the part's."""
+    present = {
+        "messages": True,
+        "message_versions": "message_versions" in columns,
+        "deleted_at": "deleted_at" in columns.get("messages", []),
+    }
+    found = []
+    for name, (table, alias, join, rows, same) in _CONTENT.items():
+        if not present[name]:
+            continue  # the part has none: OUT's decide alone, as with the messages
+
+        piece = (table, alias, join, rows, same)
+        out_only, part_only = (
+            _only(db, a, b, piece, chat) for a, b in (("main", "part"), ("part", "main"))
+        )
+        if not out_only and not part_only:
+            found.append(Held.SAME)
+        elif not part_only:
+            found.append(Held.OUT_HOLDS_PART)
+        else:
+            found.append(Held.PART_HOLDS_OUT if not out_only else Held.DIVERGED)
+    return found
+
+
+def _only(db: sqlite3.Connection, here: str, there: str, piece: tuple[str, ...], chat: int) -> int:
+    """How many of the chat's rows of ``piece`` (see ``_CONTENT``) ``here`` has and
+    ``there`` lacks."""
+    table, alias, join, rows, same = piece
+    return _count(
+        db,
+        f"SELECT count(*) FROM {here}.{table} {alias} {join.format(db=here)} "
+        f"WHERE {rows} AND NOT EXISTS (SELECT 1 FROM {there}.{table} o WHERE {same})",
+        chat,
+    )
+
+
+def _copy_table(db: sqlite3.Connection, table: str, columns: list[str]) -> None:
+    cols = ", ".join(columns)
+    into = f"INTO main.{table} ({cols}) SELECT {cols} FROM part.{table}"
+    rule = "SELECT chat_id FROM temp.merge_rule WHERE rule"
+    owner = None
+    if "chat_id" in columns:
+        owner = "chat_id"
+    elif table == "message_versions":
+        owner = "(SELECT chat_id FROM part.messages pm WHERE pm.id = part.message_versions.id)"
+    if owner is not None:
+        # A chat's rows follow the chat's rule. Every row is keyed (see the module
+        # docstring): one already there is replaced or kept, never doubled.
+        db.execute(f"INSERT OR REPLACE {into} WHERE {owner} IN ({rule} = 'replace') ORDER BY rowid")
+        db.execute(
+            f"INSERT OR IGNORE {into} WHERE {owner} NOT IN ({rule} IN ('replace', 'keep')) "
+            "ORDER BY rowid"
+        )
+    elif table == "media":
+        # Per URL the better row: a final status over one to be retried, then the later.
+        better = ", ".join(f"{c} = excluded.{c}" for c in columns if c != "url")
+        retried = ", ".join(f"'{s}'" for s in _RETRIED)
+        db.execute(
+            f"INSERT {into} WHERE true ON CONFLICT (url) DO UPDATE SET {better} "
+            f"WHERE (excluded.status NOT IN ({retried}), excluded.fetched_at) > "
+            f"(media.status NOT IN ({retried}), media.fetched_at)"
+        )
+    else:
+        db.execute(f"INSERT OR REPLACE {into} ORDER BY rowid")
