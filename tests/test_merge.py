@@ -20,6 +20,7 @@ import orjson
 import pytest
 from helpers import make_client
 from test_export import cli_env
+from test_export_windows import after_window_commits
 
 from messages_async.export import (
     Exporter,
@@ -143,16 +144,20 @@ async def export(
     *,
     rescan: bool = False,
     media: bool = False,
+    tap: Any = None,
+    **settings: Any,
 ) -> None:
     """One export run, as ``messages-async export [--shard] [--rescan] [--media]`` makes it."""
-    options = ExportOptions(shard=shard)
+    options = ExportOptions(shard=shard, **settings)
     store = _store(fmt, out)
+    stop = asyncio.Event()
+    if tap is not None:
+        tap(store, stop)
     async with make_client(server) as client, store:
         meta = ExportMeta(server.resource_uri, shard=None if shard is None else str(shard))
         await store.open(meta, fresh=False)
         fetcher = MediaFetcher(client, store, MediaOptions()) if media else None
         rescanner = Rescanner(client, store) if rescan else None
-        stop = asyncio.Event()
         exporter = Exporter(
             client,
             store,
@@ -163,6 +168,7 @@ async def export(
         )
         stats = await run_with_media(exporter, fetcher, stop)
     assert stats.failures == []
+    assert stats.interrupted == stop.is_set()
 
 
 async def export_shards(
@@ -460,6 +466,44 @@ async def test_a_walk_in_progress_is_taken_resumable_and_never_joined_with_a_gap
         assert_same_export(fmt, merged, part)
         await merge(merged, [older, part])  # now each holds the other or more
     assert_same_export(fmt, merged, part)
+
+
+def _windows(fmt: str, path: Path) -> object:
+    """The window checkpoints (and JSONL segments, Parquet window parts) of an export."""
+    if fmt == "sqlite":
+        with sqlite3.connect(path) as db:
+            return set(db.execute("SELECT * FROM export_windows"))
+    return {name: data for name, data in tree(path).items() if ".window-" in name}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+async def test_a_chat_walked_in_windows_is_taken_mid_walk_and_finished_on_the_merge(
+    fmt: str, tmp_path: Path
+) -> None:
+    merged, whole = _path(tmp_path, fmt, "merged"), _path(tmp_path, fmt, "whole")
+    windowed = {"window_threshold": 100, "page_size": 20, "concurrency": 4}
+    async with MessagesServer(chats=4, messages_per_chat=(20, 600), seed=5) as server:
+        parts = [_path(tmp_path, fmt, f"shard-{i}") for i in range(2)]
+        await export(server, fmt, parts[1], Shard(1, 2), **windowed)
+        # Shard 0 stopped while its big chats' windows are under way.
+        await export(
+            server,
+            fmt,
+            parts[0],
+            Shard(0, 2),
+            tap=after_window_commits(6, asyncio.Event.set),
+            **windowed,
+        )
+        await merge(merged, parts)  # the windows taken over as they stand
+        walking = _windows(fmt, parts[0])
+        assert walking, "the stop should land while windows are under way"
+        assert _windows(fmt, merged) == walking
+        await export(server, fmt, merged, **windowed)  # and finished on OUT
+        await export(server, fmt, whole, **windowed)
+        assert_same_export(fmt, merged, whole)
+        await export(server, fmt, parts[0], Shard(0, 2), **windowed)
+        await merge(merged, parts)  # the shard, finished since, adds nothing
+    assert_same_export(fmt, merged, whole)
 
 
 # A merge process killed at its Nth rename or removal: each a real SIGKILL of a real process.

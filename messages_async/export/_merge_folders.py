@@ -45,9 +45,9 @@ from typing import Any
 import attrs
 import orjson
 
-from ._jsonl import _copy_into, atomic_write, chat_file
+from ._jsonl import _copy_into, atomic_write, chat_file, read_window
 from ._media import _RETRIED
-from ._parquet import _write_parquet, load_pyarrow, part_name
+from ._parquet import _WINDOW, _write_parquet, load_pyarrow, part_name
 from ._state import ChatState
 from ._store import Store, StoreError
 from ._swap import Swap
@@ -154,7 +154,8 @@ def _lines(path: str, length: int) -> Iterator[bytes]:
 def _copy_prefix(source: str, target: str, length: int) -> None:
     """``target`` made of the first ``length`` bytes of ``source`` (none: an empty file)."""
     with open(target, "wb") as dst:
-        _copy_into(dst, source, length)
+        if length > 0:
+            _copy_into(dst, source, length)
 
 
 def _message_id(line: bytes) -> int:
@@ -177,8 +178,8 @@ class Copy(abc.ABC):
             self.rescan_raw = f.read()
             self.rescan = orjson.loads(self.rescan_raw)
 
-    def path(self, rel: str) -> str:
-        return os.path.join(self.root, rel)
+    def path(self, *rel: str) -> str:
+        return os.path.join(self.root, *rel)
 
     @property
     def state_rel(self) -> str:
@@ -335,14 +336,32 @@ class JsonlCopy(Copy):
         s = self.state
         return s.pending_length if (s.merging or s.in_progress) and not self._renamed() else 0
 
+    def _window_rels(self) -> list[str]:
+        """A windowed walk's segments and checkpoints (see _jsonl.py), temporary files aside."""
+        prefix = f"{self.chat_id}.window-"
+        with contextlib.suppress(FileNotFoundError):
+            names = os.listdir(self.path(".pending"))
+            return sorted(
+                os.path.join(".pending", n)
+                for n in names
+                if n.startswith(prefix) and not n.endswith(".tmp")
+            )
+        return []
+
     def _segments(self) -> list[tuple[str, int]]:
-        return [
+        found = [
             (self.path(self.pending_rel), self._pending_length()),
             (self._main(), self._main_length()),
         ]
+        for planned in self.state.windows:
+            stem = self.path(".pending", f"{self.chat_id}.window-{planned.index}")
+            window = read_window(f"{stem}.json", planned)
+            found.append((f"{stem}.jsonl", window.length))
+        return found
 
     def sizes(self) -> tuple[int | None, ...]:
-        return (_size(self._main()), _size(self.path(self.pending_rel)))
+        windows = [_size(self.path(rel)) for rel in self._window_rels()]
+        return (_size(self._main()), _size(self.path(self.pending_rel)), *windows)
 
     def message_ids(self) -> set[int]:
         return {_message_id(line) for path, n in self._segments() for line in _lines(path, n)}
@@ -373,9 +392,15 @@ class JsonlCopy(Copy):
     def stage_take(self, swap: Swap, out: Copy | None) -> None:
         pending = self._pending_length()
         self._stage_removals(swap, out, keep_pending=bool(pending))
+        windows = self._window_rels()
+        if isinstance(out, JsonlCopy):
+            for rel in set(out._window_rels()) - set(windows):
+                swap.remove(rel)
         _copy_prefix(self._main(), swap.stage(self.main_rel), self._main_length())
         if pending:
             _copy_prefix(self.path(self.pending_rel), swap.stage(self.pending_rel), pending)
+        for rel in windows:  # a windowed walk in progress, as it stands (the store cuts it)
+            _copy_prefix(self.path(rel), swap.stage(rel), os.path.getsize(self.path(rel)))
 
     def stage_union(self, swap: Swap, other: Copy, out: Copy) -> dict[str, Any]:
         assert isinstance(other, JsonlCopy)
@@ -424,8 +449,16 @@ class ParquetCopy(Copy):
     def part_rel(self, n: int) -> str:
         return os.path.join(self.folder_rel, part_name(n))
 
+    def _window_rels(self) -> list[str]:
+        """A windowed walk's hidden parts and checkpoints (see _parquet.py)."""
+        with contextlib.suppress(FileNotFoundError):
+            names = os.listdir(self.path(self.folder_rel))
+            return sorted(os.path.join(self.folder_rel, n) for n in names if n.startswith(_WINDOW))
+        return []
+
     def sizes(self) -> tuple[int | None, ...]:
-        return tuple(_size(self.path(self.part_rel(n))) for n in range(self.parts))
+        rels = [self.part_rel(n) for n in range(self.parts)] + self._window_rels()
+        return tuple(_size(self.path(rel)) for rel in rels)
 
     def _read(self, n: int, columns: list[str] | None = None) -> Any:
         _, pq = load_pyarrow()
@@ -433,7 +466,15 @@ class ParquetCopy(Copy):
         return pq.ParquetFile(self.path(self.part_rel(n))).read(columns=columns)
 
     def message_ids(self) -> set[int]:
-        return {i for n in range(self.parts) for i in self._read(n, ["id"]).column(0).to_pylist()}
+        _, pq = load_pyarrow()
+        files = [self.path(self.part_rel(n)) for n in range(self.parts)]
+        for planned in self.state.windows:
+            stem = self.path(self.folder_rel, f"{_WINDOW}{planned.index}")
+            window = read_window(f"{stem}.json", planned)
+            files += [f"{stem}-{k}.part" for k in range(window.length)]
+        return {
+            i for f in files for i in pq.ParquetFile(f).read(columns=["id"]).column(0).to_pylist()
+        }
 
     def _stage_removals(self, swap: Swap, out: Copy | None, keep: int) -> None:
         """Remove ``out``'s files of the chat beyond the first ``keep`` parts."""
@@ -451,8 +492,10 @@ class ParquetCopy(Copy):
             _copy_prefix(source, swap.stage(self.part_rel(n)), os.path.getsize(source))
 
     def stage_take(self, swap: Swap, out: Copy | None) -> None:
-        self._stage_removals(swap, out, self.parts)
+        self._stage_removals(swap, out, self.parts)  # OUT's window files included
         self._stage_parts(swap)
+        for rel in self._window_rels():  # a windowed walk in progress, as it stands
+            _copy_prefix(self.path(rel), swap.stage(rel), os.path.getsize(self.path(rel)))
 
     def stage_union(self, swap: Swap, other: Copy, out: Copy) -> dict[str, Any]:
         assert isinstance(other, ParquetCopy)
@@ -568,8 +611,8 @@ def merge_folder(store: Store, parts: Sequence[str], fmt: str) -> FolderMerge:
             try:
                 if _merge_chat(store.path, copy, kind, report):
                     from_part.add(chat_id)
-            except StoreError as exc:
-                report.skipped.append(f"chat {chat_id}: {exc}")
+            except (StoreError, ValueError, TypeError, KeyError) as exc:
+                report.skipped.append(f"chat {chat_id} of {part}: unreadable ({exc})")
         report.files += copy_media(os.path.join(part, "media"), os.path.join(store.path, "media"))
         report.media_rows += _merge_media_index(part, store.path)
         report.chat_objects += _merge_chat_objects(store, part, fmt, from_part)
