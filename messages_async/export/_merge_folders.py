@@ -2,8 +2,9 @@
 
 A chat is exported whole by one shard, so each chat of ``OUT`` comes from one copy at a time:
 the copy ``OUT`` holds (if any) or the part's. What a copy *holds* is its content: the ids of
-its messages (pending update segments included), its versions by ``(id, version)`` and its
-deletions by ``id``. Comparing the two contents decides (:func:`decide`, a pure table):
+its messages (pending update segments and a windowed walk's segments or parts included), its
+versions by ``(id, version)`` and its deletions by ``id``. Comparing the two contents
+decides (:func:`decide`, a pure table):
 
 - the same content: ``OUT``'s copy stays, unless the part's checkpoint is further along (it
   finished a walk ``OUT``'s copy is in the middle of);
