@@ -1,26 +1,28 @@
 """Row ``shards``: the point of ``--shard``, against a server that limits each credential.
 
-The emulator's token bucket is per client id (docs/protocol.md §5): ``RATE`` requests/s each,
-burst a tenth of a second, ``Retry-After: 1``, 20 ms latency. The same dataset is exported
-once by one process with one credential, then by 4 shards at once, each with a credential of
-its own and its own SQLite store (the export API, as the command runs it). The row reports
-messages per second of the 4 shards together against the one, and checks that the shards
-together hold exactly what the single export holds.
+The emulator (``messages-async serve --clients 5`` in its own process) limits each client id
+to a token bucket of its own (docs/protocol.md §5): ``RATE`` requests/s, burst a tenth of a
+second, ``Retry-After: 1``, 20 ms latency. The same dataset is exported once by one
+``messages-async export`` process with one credential, then by 4 ``--shard I/4`` processes at
+once, each with a credential of its own in its environment and its own SQLite store, as the
+Kubernetes recipe runs them. Times are what each export reports in its summary (from just
+before it lists the chats to its last commit: interpreter start-up left out); the shards'
+time is the slowest shard's. The row checks that the shards together hold exactly what the
+single export holds.
 """
 
 from __future__ import annotations
 
-import asyncio
+import os
+import re
 import sqlite3
-import time
+import subprocess
+import sys
 from pathlib import Path
 from tempfile import TemporaryDirectory
+from typing import Any
 
-import messages_async as ma
-from messages_async.export import Exporter, ExportMeta, ExportOptions, Shard, SqliteStore
-from messages_async.testing import MessagesServer
-
-from .._harness import Context, Line, Target, fmt_rate
+from .._harness import Context, Line, ServerProcess, Target, fmt_rate
 
 __all__ = ["NAME", "run"]
 
@@ -31,30 +33,34 @@ RATE = 40.0
 LATENCY = 0.02
 CHATS = 256
 
+_SUMMARY = re.compile(r"messages:\s+([\d,]+) new in ([\d.,]+) s")
 
-async def _export(
-    server: MessagesServer,
-    credential: str,
-    out: Path,
-    shard: Shard | None,
-    rate_limit: float | None,
-) -> None:
-    async with (
-        ma.Client(
-            token_url=server.token_url,
-            client_id=credential,
-            client_secret=f"{credential}-secret",
-            scopes=("messages_read",),
-            rate_limit=rate_limit,
-        ) as client,
-        SqliteStore(str(out)) as store,
-    ):
-        await store.open(
-            ExportMeta(source="bench", shard=None if shard is None else str(shard)), fresh=True
-        )
-        stats = await Exporter(client, store, ExportOptions(concurrency=8, shard=shard)).run()
-        if stats.failures:
-            raise RuntimeError(f"the export failed chats: {stats.failures}")
+
+def _start(
+    info: dict[str, Any], credential: int, out: Path, shard: int | None, told: bool
+) -> subprocess.Popen[bytes]:
+    client = info["clients"][credential]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESSAGES_")}
+    env["MESSAGES_TOKEN_URL"] = info["token_url"]
+    env["MESSAGES_CLIENT_ID"] = client["client_id"]
+    env["MESSAGES_CLIENT_SECRET"] = client["client_secret"]
+    argv = [sys.executable, "-m", "messages_async", "export", "--out", str(out), "--fresh"]
+    argv += ["--concurrency", "8"]
+    if shard is not None:
+        argv += ["--shard", f"{shard}/{SHARDS}"]
+    if told:
+        argv += ["--rate-limit", f"{RATE:g}"]
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _seconds(proc: subprocess.Popen[bytes]) -> float:
+    """How long the export took by its own summary; it must have succeeded."""
+    stdout, stderr = proc.communicate()
+    text = stdout.decode(errors="replace")
+    match = _SUMMARY.search(text)
+    if proc.returncode != 0 or match is None:
+        raise RuntimeError(f"the export exited with {proc.returncode}:\n{text}{stderr.decode()}")
+    return float(match.group(2).replace(",", ""))
 
 
 def _rows(paths: list[Path]) -> set[tuple[int, int, str]]:
@@ -62,33 +68,17 @@ def _rows(paths: list[Path]) -> set[tuple[int, int, str]]:
     for path in paths:
         with sqlite3.connect(path) as db:
             rows |= set(db.execute("SELECT id, chat_id, raw FROM messages"))
+        db.close()
     return rows
 
 
-async def _measure(
-    chats: int, per_chat: int, folder: Path, rate_limit: float | None = None
+def _measure(
+    info: dict[str, Any], folder: Path, *, told: bool
 ) -> tuple[float, float, int, bool, float]:
-    async with MessagesServer(
-        chats=chats,
-        messages_per_chat=per_chat,
-        latency=LATENCY,
-        rate_limit=RATE,
-        burst=max(1, round(RATE * 0.1)),
-    ) as server:
-        for k in range(SHARDS + 1):
-            server.register_client(f"c{k}", f"c{k}-secret", scopes=("messages_read",))
-        start = time.perf_counter()
-        await _export(server, f"c{SHARDS}", folder / "one.sqlite", None, rate_limit)
-        one = time.perf_counter() - start
-        parts = [folder / f"shard-{i}.sqlite" for i in range(SHARDS)]
-        start = time.perf_counter()
-        await asyncio.gather(
-            *(
-                _export(server, f"c{i}", parts[i], Shard(i, SHARDS), rate_limit)
-                for i in range(SHARDS)
-            )
-        )
-        sharded = time.perf_counter() - start
+    one = _seconds(_start(info, SHARDS, folder / "one.sqlite", None, told))
+    parts = [folder / f"shard-{i}.sqlite" for i in range(SHARDS)]
+    procs = [_start(info, i, parts[i], i, told) for i in range(SHARDS)]
+    sharded = max(_seconds(p) for p in procs)
     whole = _rows([folder / "one.sqlite"])
     sizes = [len(_rows([part])) for part in parts]
     balance = max(sizes) / (sum(sizes) / SHARDS)  # the largest shard bounds the speed-up
@@ -97,27 +87,33 @@ async def _measure(
 
 def run(ctx: Context) -> list[Line]:
     chats, per_chat = (32, 20) if ctx.quick else (CHATS, 1000)
-    with TemporaryDirectory() as folder:
-        one, sharded, messages, exact, balance = asyncio.run(
-            _measure(chats, per_chat, Path(folder))
-        )
+    with (
+        ServerProcess(
+            chats=chats,
+            messages_per_chat=per_chat,
+            latency=LATENCY,
+            rate_limit=RATE,
+            burst=max(1, round(RATE * 0.1)),
+            clients=SHARDS + 1,
+        ) as server,
+        TemporaryDirectory() as folder,
+    ):
+        one, sharded, messages, exact, balance = _measure(server.info, Path(folder), told=False)
+        told = None if ctx.quick else _measure(server.info, Path(folder), told=True)
     ctx.log(
         f"shards: {messages:,} messages, one credential {one:.1f} s, "
         f"{SHARDS} shards {sharded:.1f} s, exact: {exact}"
     )
     if not exact:
         raise RuntimeError("the shards together do not hold what the single export holds")
-    told: list[Line] = []
-    if not ctx.quick:
+    told_lines: list[Line] = []
+    if told is not None:
         # The same with every client told the bucket's rate: no shard spends its first
         # seconds finding it, so what is left is the split's own balance.
-        with TemporaryDirectory() as folder:
-            one_told, sharded_told, _, exact_told, _ = asyncio.run(
-                _measure(chats, per_chat, Path(folder), rate_limit=RATE)
-            )
+        one_told, sharded_told, _, exact_told, _ = told
         if not exact_told:
             raise RuntimeError("told the rate, the shards do not hold what the single one holds")
-        told.append(
+        told_lines.append(
             Line(
                 NAME,
                 f"  the same, every client told the rate (--rate-limit {RATE:g}): "
@@ -146,5 +142,5 @@ def run(ctx: Context) -> list[Line]:
             "1",
             balance,
         ),
-        *told,
+        *told_lines,
     ]

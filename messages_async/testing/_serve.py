@@ -34,12 +34,13 @@ from ._server import MessagesServer
 __all__ = ["run_forever", "serve", "serve_main"]
 
 
-def _write_ready_file(path: str, server: MessagesServer) -> None:
+def _write_ready_file(path: str, server: MessagesServer, clients: list[tuple[str, str]]) -> None:
     info = {
         "token_url": server.token_url,
         "resource_uri": server.resource_uri,
         "client_id": server.client_id,
         "client_secret": server.client_secret,
+        "clients": [{"client_id": i, "client_secret": s} for i, s in clients],
         "user_id": server.user_id,
         "pid": os.getpid(),
     }
@@ -69,6 +70,7 @@ async def serve(
     burst: int | None = None,
     rate_schedule: str | None = None,
     storm: str | None = None,
+    clients: int = 1,
     cursor_mode: Literal["url", "token"] = "url",
     token_ttl: float | None = 3600.0,
     extra_fields: bool = False,
@@ -99,6 +101,11 @@ async def serve(
         compress=compress,
         record=False,
     )
+    # More credentials, each with a rate limit of its own, for running shards side by side.
+    credentials = [(server.client_id, server.client_secret)]
+    for k in range(2, clients + 1):
+        credentials.append((f"{server.client_id}-{k}", f"{server.client_secret}-{k}"))
+        server.register_client(*credentials[-1])
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
     if stop is None:
@@ -115,13 +122,15 @@ async def serve(
             say(f"resource_uri:  {server.resource_uri}")
             say(f"client_id:     {server.client_id}")
             say(f"client_secret: {server.client_secret}")
+            for client_id, secret in credentials[1:]:
+                say(f"also:          {client_id} / {secret}")
             say(f"user_id:       {server.user_id}")
             say(
                 f"{len(server.chat_ids())} chats, {server.all_message_count()} messages "
                 f"(seed {seed}); Ctrl-C to stop"
             )
             if ready_file:
-                _write_ready_file(ready_file, server)
+                _write_ready_file(ready_file, server, credentials)
             await stop.wait()
     finally:
         for sig in installed:
@@ -210,6 +219,14 @@ def _parser() -> argparse.ArgumentParser:
         "with 429, then go on as before (default: none)",
     )
     p.add_argument(
+        "--clients",
+        type=int,
+        default=1,
+        metavar="N",
+        help="credentials to accept, each limited on its own: test-client, then test-client-2 "
+        "with test-secret-2 and so on (default: %(default)s)",
+    )
+    p.add_argument(
         "--cursor-mode",
         choices=("url", "token"),
         default="url",
@@ -286,6 +303,8 @@ def serve_main(argv: list[str] | None = None) -> int:
     """Entry point of ``messages-async serve``; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.clients < 1:
+        parser.error(f"--clients must be at least 1, got {args.clients}")
     if args.rate_schedule is not None and args.rate_limit is not None:
         parser.error("--rate-schedule and --rate-limit both set the rate limit: give one")
     try:
@@ -301,6 +320,7 @@ def serve_main(argv: list[str] | None = None) -> int:
             burst=args.burst,
             rate_schedule=args.rate_schedule,
             storm=args.storm,
+            clients=args.clients,
             cursor_mode=args.cursor_mode,
             token_ttl=args.token_ttl,
             extra_fields=args.extra_fields,
