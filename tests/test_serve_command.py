@@ -127,3 +127,54 @@ def test_bad_limit_options_exit_2_saying_what_to_fix(args: list[str], says: str)
     result = subprocess.run([*SERVE, *args], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert says in result.stderr
+
+
+async def test_more_clients_each_sign_in_with_their_own_credentials(tmp_path: Path) -> None:
+    from messages_async.testing._serve import serve
+
+    ready = tmp_path / "ready.json"
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        serve(
+            chats=2,
+            messages_per_chat=3,
+            clients=3,
+            ready_file=str(ready),
+            stop=stop,
+            echo=lambda _line: None,
+        )
+    )
+    try:
+        async with asyncio.timeout(30):
+            while (info := _ready(ready)) is None:
+                await asyncio.sleep(0.02)
+        clients = info["clients"]
+        assert isinstance(clients, list)
+        assert [c["client_id"] for c in clients] == [
+            "test-client",
+            "test-client-2",
+            "test-client-3",
+        ]
+        for credential in clients:
+            async with ma.Client(
+                token_url=str(info["token_url"]),
+                client_id=credential["client_id"],
+                client_secret=credential["client_secret"],
+            ) as client:
+                assert len(await client.messages.chats()) == 2
+        with pytest.raises(ma.AuthError):
+            async with ma.Client(
+                token_url=str(info["token_url"]),
+                client_id="test-client-2",
+                client_secret=clients[0]["client_secret"],
+            ) as client:
+                await client.messages.chats()
+    finally:
+        stop.set()
+        await task
+
+
+def test_clients_must_be_at_least_one() -> None:
+    result = subprocess.run([*SERVE, "--clients", "0"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "--clients must be at least 1" in result.stderr
