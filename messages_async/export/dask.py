@@ -270,8 +270,8 @@ def export_shards(
     """
     if not isinstance(client, distributed.Client):
         raise TypeError(f"client must be a distributed.Client, got {type(client).__name__}")
-    tasks = _tasks(out, credentials, parts, options, source)
     retries = count("retries", retries)
+    tasks = _tasks(out, credentials, parts, options, source)
     total = len(tasks)
     run = uuid.uuid4().hex[:12]
     # Explicit keys: the dashboard names the shard, and never shows an argument.
