@@ -193,7 +193,7 @@ def test_a_worker_killed_mid_shard_is_rerun_and_resumes_from_its_store(
     finally:
         server.latency = 0.0
     rerun = result.shards[0]
-    assert rerun.worker != worker  # run again elsewhere (the killed worker's nanny starts anew)
+    assert rerun.pid != pid  # run again in another process (the nanny starts a new worker)
     # Resumed, not started over: the pages committed before the kill were not fetched again.
     assert 0 < rerun.messages < rerun.stored_messages, rerun
     total_pages = sum(-(-len(server.messages(c)) // 20) for c in victim)
@@ -211,7 +211,7 @@ def test_a_shard_that_fails_names_itself_and_nothing_is_merged(
         export_shards(cluster, tmp_path / "export.sqlite", _credentials(server, secrets))
     said = str(caught.value)
     assert "1 of 4 shards failed" in said
-    assert "shard 2/4: ShardError: shard 2/4: AuthError" in said
+    assert "(shard 2/4: AuthError: token exchange failed with HTTP 401 invalid_client" in said
     assert list(caught.value.failed) == ["2/4"]
     assert not (tmp_path / "export.sqlite").exists()  # nothing merged
     # The three others are complete in their stores: running again resumes them.
@@ -259,7 +259,7 @@ def test_the_readme_recipe_runs_as_written(
     [
         ({"client": "tcp://127.0.0.1:8786"}, TypeError, "must be a distributed.Client"),
         ({"credentials": []}, ValueError, "one ShardCredentials per shard"),
-        ({"credentials": ["id:secret"]}, TypeError, r"credentials\[0\] must be a ShardCred"),
+        ({"credentials": ["id:secret"]}, TypeError, "must be a ShardCredentials, got str"),
         ({"credentials": "id:secret"}, TypeError, "a sequence of ShardCredentials"),
         ({"options": ExportOptions(shard=Shard(0, 2))}, ValueError, "leave it unset"),
         ({"options": {"concurrency": 2}}, TypeError, "must be an ExportOptions"),

@@ -77,6 +77,12 @@ exported, idempotent and additive, crash-safe (``_merge.py``); it returns ``Merg
 (``parts``, ``chats``, ``messages``, ``files`` copied, and ``skipped``: the chats that could
 not be joined yet, with why) and raises ``StoreError`` for parts that are not one export.
 
+``export_shard(shard, path, credentials, options)`` runs one shard of a sharded export as a
+plain blocking call (its own event loop, its own ``ShardCredentials``, its own store;
+resumable; what it returns or raises pickles), for an engine to run on its workers, and
+``merge_shards(out, paths)`` joins the stores (``_sharded.py``; ``messages_async.export.dask``
+does both on a Dask cluster).
+
 ``show_progress``, ``progress_line`` and ``summary_lines`` are the command's progress display
 and summary, for programs that want the same output.
 
@@ -91,6 +97,7 @@ from ._parquet import ParquetStore
 from ._progress import progress_line, show_progress, summary_lines
 from ._runner import ChatFailure, Exporter, ExportOptions, ExportStats
 from ._shard import Shard, shard_of
+from ._sharded import ShardCredentials, ShardError, ShardReport, export_shard, merge_shards
 from ._sqlite import SqliteStore
 from ._state import ChatState, ExportMeta
 from ._store import Store, StoreError
@@ -109,11 +116,16 @@ __all__ = [
     "MergeStats",
     "ParquetStore",
     "Shard",
+    "ShardCredentials",
+    "ShardError",
+    "ShardReport",
     "SqliteStore",
     "Store",
     "StoreError",
+    "export_shard",
     "media_folder",
     "merge_exports",
+    "merge_shards",
     "progress_line",
     "run_with_media",
     "shard_of",

@@ -11,10 +11,12 @@ imports Dask. ::
         result = export_shards(client, "/shared/export.sqlite", credentials)
 
 ``export_shards`` splits the export into one shard per credential (``Shard(i, N)``,
-``_shard.py``), maps them over the cluster with ``Client.map(..., pure=False)``, one
-synchronous task per shard running its own event loop (``asyncio.run``) with its own client,
-and each shard exports into its own SQLite store (``PARTS/shard-I-of-N.sqlite``). When every
-shard has finished, the stores are merged into ``OUT`` (``_merge.py``).
+``_shard.py``) and maps :func:`~messages_async.export.export_shard` over the cluster with
+``Client.map(..., pure=False)``: one synchronous task per shard, running its own event loop
+(``asyncio.run``) with its own client, exporting into its own SQLite store
+(``PARTS/shard-I-of-N.sqlite``). When every shard has finished, the stores are merged into
+``OUT`` (``merge_shards``, ``_merge.py``). Every argument, every shard's included, is checked
+before anything is submitted.
 
 Everything is resumable, as any export is: a shard whose worker dies is run again by the
 scheduler (up to ``distributed.scheduler.allowed-failures`` times) and goes on from the last
@@ -33,12 +35,9 @@ that the task messages are encrypted on the wire.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
 import uuid
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import attrs
 
@@ -50,144 +49,12 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
     ) from exc
 
 from .._checks import count
-from .._cli import DEFAULT_MAX_UNREACHABLE, _client_options
-from .._client import Client
-from .._secret import Secret
-from ._merge import MergeStats, merge_sqlite, merged_meta, read_meta
-from ._runner import ChatFailure, Exporter, ExportOptions
+from ._merge import MergeStats
+from ._runner import ChatFailure, ExportOptions
 from ._shard import Shard
-from ._sqlite import SqliteStore
-from ._state import ExportMeta
+from ._sharded import ShardCredentials, ShardError, ShardReport, checked, export_shard, merge_shards
 
 __all__ = ["ShardCredentials", "ShardError", "ShardReport", "ShardedExport", "export_shards"]
-
-logger = logging.getLogger("messages_async.export")
-
-
-class ShardCredentials:
-    """One shard's credentials: ``token_url``, ``client_id`` and ``client_secret`` for a
-    client-credentials exchange, or a pre-issued ``access_token`` with ``resource_uri``.
-
-    Checked at once by the same rules as :class:`messages_async.Client` (``TypeError`` or
-    ``ConfigurationError`` saying what to fix). The secret and the token are never shown:
-    ``repr`` and ``str`` print ``***``. Unlike the library's own secrets, this object can be
-    pickled, so that a Dask scheduler can send it to the worker that runs the shard.
-    """
-
-    __slots__ = ("_access_token", "_client_id", "_client_secret", "_resource_uri", "_token_url")
-
-    def __init__(
-        self,
-        *,
-        token_url: str | None = None,
-        client_id: str | None = None,
-        client_secret: str | None = None,
-        access_token: str | None = None,
-        resource_uri: str | None = None,
-    ) -> None:
-        self._token_url = token_url
-        self._client_id = client_id
-        self._client_secret = (
-            None if client_secret is None else _secret("client_secret", client_secret)
-        )
-        self._access_token = None if access_token is None else _secret("access_token", access_token)
-        self._resource_uri = resource_uri
-        del client_secret, access_token  # only the wrapped values stay in this frame
-        self.client()  # the client's own checks; it opens nothing until it is used
-
-    @property
-    def client_id(self) -> str | None:
-        return self._client_id
-
-    def client(self, **options: Any) -> Client:
-        """A new, unopened client with these credentials (``options``: the other arguments of
-        :class:`messages_async.Client`); it only reads, so it asks for ``messages_read``."""
-        secret, token = self._client_secret, self._access_token
-        return Client(
-            token_url=self._token_url,
-            client_id=self._client_id,
-            client_secret=None if secret is None else secret.reveal(),
-            access_token=None if token is None else token.reveal(),
-            resource_uri=self._resource_uri,
-            scopes=("messages_read",),
-            **options,
-        )
-
-    def __repr__(self) -> str:
-        if self._access_token is not None:
-            return f"ShardCredentials(access_token='***', resource_uri={self._resource_uri!r})"
-        return (
-            f"ShardCredentials(token_url={self._token_url!r}, client_id={self._client_id!r}, "
-            "client_secret='***')"
-        )
-
-    __str__ = __repr__
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Deliberately picklable (the scheduler sends it to a worker); the pickle is bytes
-        # in the scheduler's memory, never a repr.
-        secret, token = self._client_secret, self._access_token
-        return (
-            _credentials,
-            (
-                self._token_url,
-                self._client_id,
-                None if secret is None else secret.reveal(),
-                None if token is None else token.reveal(),
-                self._resource_uri,
-            ),
-        )
-
-
-def _credentials(
-    token_url: str | None,
-    client_id: str | None,
-    client_secret: str | None,
-    access_token: str | None,
-    resource_uri: str | None,
-) -> ShardCredentials:
-    return ShardCredentials(
-        token_url=token_url,
-        client_id=client_id,
-        client_secret=client_secret,
-        access_token=access_token,
-        resource_uri=resource_uri,
-    )
-
-
-def _secret(name: str, value: object) -> Secret:
-    if not isinstance(value, str) or not value:
-        raise TypeError(f"{name} must be a non-empty str")
-    return Secret(value)
-
-
-@attrs.frozen
-class ShardReport:
-    """What one shard's (last, successful) run did, as its worker reported it.
-
-    Attributes:
-        shard: ``"I/N"``.
-        path: The shard's store.
-        worker: The address of the Dask worker that ran it.
-        chats_total: The shard's chats.
-        chats_done: Chats complete in its store.
-        failures: Chats that failed for good in this run (a later run tries them again).
-        messages: Messages new in this run (fewer than ``stored_messages`` when it resumed).
-        stored_messages: Messages its store holds for the complete chats.
-        pages: Pages fetched in this run.
-        elapsed: Seconds this run took.
-    """
-
-    shard: str
-    path: str
-    worker: str
-    chats_total: int
-    chats_done: int
-    failures: tuple[ChatFailure, ...]
-    messages: int
-    stored_messages: int
-    pages: int
-    elapsed: float
 
 
 @attrs.frozen
@@ -202,32 +69,6 @@ class ShardedExport:
     def failures(self) -> tuple[ChatFailure, ...]:
         """Chats that failed for good in some shard (running again retries them)."""
         return tuple(f for report in self.shards for f in report.failures)
-
-
-class ShardError(Exception):
-    """A shard could not be exported (after Dask's retries); nothing was merged.
-
-    ``failed`` maps each failed shard (``"I/N"``) to what went wrong. The stores keep every
-    page committed, so running :func:`export_shards` again resumes every shard.
-    """
-
-    def __init__(self, message: str, failed: Mapping[str, str]) -> None:
-        super().__init__(message)
-        self.failed = dict(failed)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (str(self), self.failed))
-
-
-@attrs.frozen
-class _ShardTask:
-    """Everything a worker needs for one shard; its repr shows no secret."""
-
-    shard: Shard
-    path: str
-    credentials: ShardCredentials
-    options: ExportOptions
-    source: str | None
 
 
 def export_shards(
@@ -271,22 +112,35 @@ def export_shards(
     if not isinstance(client, distributed.Client):
         raise TypeError(f"client must be a distributed.Client, got {type(client).__name__}")
     retries = count("retries", retries)
-    tasks = _tasks(out, credentials, parts, options, source)
-    total = len(tasks)
+    target, shards, paths, options = _plan(out, credentials, parts, options, source)
+    total = len(shards)
     run = uuid.uuid4().hex[:12]
     # Explicit keys: the dashboard names the shard, and never shows an argument.
-    keys = [f"messages-async-export-shard-{t.shard.index}-of-{total}-{run}" for t in tasks]
-    futures = client.map(_run_shard, tasks, key=keys, pure=False, retries=retries)
+    keys = [f"messages-async-export-shard-{s.index}-of-{total}-{run}" for s in shards]
+    futures = client.map(
+        export_shard,
+        shards,
+        paths,
+        credentials,
+        options=options,
+        source=source,
+        key=keys,
+        pure=False,
+        retries=retries,
+    )
     try:
         distributed.wait(futures)  # type: ignore[no-untyped-call]
         reports: list[ShardReport] = []
         failed: dict[str, str] = {}
-        for task, future in zip(tasks, futures, strict=True):
+        for shard, future in zip(shards, futures, strict=True):
             if future.status == "finished":
                 reports.append(future.result())
-            else:
-                error = future.exception()  # type: ignore[no-untyped-call]
-                failed[str(task.shard)] = f"{type(error).__name__}: {error}"
+                continue
+            error = future.exception()  # type: ignore[no-untyped-call]
+            if isinstance(error, ShardError):
+                failed.update(error.failed)
+            else:  # the worker died too often (KilledWorker), or the task was cancelled
+                failed[str(shard)] = f"{type(error).__name__}: {error}"
     finally:
         client.cancel(futures)  # type: ignore[no-untyped-call]
     if failed:
@@ -296,25 +150,21 @@ def export_shards(
             "committed is kept: run export_shards again to resume",
             failed,
         )
-    merge = _merge(_out_path(out), [t.path for t in tasks])
-    return ShardedExport(out=_out_path(out), shards=tuple(reports), merge=merge)
+    merge = merge_shards(target, paths)
+    return ShardedExport(out=target, shards=tuple(reports), merge=merge)
 
 
-def _out_path(out: str | os.PathLike[str]) -> str:
-    return os.path.abspath(os.fspath(out))
-
-
-def _tasks(
+def _plan(
     out: str | os.PathLike[str],
     credentials: Sequence[ShardCredentials],
     parts: str | os.PathLike[str] | None,
     options: ExportOptions | None,
     source: str | None,
-) -> list[_ShardTask]:
-    """The shards' tasks, every argument checked (nothing is created but ``parts``)."""
+) -> tuple[str, list[Shard], list[str], ExportOptions | None]:
+    """Every argument checked, every shard's too (nothing is created but ``parts``)."""
     if not isinstance(out, (str, os.PathLike)):
         raise TypeError(f"out must be a path, got {type(out).__name__}")
-    target = _out_path(out)
+    target = os.path.abspath(os.fspath(out))
     if os.path.isdir(target):
         raise ValueError(f"out {target} is a directory; the merged export is a SQLite file")
     if not os.path.isdir(os.path.dirname(target)):
@@ -323,21 +173,11 @@ def _tasks(
         raise TypeError("credentials must be a sequence of ShardCredentials, one per shard")
     if not credentials:
         raise ValueError("credentials is empty: give one ShardCredentials per shard")
-    for i, given in enumerate(credentials):
-        if not isinstance(given, ShardCredentials):
-            raise TypeError(
-                f"credentials[{i}] must be a ShardCredentials, got {type(given).__name__}"
-            )
-    options = ExportOptions() if options is None else options
-    if not isinstance(options, ExportOptions):
-        raise TypeError(f"options must be an ExportOptions, got {type(options).__name__}")
-    if options.shard is not None:
+    if options is not None and getattr(options, "shard", None) is not None:
         raise ValueError(
             f"options.shard is {options.shard}: leave it unset, each of the "
             f"{len(credentials)} shards sets its own"
         )
-    if source is not None and (not isinstance(source, str) or not source):
-        raise TypeError("source must be a non-empty str (or None: the API's URI)")
     if parts is None:
         folder = os.path.splitext(target)[0] + ".shards"
     elif isinstance(parts, (str, os.PathLike)):
@@ -347,75 +187,11 @@ def _tasks(
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"parts {folder} is a file; the shards' stores go in a directory")
     total = len(credentials)
-    tasks = [
-        _ShardTask(
-            shard=Shard(i, total),
-            path=os.path.join(folder, f"shard-{i}-of-{total}.sqlite"),
-            credentials=given,
-            options=attrs.evolve(options, shard=Shard(i, total)),
-            source=source,
-        )
-        for i, given in enumerate(credentials)
-    ]
-    if target in {t.path for t in tasks}:
+    shards = [Shard(i, total) for i in range(total)]
+    paths = [os.path.join(folder, f"shard-{i}-of-{total}.sqlite") for i in range(total)]
+    for shard, path, given in zip(shards, paths, credentials, strict=True):
+        checked(shard, path, given, options, source)
+    if target in paths:
         raise ValueError(f"out {target} is one of the shards' stores; choose another out")
     os.makedirs(folder, exist_ok=True)
-    return tasks
-
-
-def _run_shard(task: _ShardTask) -> ShardReport:
-    """One Dask task: the shard's export, on an event loop of its own."""
-    try:
-        return asyncio.run(_export_shard(task))
-    except Exception as exc:
-        # A plain, picklable error: the library's own may not unpickle on the client.
-        raise ShardError(
-            f"shard {task.shard}: {type(exc).__name__}: {exc}",
-            {str(task.shard): f"{type(exc).__name__}: {exc}"},
-        ) from None
-
-
-async def _export_shard(task: _ShardTask) -> ShardReport:
-    options = task.options
-    settings = _client_options(options.concurrency, DEFAULT_MAX_UNREACHABLE)
-    async with task.credentials.client(**settings) as api, SqliteStore(task.path) as store:
-        meta = ExportMeta(
-            source=task.source or api.resource_uri or "unknown",
-            query=options.query,
-            since=options.since.isoformat() if options.since else None,
-            until=options.until.isoformat() if options.until else None,
-            shard=str(task.shard),
-        )
-        await store.open(meta, fresh=False)  # resumes what an earlier attempt committed
-        stats = await Exporter(api, store, options).run()
-    logger.info(
-        "shard %s: %d of %d chats done, %d new messages",
-        task.shard,
-        stats.chats_done,
-        stats.chats_total,
-        stats.messages,
-    )
-    return ShardReport(
-        shard=str(task.shard),
-        path=task.path,
-        worker=distributed.get_worker().address,
-        chats_total=stats.chats_total,
-        chats_done=stats.chats_done,
-        failures=tuple(stats.failures),
-        messages=stats.messages,
-        stored_messages=stats.stored_messages,
-        pages=stats.pages,
-        elapsed=stats.elapsed,
-    )
-
-
-def _merge(out: str, parts: Sequence[str]) -> MergeStats:
-    """The shards' stores into ``out``: ``messages-async merge``'s SQLite path."""
-    meta = merged_meta([(p, read_meta(p)) for p in parts])
-
-    async def prepare() -> None:
-        async with SqliteStore(out) as store:  # the schema and the export's identity
-            await store.open(meta, fresh=False)
-
-    asyncio.run(prepare())
-    return merge_sqlite(out, parts)
+    return target, shards, paths, options
