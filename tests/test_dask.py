@@ -27,7 +27,7 @@ from test_export import export, listings
 from test_pagination import _server_in_a_thread
 from test_readme import _block, _section
 
-from messages_async.export import ExportOptions, Shard
+from messages_async.export import ExportOptions, Shard, export_shard
 from messages_async.export.dask import (
     ShardCredentials,
     ShardError,
@@ -310,6 +310,19 @@ def test_bad_arguments_are_refused_before_anything_is_submitted(
         export_shards(**arguments)
     assert len(server.requests) == before
     assert not (tmp_path / "export.shards").exists()
+
+
+async def test_the_blocking_calls_refuse_to_run_inside_an_event_loop(
+    server: MessagesServer, cluster: distributed.Client, tmp_path: Path
+) -> None:
+    (credentials, *_) = _credentials(server)
+    for call in (
+        lambda: export_shards(cluster, tmp_path / "x.sqlite", [credentials]),
+        lambda: export_shard(Shard(0, 1), tmp_path / "x.sqlite", credentials),
+    ):
+        with pytest.raises(RuntimeError, match=r"await asyncio.to_thread\(export_shard"):
+            call()
+    assert os.listdir(tmp_path) == []  # nothing created either
 
 
 @pytest.mark.parametrize(

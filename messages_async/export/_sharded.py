@@ -202,9 +202,11 @@ def export_shard(
 
     Raises:
         TypeError, ValueError: a bad argument, before anything is sent.
+        RuntimeError: called from a coroutine (it blocks: use ``asyncio.to_thread``).
         ShardError: the shard could not be exported (refused credentials, an outage that
             outlasted the retries, a store that is another export or cannot be written).
     """
+    outside_a_loop("export_shard")
     target, options = checked(shard, path, credentials, options, source)
     try:
         return asyncio.run(_export(shard, target, credentials, options, source))
@@ -212,6 +214,18 @@ def export_shard(
         # A plain, picklable error: the library's own may not unpickle where it is received.
         why = f"{type(exc).__name__}: {exc}"
         raise ShardError(f"shard {shard}: {why}", {str(shard): why}) from exc
+
+
+def outside_a_loop(what: str) -> None:
+    """``RuntimeError`` when called from a coroutine: the call blocks and runs a loop of its own."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise RuntimeError(
+        f"{what} blocks until done and runs an event loop of its own: call it from synchronous "
+        f"code, or from a coroutine as `await asyncio.to_thread({what}, ...)`"
+    )
 
 
 def checked(

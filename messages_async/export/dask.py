@@ -52,7 +52,15 @@ from .._checks import count
 from ._merge import MergeStats
 from ._runner import ChatFailure, ExportOptions
 from ._shard import Shard
-from ._sharded import ShardCredentials, ShardError, ShardReport, checked, export_shard, merge_shards
+from ._sharded import (
+    ShardCredentials,
+    ShardError,
+    ShardReport,
+    checked,
+    export_shard,
+    merge_shards,
+    outside_a_loop,
+)
 
 __all__ = ["ShardCredentials", "ShardError", "ShardReport", "ShardedExport", "export_shards"]
 
@@ -105,12 +113,16 @@ def export_shards(
 
     Raises:
         TypeError, ValueError: a bad argument, before anything is submitted.
+        RuntimeError: called from a coroutine (it blocks: use ``asyncio.to_thread``).
         ShardError: a shard failed (refused credentials, an unwritable store, an outage
             outlasting the retries, a worker killed too often); nothing was merged.
         StoreError: the stores are not shards of one export, or ``out`` is another export.
     """
     if not isinstance(client, distributed.Client):
         raise TypeError(f"client must be a distributed.Client, got {type(client).__name__}")
+    if client.asynchronous:
+        raise TypeError("client must be a synchronous distributed.Client (asynchronous=False)")
+    outside_a_loop("export_shards")
     retries = count("retries", retries)
     target, shards, paths, options = _plan(out, credentials, parts, options, source)
     total = len(shards)
