@@ -297,6 +297,11 @@ async def _export(
     )
 
 
+def not_a_part(out: str, parts: Sequence[str]) -> None:
+    if out in parts:
+        raise ValueError(f"out {out} is one of the shards' stores; merge into another file")
+
+
 def merge_shards(
     out: str | os.PathLike[str], parts: Sequence[str | os.PathLike[str]]
 ) -> MergeStats:
@@ -304,8 +309,7 @@ def merge_shards(
     (idempotent and additive; ``StoreError`` when the parts are not shards of one export)."""
     target = os.path.abspath(os.fspath(out))
     paths = [os.path.abspath(os.fspath(p)) for p in parts]
-    if target in paths:
-        raise ValueError(f"out {target} is one of the parts; merge into another file")
+    not_a_part(target, paths)
     meta = merged_meta([(p, read_meta(p)) for p in paths])
 
     async def prepare() -> None:

@@ -59,6 +59,7 @@ from ._sharded import (
     checked,
     export_shard,
     merge_shards,
+    not_a_part,
     outside_a_loop,
 )
 
@@ -203,7 +204,6 @@ def _plan(
     paths = [os.path.join(folder, f"shard-{i}-of-{total}.sqlite") for i in range(total)]
     for shard, path, given in zip(shards, paths, credentials, strict=True):
         checked(shard, path, given, options, source)
-    if target in paths:
-        raise ValueError(f"out {target} is one of the shards' stores; choose another out")
+    not_a_part(target, paths)
     os.makedirs(folder, exist_ok=True)
     return target, shards, paths, options
