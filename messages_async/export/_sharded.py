@@ -260,11 +260,12 @@ async def _export(
     options: ExportOptions,
     source: str | None,
 ) -> ShardReport:
-    # The command's settings for an export's client (patient with rate limits and outages);
-    # imported here because the command imports this package.
-    from .._cli import DEFAULT_MAX_UNREACHABLE, _client_options
+    # The command's settings for an export's client (patient with rate limits and outages),
+    # from its own defaults; imported here because the command imports this package.
+    from .._cli import _client_options, _parser
 
-    settings = _client_options(options.concurrency, DEFAULT_MAX_UNREACHABLE)
+    command = _parser().parse_args(["export", "--concurrency", str(options.concurrency)])
+    settings = _client_options(command)
     async with credentials.client(**settings) as api, SqliteStore(path) as store:
         meta = ExportMeta(
             source=source or api.resource_uri or "unknown",
