@@ -22,7 +22,7 @@ import attrs
 
 from .._client import Client
 from .._secret import Secret
-from ._merge import MergeStats, merge_sqlite, merged_meta, read_meta
+from ._merge import MergeStats, merge_exports
 from ._runner import ChatFailure, Exporter, ExportOptions
 from ._shard import Shard
 from ._sqlite import SqliteStore
@@ -307,15 +307,9 @@ def merge_shards(
     out: str | os.PathLike[str], parts: Sequence[str | os.PathLike[str]]
 ) -> MergeStats:
     """Merge the shards' stores into the export ``out``, as ``messages-async merge`` does
-    (idempotent and additive; ``StoreError`` when the parts are not shards of one export)."""
+    (``merge_exports``: idempotent and additive; ``StoreError`` when the parts are not shards
+    of one export), as a blocking call for an engine's driver."""
     target = os.path.abspath(os.fspath(out))
     paths = [os.path.abspath(os.fspath(p)) for p in parts]
     not_a_part(target, paths)
-    meta = merged_meta([(p, read_meta(p)) for p in paths])
-
-    async def prepare() -> None:
-        async with SqliteStore(target) as store:  # the schema and the export's identity
-            await store.open(meta, fresh=False)
-
-    asyncio.run(prepare())
-    return merge_sqlite(target, paths)
+    return asyncio.run(merge_exports(target, paths))
