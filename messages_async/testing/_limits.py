@@ -29,6 +29,7 @@ __all__ = [
     "Storm",
     "TokenBucket",
     "Unlimited",
+    "default_burst",
 ]
 
 
@@ -226,6 +227,11 @@ class Schedule:
 
     def finish(self, now: float) -> None:
         pass
+
+
+def default_burst(rate: float, burst: int | None) -> int:
+    """A token bucket's capacity: ``burst``, or one second of ``rate`` (at least 1)."""
+    return burst if burst is not None else max(1, int(rate))
 
 
 class FromFirstRequest:

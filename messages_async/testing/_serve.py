@@ -26,6 +26,7 @@ from ._limits import (
     Storm,
     TokenBucket,
     Unlimited,
+    default_burst,
     parse_schedule,
     parse_storm,
 )
@@ -266,7 +267,7 @@ def _limit(
         if steps is not None:
             after = Schedule(steps, burst_seconds=_BURST_SECONDS)
         elif rate_limit is not None:
-            after = TokenBucket(rate_limit, burst if burst is not None else max(1, int(rate_limit)))
+            after = TokenBucket(rate_limit, default_burst(rate_limit, burst))
         else:
             after = Unlimited()
         return FromFirstRequest(Storm(count, start=start, after=after) if count else after)

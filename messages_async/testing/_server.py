@@ -45,7 +45,7 @@ from ._dataset import Store
 from ._encoding import choose_encoding, dumps, encode
 from ._endpoints import Resources, authorize, request_chat, route
 from ._faults import Fault, FaultHandle, FaultQueue, canned_answer
-from ._limits import Limit, PerCredential, TokenBucket
+from ._limits import Limit, PerCredential, TokenBucket, default_burst
 from ._listing import Lister
 from ._oauth import SCOPES, TOKEN_PATH, OAuthServer, TokenRequest, form_record, scope_set
 from ._recorder import RequestRecord, bearer_token, start_site
@@ -170,7 +170,7 @@ class MessagesServer:
             raise ValueError("rate_limit must be > 0 or None")
         self.latency = latency
         self.rate_limit = rate_limit
-        self.burst = burst if burst is not None else max(1, int(rate_limit or 1))
+        self.burst = default_burst(rate_limit or 1, burst)
         self.retry_after_format = retry_after_format
         self.resource_path = (
             "/" + resource_path.strip("/") + "/" if resource_path.strip("/") else "/"
