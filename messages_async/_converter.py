@@ -2,10 +2,12 @@
 
 Models stay plain attrs classes; this module states the contract's quirks once:
 
-- integers may arrive as strings of digits (``members_count`` always does);
-- datetimes are RFC 3339 / ISO 8601 strings, and an instant without an offset is UTC;
+- integers may arrive as strings of digits (``members_count`` always does): ``_Int``;
+- datetimes are RFC 3339 text (docs/protocol.md §4: ISO 8601; a number is refused, not read
+  as a Unix time), and an instant without an offset is UTC;
 - a chat ``type`` the library does not know stays a plain string instead of failing;
-- attachments arrive wrapped as ``{"items": [...]}``, or as ``null`` / absent;
+- attachments arrive wrapped as ``{"items": [...]}``, or as ``null`` / absent (a bare list, what
+  an older server sent, is read too);
 - an attachment-only message may come with ``"message": null``; the model keeps ``""``;
 - an empty cursor (``""``) means the same as ``null``: nothing more in that direction;
 - a page without ``items`` (or with ``null``) is a page of no messages that keeps its cursors;
@@ -17,18 +19,20 @@ Models stay plain attrs classes; this module states the contract's quirks once:
   cuts a text mid-emoji; legal per RFC 8259) becomes U+FFFD, so the text stays valid Unicode
   that every exporter can write.
 
-Decoding is msgspec, in C: a body is parsed once into the wire types below (which state the
-rules above as types; ``strict=False`` is what lets digit strings through as integers; it also
-reads ``"1e3"`` or ``1.0`` as an integer, which no server sends), and a
-second, cheap pass over the same bytes cuts out each message's JSON. The models are then
-filled in one Python loop that applies the rest (``_messages``). A body that breaks the contract
-raises :class:`DecodeError` naming where (``$.items[3].id``).
+Decoding is msgspec, in C, straight into the models: msgspec reads the models with the wire's
+types (``_reading_the_wire``: digit strings, ``null`` text, the envelope), and ``_messages``
+then gives each field its model's type in one loop (the rules a type cannot state), and hands
+each message its JSON, cut out of the same bytes by a second, cheap pass (a scan, not a parse).
+Decoding is strict: msgspec's lax mode would also read a number as a datetime. A body that
+breaks the contract raises :class:`DecodeError` naming where (``$.items[3].id``).
 """
 
 from __future__ import annotations
 
+import inspect
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
@@ -37,7 +41,16 @@ import msgspec
 from cattrs.gen import make_dict_unstructure_fn, override
 
 from ._errors import DecodeError
-from ._models import Attachment, Chat, ChatType, Message, MessagesPage, NewAttachment, Period
+from ._models import (
+    Attachment,
+    Chat,
+    ChatType,
+    Message,
+    MessagesPage,
+    NewAttachment,
+    Period,
+    _Received,
+)
 
 __all__ = [
     "decode_chats",
@@ -52,72 +65,120 @@ T = TypeVar("T")
 
 # --- The wire, as types ------------------------------------------------------------------------
 
+#: An integer, or a string of its ASCII digits (docs/protocol.md §4).
+_Int = int | Annotated[str, msgspec.Meta(pattern=r"^[0-9]+\Z")]
 
-class _Attachments(msgspec.Struct):
+
+def _int(value: int | str) -> int:
+    return value if value.__class__ is int else int(value)
+
+
+class _Envelope(msgspec.Struct):
     items: list[Attachment] | None = None
 
 
-class _WireMessage(msgspec.Struct):
-    id: int
-    uid: int
-    message: str | None
-    attachments: _Attachments | list[Attachment] | None = None
-    # Read as text and parsed below: msgspec's lax mode would also take a number as a Unix
-    # time, which the contract (ISO 8601, docs/protocol.md §4) does not allow.
-    created_at: Annotated[str, msgspec.Meta(min_length=19)] | None = None
+@contextmanager
+def _reading_the_wire(model: type, **wire_types: object) -> Iterator[None]:
+    """Decoders built inside read ``model`` with the wire's types for the fields named.
+
+    msgspec fills attrs classes straight from JSON, and reads a class's annotations once,
+    when a decoder is built: for that moment the model carries the wire's types. Every
+    decoded object is then the model itself, with no copy and no second class; ``_messages``
+    gives the fields their models' types.
+    """
+    public = inspect.get_annotations(model)
+    model.__annotations__ = {**public, **wire_types}
+    try:
+        yield
+    finally:
+        model.__annotations__ = public
+        # What msgspec cached on the class: the decoders keep their own, and anyone else
+        # decoding the model with msgspec must read its own types.
+        if "__msgspec_cache__" in model.__dict__:
+            delattr(model, "__msgspec_cache__")
 
 
 class _WirePage(msgspec.Struct):
-    items: list[_WireMessage] | None = None
-    limit: int | None = None
+    items: list[Message] | None = None
+    limit: _Int | None = None
     next_cursor: str | None = None
     prev_cursor: str | None = None
-    total_count: int | None = None
+    total_count: _Int | None = None
 
 
 class _RawItems(msgspec.Struct):
-    # The same body again, each message's object left as its bytes (a scan, not a parse).
+    # The same body again, each item's object left as its bytes (a scan, not a parse).
     items: list[msgspec.Raw] | None = None
 
 
 class _WireChat(msgspec.Struct):
-    chat_id: int
+    chat_id: _Int
     type: str
     name: str | None = None
     picture_url: str | None = None
-    members_count: int | None = None
+    members_count: _Int | None = None
 
 
-class _WireChats(msgspec.Struct):
-    items: list[msgspec.Raw] | None = None
-
-
-_page = msgspec.json.Decoder(_WirePage, strict=False)
-_page_items = msgspec.json.Decoder(_RawItems)
-_message_decoder = msgspec.json.Decoder(_WireMessage, strict=False)
-_chats = msgspec.json.Decoder(_WireChats)
-_chat = msgspec.json.Decoder(_WireChat, strict=False)
+with (
+    _reading_the_wire(Attachment, size=_Int | None),
+    _reading_the_wire(
+        Message,
+        id=_Int,
+        uid=_Int,
+        message=str | None,
+        attachments=_Envelope | list[Attachment] | None,
+    ),
+):
+    _page = msgspec.json.Decoder(_WirePage)
+    _message_decoder = msgspec.json.Decoder(Message)
+_items = msgspec.json.Decoder(_RawItems)
+_chat = msgspec.json.Decoder(_WireChat)
 _any = msgspec.json.Decoder()
 
 
 # --- The rules the types cannot say --------------------------------------------------------------
 
+# Stores that bypass frozen attrs' __setattr__, as attrs' own __init__ does: the objects are
+# still being built.
+_set_raw_json = _Received.__dict__["_raw_json"].__set__
+(_set_id, _set_uid, _set_text, _set_attachments, _set_created) = (
+    Message.__dict__[name].__set__ for name in ("id", "uid", "message", "attachments", "created_at")
+)
+_set_size = Attachment.__dict__["size"].__set__
 
-def _attachments(value: _Attachments | list[Attachment]) -> list[Attachment]:
-    # A bare list is read too: it is what an older server sent.
-    if isinstance(value, list):
-        return value
-    return value.items or []
+
+def _sized(attachments: list[Attachment]) -> list[Attachment]:
+    for attachment in attachments:
+        size: Any = attachment.size
+        if size is not None and size.__class__ is not int:
+            _set_size(attachment, _int(size))
+    return attachments
 
 
-def _instant(text: str) -> datetime:
-    try:
-        return datetime.fromisoformat(text)
-    except ValueError:
-        raise DecodeError(
-            f"the server's message does not fit the API contract: created_at {text[:40]!r} "
-            "is not an ISO 8601 instant"
-        ) from None
+def _messages(items: list[Message], raws: list[msgspec.Raw]) -> list[Message]:
+    """The messages msgspec filled, given their models' types: the rules types cannot state."""
+    # One loop with everything in locals, the frequent cases first: it runs for every message
+    # of every page, and a call or a global lookup per message costs as much as the work.
+    set_raw_json, set_attachments, utc = _set_raw_json, _set_attachments, UTC
+    for message, raw in zip(items, raws, strict=True):
+        set_raw_json(message, raw)
+        found: Any = message.attachments
+        if found is None:
+            set_attachments(message, [])
+        elif found.__class__ is _Envelope:
+            set_attachments(message, _sized(found.items or []))
+        elif found:
+            _sized(found)
+        text: Any = message.message
+        if text is None:
+            _set_text(message, "")
+        created = message.created_at
+        if created is not None and created.tzinfo is None:
+            _set_created(message, created.replace(tzinfo=utc))
+        if message.id.__class__ is not int or message.uid.__class__ is not int:
+            _set_id(message, _int(message.id))
+            _set_uid(message, _int(message.uid))
+    return items
 
 
 def _cursor(value: str | None) -> str | None:
@@ -129,51 +190,6 @@ def _chat_type(value: str) -> ChatType | str:
         return ChatType(value)
     except ValueError:
         return value
-
-
-# A frozen attrs __init__ sets each slot through object.__setattr__; the slots' own descriptors
-# do the same in about half the time, and every message of every page is built here. Every
-# field is set (a test checks the list against attrs.fields), so the object is what __init__
-# would build.
-MESSAGE_FIELDS = ("id", "uid", "message", "attachments", "created_at", "raw_json", "_raw")
-_blank = object.__new__
-(
-    _set_id,
-    _set_uid,
-    _set_text,
-    _set_attachments,
-    _set_created,
-    _set_raw_json,
-    _set_raw,
-) = (Message.__dict__[name].__set__ for name in MESSAGE_FIELDS)
-
-
-def _messages(items: list[_WireMessage], raws: list[msgspec.Raw]) -> list[Message]:
-    """The models of a page's messages: the rules the wire types cannot state."""
-    # One loop with everything in locals: this runs for every message of every page, and a
-    # call plus a dozen global lookups per message cost about as much as the work itself.
-    blank, utc, unwrap = _blank, UTC, _attachments
-    set_id, set_uid, set_text, set_attachments = _set_id, _set_uid, _set_text, _set_attachments
-    set_created, set_raw_json, set_raw = _set_created, _set_raw_json, _set_raw
-    built: list[Message] = []
-    append = built.append
-    for wire, raw in zip(items, raws, strict=True):
-        message = blank(Message)
-        set_id(message, wire.id)
-        set_uid(message, wire.uid)
-        text = wire.message
-        set_text(message, "" if text is None else text)
-        found = wire.attachments
-        set_attachments(message, [] if found is None else unwrap(found))
-        text_at = wire.created_at
-        created = None if text_at is None else _instant(text_at)
-        if created is not None and created.tzinfo is None:
-            created = created.replace(tzinfo=utc)
-        set_created(message, created)
-        set_raw_json(message, raw)
-        set_raw(message, None)
-        append(message)
-    return built
 
 
 # --- Bytes to models -----------------------------------------------------------------------------
@@ -220,14 +236,13 @@ def _contract_error(what: str, exc: msgspec.ValidationError, prefix: str = "") -
 
 def decode_page(body: bytes) -> MessagesPage:
     wire, body = _decoding(body, "message page", _page.decode)
-    items = wire.items or []
-    raws = _page_items.decode(body).items or [] if items else []
+    items = wire.items
     return MessagesPage(
-        _messages(items, raws),
-        wire.limit,
+        _messages(items, _items.decode(body).items or []) if items else [],
+        None if wire.limit is None else _int(wire.limit),
         _cursor(wire.next_cursor),
         _cursor(wire.prev_cursor),
-        wire.total_count,
+        None if wire.total_count is None else _int(wire.total_count),
     )
 
 
@@ -238,7 +253,7 @@ def decode_message(body: bytes) -> Message:
 
 
 def decode_chats(body: bytes) -> list[Chat]:
-    listing, body = _decoding(body, "chat list", _chats.decode)
+    listing, body = _decoding(body, "chat list", _items.decode)
     chats = []
     for index, raw in enumerate(listing.items or []):
         try:
@@ -247,11 +262,11 @@ def decode_chats(body: bytes) -> list[Chat]:
             raise _contract_error("chat list", exc, prefix=f"$.items[{index}]") from None
         chats.append(
             Chat(
-                wire.chat_id,
+                _int(wire.chat_id),
                 _chat_type(wire.type),
                 wire.name,
                 wire.picture_url,
-                wire.members_count,
+                None if wire.members_count is None else _int(wire.members_count),
                 raw=_any.decode(raw),
             )
         )
