@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -157,11 +158,12 @@ def _sized(attachments: list[Attachment]) -> list[Attachment]:
 
 def _messages(items: list[Message], raws: list[msgspec.Raw]) -> list[Message]:
     """The messages msgspec filled, given their models' types: the rules types cannot state."""
-    # One loop with everything in locals, the frequent cases first: it runs for every message
-    # of every page, and a call or a global lookup per message costs as much as the work.
-    set_raw_json, set_attachments, utc = _set_raw_json, _set_attachments, UTC
-    for message, raw in zip(items, raws, strict=True):
-        set_raw_json(message, raw)
+    # Every message of every page runs through here, so the work is in C where it can be: the
+    # JSON handed over by a map (consumed by a deque that keeps nothing, the itertools
+    # recipe), then one loop with everything in locals, the frequent cases first.
+    deque(map(_set_raw_json, items, raws), maxlen=0)
+    set_attachments, utc = _set_attachments, UTC
+    for message in items:
         found: Any = message.attachments
         if found is None:
             set_attachments(message, [])
