@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import attrs
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -221,3 +222,10 @@ def test_raw_is_parsed_on_first_use_and_kept() -> None:
     assert message.raw == {"id": 1, "uid": 2, "message": "m", "x": [1]}
     assert message.raw is message.raw
     assert ma.Message(id=1, uid=2, message="m").raw == {}
+
+
+def test_the_models_keep_their_own_types_outside_the_converter() -> None:
+    # The decoders read the models with the wire's types; nobody else may see those.
+    assert ma.Message.__annotations__["attachments"] == "list[Attachment]"
+    with pytest.raises(msgspec.ValidationError, match=r"\$\.message"):
+        msgspec.json.decode(b'{"id": 1, "uid": 2, "message": null}', type=ma.Message)
