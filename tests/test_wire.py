@@ -231,11 +231,11 @@ def test_parse_page_tolerates_and_keeps_unknown_fields() -> None:
     page = parse_page(orjson.dumps(PAGE))
     first, second = page.items
     assert first.uid == 7
-    assert first.attachments == [ma.Attachment(type="link", url="u", name=None, size=12)]
+    assert first.attachments == (ma.Attachment(type="link", url="u", name=None, size=12),)
     assert first.created_at == datetime(2026, 1, 1, tzinfo=UTC)
     assert first.raw["reactions"] == ["+1"]
     assert second.message == ""
-    assert second.attachments == []
+    assert second.attachments == ()
     assert page.next_cursor is None
     assert page.prev_cursor is None
     assert page.total_count == 2
