@@ -21,9 +21,8 @@ Models stay plain attrs classes; this module states the contract's quirks once:
 
 Decoding is msgspec, in C, straight into the models: msgspec reads the models with the wire's
 types (``_reading_the_wire``: digit strings, ``null`` text, the envelope), and ``_messages``
-then gives each field its model's type in one loop (the rules a type cannot state). Each
-message's JSON is cut out of the same bytes by a second, cheap pass (a scan, not a parse), once
-per page and only when a message is first asked for it (``Message.raw_json``).
+then gives each field its model's type in one loop (the rules a type cannot state), and hands
+each message its JSON, cut out of the same bytes by a second, cheap pass (a scan, not a parse).
 Decoding is strict: msgspec's lax mode would also read a number as a datetime. A body that
 breaks the contract raises :class:`DecodeError` naming where (``$.items[3].id``).
 """
@@ -36,7 +35,6 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from itertools import count, repeat
 from typing import Annotated, Any, TypeVar
 
 import cattrs
@@ -158,33 +156,14 @@ def _sized(attachments: tuple[Attachment, ...]) -> tuple[Attachment, ...]:
     return attachments
 
 
-class _PageJson:
-    """A page's body, cut into its messages' JSON when the first of them is asked for it."""
-
-    __slots__ = ("_body", "_messages")
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self._messages: list[msgspec.Raw] | None = None
-
-    def messages(self) -> list[msgspec.Raw]:
-        if self._messages is None:
-            # Views of the body: the page's bytes stay alive while a message's JSON does.
-            self._messages = _items.decode(self._body).items or []
-        return self._messages
-
-
-def _messages(items: list[Message], json: _PageJson | msgspec.Raw) -> list[Message]:
+def _messages(items: list[Message], raws: list[msgspec.Raw]) -> list[Message]:
     """The messages msgspec filled, given their models' types: the rules types cannot state."""
     # Every message of every page runs through here, so the work is in C where it can be: the
-    # page and each message's place in it handed over by a map (consumed by a deque that
-    # keeps nothing, the itertools recipe), then one loop with everything in locals, the
-    # frequent cases first.
-    if json.__class__ is _PageJson:
-        deque(map(_set_raw_json, items, zip(repeat(json), count())), maxlen=0)
-    else:
-        (message,) = items
-        _set_raw_json(message, json)
+    # JSON handed over by a map (consumed by a deque that keeps nothing, the itertools
+    # recipe), then one loop with everything in locals, the frequent cases first. The JSON
+    # is cut here rather than on first use: exporters ask for every message's, and one map
+    # over the page costs them less than a property that cuts.
+    deque(map(_set_raw_json, items, raws), maxlen=0)
     set_attachments, utc = _set_attachments, UTC
     for message in items:
         found: Any = message.attachments
@@ -263,7 +242,7 @@ def decode_page(body: bytes) -> MessagesPage:
     wire, body = _decoding(body, "message page", _page.decode)
     items = wire.items
     return MessagesPage(
-        _messages(items, _PageJson(body)) if items else [],
+        _messages(items, _items.decode(body).items or []) if items else [],
         None if wire.limit is None else _int(wire.limit),
         _cursor(wire.next_cursor),
         _cursor(wire.prev_cursor),
@@ -273,7 +252,7 @@ def decode_page(body: bytes) -> MessagesPage:
 
 def decode_message(body: bytes) -> Message:
     wire, body = _decoding(body, "message", _message_decoder.decode)
-    (message,) = _messages([wire], msgspec.Raw(body))
+    (message,) = _messages([wire], [msgspec.Raw(body)])
     return message
 
 

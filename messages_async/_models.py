@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
 import attrs
 import msgspec
@@ -96,20 +96,13 @@ class NewAttachment:
     name: str | None = attrs.field(default=None, validator=_optional_str)
 
 
-class _PageJson(Protocol):
-    def messages(self) -> list[msgspec.Raw]: ...
-
-
 class _Received:
     # What a decoded message keeps of the wire, outside the attrs fields: msgspec fills the
     # fields of a model straight from JSON and then looks up every field it did not see,
     # which for these two (never on the wire) cost as much as the rest of the decode.
-    # ``_raw_json`` holds the message's JSON or, until someone asks for it, its page and its
-    # place there, ``(page, index)``: cutting a page into its messages' JSON is a scan of the
-    # body, done once per page, and most callers never ask.
     __slots__ = ("_raw", "_raw_json")
     _raw: Mapping[str, Any]
-    _raw_json: msgspec.Raw | tuple[_PageJson, int]
+    _raw_json: msgspec.Raw
 
 
 @attrs.frozen
@@ -134,14 +127,9 @@ class Message(_Received):
         body: ``bytes(m.raw_json)``, ``str(m.raw_json, "utf-8")``); empty for a message made
         in code."""
         try:
-            found = self._raw_json
+            return self._raw_json
         except AttributeError:
             return _NO_JSON
-        if isinstance(found, tuple):
-            page, index = found
-            found = page.messages()[index]
-            object.__setattr__(self, "_raw_json", found)
-        return found
 
     @property
     def raw(self) -> Mapping[str, Any]:

@@ -232,10 +232,10 @@ def test_the_models_keep_their_own_types_outside_the_converter() -> None:
         msgspec.json.decode(b'{"id": 1, "uid": 2, "message": null}', type=ma.Message)
 
 
-def test_each_message_gets_its_own_json_when_first_asked() -> None:
+def test_each_message_gets_its_own_json() -> None:
     items = [{"id": i, "uid": 1, "message": f"m{i}", "extra": [i, {"k": None}]} for i in range(5)]
     page = parse_page(json.dumps({"items": items}).encode())
-    for i in (3, 0, 4, 1, 2):  # out of order: the page is cut once, each message finds its own
+    for i in (3, 0, 4, 1, 2):  # out of order: each message holds its own slice
         assert json.loads(bytes(page.items[i].raw_json)) == items[i]
     assert page.items[3].raw_json is page.items[3].raw_json
     (alone,) = parse_page(json.dumps({"items": items[:1]}).encode()).items
@@ -243,14 +243,15 @@ def test_each_message_gets_its_own_json_when_first_asked() -> None:
 
 
 def test_a_decoded_page_is_freed_without_the_cycle_collector() -> None:
-    # A message refers to its page's body until it is cut, never the page to its messages:
-    # a walk's pages must go as soon as their messages do, not at the next full collection.
+    # A message's JSON is a view of its page's body, never the page a way back to its
+    # messages: a walk's pages must go as soon as their messages do, not at the next full
+    # collection.
     body = json.dumps({"items": [{"id": i, "uid": 1, "message": "m"} for i in range(50)]})
     gc.collect()
     gc.disable()
     try:
         page = parse_page(body.encode())
-        page.items[7].raw_json  # noqa: B018 (cut, and still no cycle)
+        page.items[7].raw_json  # noqa: B018 (read, and still no cycle)
         del page
         assert gc.collect() == 0
     finally:
