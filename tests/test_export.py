@@ -22,6 +22,7 @@ import orjson
 import pytest
 
 import messages_async as ma
+from messages_async._wire import parse_page
 from messages_async.export import (
     Exporter,
     ExportMeta,
@@ -736,3 +737,203 @@ async def test_jsonl_merge_interrupted_before_or_after_the_rename_completes(
 
     assert stats.messages == 0  # nothing fetched again: the merge was finished locally
     assert_exact(server, "jsonl", out)
+
+
+# --- JSONL grouped syncs -------------------------------------------------------------------------
+
+
+def _page_of(ids: range) -> list[ma.Message]:
+    body = orjson.dumps({"items": [{"id": i, "uid": 1, "message": f"m{i}"} for i in ids]})
+    return list(parse_page(body).items)
+
+
+def _checkpoint(out: Path, chat_id: int) -> ChatState:
+    """The chat's checkpoint on disk (none yet: a fresh chat)."""
+    path = out / "state" / f"{chat_id}.json"
+    return (
+        ChatState.from_json(orjson.loads(path.read_bytes()))
+        if path.exists()
+        else ChatState(chat_id)
+    )
+
+
+class _Disk:
+    """What a power cut would keep: per file, the bytes written before its last ``fsync``."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.written: dict[str, int] = {}
+        self.durable: dict[str, int] = {}
+        self.events: list[tuple[str, str]] = []
+        self._fds: dict[int, str] = {}
+        real_open, real_pwrite, real_fsync, real_ftruncate = (
+            os.open,
+            os.pwrite,
+            os.fsync,
+            os.ftruncate,
+        )
+
+        def open_(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+            fd = real_open(path, flags, *args, **kw)
+            self._fds[fd] = os.fspath(path)
+            return fd
+
+        def pwrite(fd: int, data: Any, pos: int) -> int:
+            n = real_pwrite(fd, data, pos)
+            path = self._fds.get(fd)
+            if path is not None:
+                self.written[path] = max(self.written.get(path, 0), pos + n)
+            return n
+
+        def ftruncate(fd: int, length: int) -> None:
+            real_ftruncate(fd, length)
+            path = self._fds.get(fd)
+            if path is not None:
+                self.written[path] = length
+
+        def fsync(fd: int) -> None:
+            real_fsync(fd)
+            path = self._fds.get(fd)
+            if path is not None:
+                self.durable[path] = self.written.get(path, 0)
+                self.events.append(("fsync", path))
+
+        monkeypatch.setattr(os, "open", open_)
+        monkeypatch.setattr(os, "pwrite", pwrite)
+        monkeypatch.setattr(os, "ftruncate", ftruncate)
+        monkeypatch.setattr(os, "fsync", fsync)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(
+    # (sync_pages, sync_seconds, seconds between pages, pages, the commits after which the
+    #  checkpoint on disk is written: 1-based; the last page always)
+    ("sync_pages", "sync_seconds", "gap", "pages", "checkpointed"),
+    [
+        (1, 1.0, 0.0, 4, [1, 2, 3, 4]),
+        (3, 1.0, 0.0, 7, [3, 6, 7]),
+        (8, 1.0, 0.0, 5, [5]),
+        (8, 1.0, 0.4, 7, [4, 7]),  # the 4th page comes 1.2 s after the first waiting one
+        (8, 0.0, 0.0, 3, [1, 2, 3]),
+    ],
+)
+async def test_jsonl_writes_a_chats_checkpoint_every_few_pages_and_at_its_end(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    sync_pages: int,
+    sync_seconds: float,
+    gap: float,
+    pages: int,
+    checkpointed: list[int],
+) -> None:
+    clock = _Clock()
+    store = JsonlStore(
+        str(tmp_path / "out"), sync_pages=sync_pages, sync_seconds=sync_seconds, clock=clock
+    )
+    disk = _Disk(monkeypatch)
+    async with store:
+        await store.open(ExportMeta(source="https://api.example/"), fresh=False)
+        state = await store.load(7)
+        main = tmp_path / "out" / "messages" / "chat_id=7" / "messages.jsonl"
+        written_at = []
+        top = 10_000
+        for n in range(1, pages + 1):
+            clock.now += gap if n > 1 else 0.0
+            last = n == pages
+            new = attrs.evolve(state, cursor=None if last else f"c{n}", done=last)
+            state = await store.commit(new, _page_of(range(top, top - 10, -1)), update=False)
+            top -= 10
+            on_disk = _checkpoint(tmp_path / "out", 7)
+            if on_disk.messages == 10 * n:
+                written_at.append(n)
+            # Every byte appended is in the file; the checkpoint never claims a byte that a
+            # power cut could take (its file was synced first).
+            assert main.stat().st_size == state.length
+            assert on_disk.length <= disk.durable.get(str(main), 0)
+            if n > 1 and n not in checkpointed:
+                assert on_disk.cursor != new.cursor  # behind: a later page writes it
+    assert written_at[-len(checkpointed) :] == checkpointed
+    assert sorted(set(written_at)) == checkpointed
+
+
+async def test_jsonl_close_and_failure_write_the_checkpoints_waiting_for_a_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    disk = _Disk(monkeypatch)
+    store = JsonlStore(str(out), sync_pages=100, sync_seconds=100.0, clock=_Clock())
+    async with store:
+        await store.open(ExportMeta(source="https://api.example/"), fresh=False)
+        a, b = await store.load(1), await store.load(2)
+        for top in (100, 90):
+            a = await store.commit(
+                attrs.evolve(a, cursor=f"a{top}"), _page_of(range(top, top - 10, -1)), update=False
+            )
+            b = await store.commit(
+                attrs.evolve(b, cursor=f"b{top}"), _page_of(range(top, top - 10, -1)), update=False
+            )
+        assert _checkpoint(out, 1).messages == 0
+        b = await store.fail(b, "the server said no")
+        failed = _checkpoint(out, 2)
+        assert (failed.messages, failed.cursor, failed.error) == (20, "b90", "the server said no")
+        chat_2 = str(out / "messages" / "chat_id=2" / "messages.jsonl")
+        assert disk.durable[chat_2] == failed.length
+        # A load (a rerun of the chat, or counting what is stored) sees the latest checkpoint
+        # rather than cutting the file back to an older one.
+        assert (await store.load(1)).messages == 20
+        a = await store.commit(
+            attrs.evolve(a, cursor="a80"), _page_of(range(80, 70, -1)), update=False
+        )
+    closed = _checkpoint(out, 1)
+    assert (closed.messages, closed.cursor) == (30, "a80")
+    assert disk.durable[str(out / "messages" / "chat_id=1" / "messages.jsonl")] == closed.length
+    assert len((out / "messages" / "chat_id=1" / "messages.jsonl").read_bytes().splitlines()) == 30
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "8", None])
+def test_jsonl_sync_pages_must_be_a_positive_int(tmp_path: Path, value: Any) -> None:
+    with pytest.raises(ValueError, match="sync_pages must be an int of at least 1"):
+        JsonlStore(str(tmp_path), sync_pages=value)
+
+
+@pytest.mark.parametrize("value", [-0.5, float("nan"), "1", None])
+def test_jsonl_sync_seconds_must_be_a_number_of_at_least_0(tmp_path: Path, value: Any) -> None:
+    with pytest.raises(ValueError, match="sync_seconds must be a number of at least 0"):
+        JsonlStore(str(tmp_path), sync_seconds=value)
+
+
+async def test_a_jsonl_export_killed_between_syncs_fetches_those_pages_again_exactly(
+    tmp_path: Path,
+) -> None:
+    out = _out(tmp_path, "jsonl")
+    args = ["--out", str(out), "--format", "jsonl", "--concurrency", "2"]
+    async with MessagesServer(chats=2, messages_per_chat=3000, seed=5, latency=0.005) as srv:
+        behind = False
+        for target in (22, 18, 26):
+            # Two chats at once: some 11 pages of each, past one sync (8 pages), short of two.
+            before = len(listings(srv))
+            proc = await start_cli(srv, *args)
+            while proc.returncode is None and len(listings(srv)) - before < target:
+                await asyncio.sleep(0.002)
+            if proc.returncode is None:
+                proc.kill()
+            await proc.communicate()
+            for chat_id in srv.chat_ids():
+                checkpoint = out / "state" / f"{chat_id}.json"
+                data = out / "messages" / f"chat_id={chat_id}" / "messages.jsonl"
+                if checkpoint.exists() and data.exists():
+                    stored = ChatState.from_json(orjson.loads(checkpoint.read_bytes()))
+                    behind |= data.stat().st_size > stored.length and not stored.done
+            if behind:
+                break
+        assert behind, "a kill should land while a chat's pages wait for their sync"
+        proc = await start_cli(srv, *args)
+        _, stderr = await proc.communicate()
+        assert proc.returncode == 0, stderr.decode()
+        assert_exact(srv, "jsonl", out)

@@ -21,11 +21,12 @@ own threads, never on the event loop):
   ``--rescan`` ran. ``raw`` is the object exactly as
   received, unknown fields included, as JSON text. One transaction per page: the page and the
   chat's checkpoint are stored together.
-- ``JsonlStore(path, threads=4)``: a directory with ``chats.jsonl``,
+- ``JsonlStore(path, threads=4, sync_pages=8, sync_seconds=1.0)``: a directory with ``chats.jsonl``,
   ``messages/chat_id=<id>/messages.jsonl`` (one raw object per line, newest first; hive
   partitions DuckDB joins on), ``state.json`` and ``state/<chat_id>.json`` (the checkpoints).
-  A page is appended and ``fsync``-ed before its checkpoint is atomically replaced, so no line
-  is ever torn or duplicated.
+  A chat's checkpoint is atomically replaced after its file is ``fsync``-ed, every
+  ``sync_pages`` pages (default 8), every ``sync_seconds`` (default 1) and at its end, so no
+  line is ever lost, torn or duplicated; a killed run fetches what followed it again.
 - ``ParquetStore(path, threads=4, part_rows=10000)``: a hive-partitioned dataset,
   ``messages/chat_id=<id>/part-<n>.parquet`` and ``chats.parquet`` with typed columns (needs
   the ``parquet`` extra); a part is renamed into place only when complete.

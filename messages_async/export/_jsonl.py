@@ -14,12 +14,18 @@ Layout of ``DIR``::
     state/<chat_id>.json        the chat's checkpoint (see _state.py)
     .pending/                   update segments and merge files, see below
 
-Crash safety. A page is appended to the chat's file and ``fsync``-ed, then the chat's
-checkpoint, which records the file's length after that page, is written to a temporary file,
-``fsync``-ed and renamed over the old one (an atomic replace). A run killed between the two
-leaves a tail past the checkpoint (perhaps a torn line); the next run truncates the file back
-to the checkpoint before it goes on, so no line is ever duplicated or torn. Each chat has its
-own checkpoint file, so a checkpoint costs the same with ten chats or a hundred thousand.
+Crash safety. A page is appended to the chat's file at the length its checkpoint records,
+then the chat's checkpoint, which records the file's length after that page, is written to a
+temporary file, ``fsync``-ed and renamed over the old one (an atomic replace). The file is
+``fsync``-ed before every checkpoint written, so no checkpoint ever claims a byte that a power
+cut could lose. Syncs are grouped: a chat's checkpoint is written after every
+``sync_pages``-th page, after ``sync_seconds`` since the last one, when the chat ends or
+fails and when the store closes, and its pages in between are appended without waiting for
+the disk. A run killed in between leaves a tail past the checkpoint (perhaps a torn line);
+the next run truncates the file back to the checkpoint and fetches those pages again from the
+cursor it records, so no line is ever lost, duplicated or torn, and a killed run costs at most
+``sync_pages`` pages a chat again. Each chat has its own checkpoint file, so a checkpoint costs
+the same with ten chats or a hundred thousand.
 
 Updates. A file is newest first, but an update fetches messages *newer* than everything in
 it, which belong at the top. An update therefore writes its pages, with the same
@@ -48,6 +54,8 @@ import contextlib
 import logging
 import os
 import shutil
+import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -187,8 +195,9 @@ def _truncate(path: str, length: int) -> None:
         os.fsync(f.fileno())
 
 
-def _append(path: str, offset: int, data: bytes) -> int:
-    """Write ``data`` at ``offset`` (the checkpointed end) and make it durable; the new end."""
+def _append(path: str, offset: int, data: bytes, *, sync: bool = True) -> int:
+    """Write ``data`` at ``offset`` (the checkpointed end); the new end. ``sync``: made
+    durable before returning."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         if data:
@@ -201,10 +210,32 @@ def _append(path: str, offset: int, data: bytes) -> int:
                 view = view[n:]
                 pos += n
         os.ftruncate(fd, offset + len(data))
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
     return offset + len(data)
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Unsynced:
+    """Pages appended to one file since it was last synced, and the checkpoint they wait for."""
+
+    __slots__ = ("chat_id", "checkpoint", "data", "pages", "since")
+
+    def __init__(self, chat_id: int, since: float) -> None:
+        self.chat_id = chat_id
+        self.since = since
+        self.pages = 0
+        self.checkpoint = ""
+        self.data = b""
 
 
 def _copy_into(out: Any, path: str, length: int) -> None:
@@ -255,10 +286,37 @@ class JsonlStore(Store):
 
     supports_windows = True
 
-    def __init__(self, path: str, *, threads: int = 4) -> None:
-        # Several threads: chats are separate files, so their fsyncs can overlap. A chat's
-        # own commits stay in order because its worker awaits each one.
+    def __init__(
+        self,
+        path: str,
+        *,
+        threads: int = 4,
+        sync_pages: int = 8,
+        sync_seconds: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """
+        Args:
+            path: The export's directory.
+            threads: Writer threads: chats are separate files, so their syncs can overlap
+                (a chat's own commits stay in order because its worker awaits each one).
+            sync_pages: A chat's checkpoint is written (after an ``fsync`` of its file) at
+                least every this many pages; 1 syncs every page. A killed run fetches at
+                most this many pages a chat again.
+            sync_seconds: ... and at least this often while the chat's pages arrive.
+            clock: Monotonic seconds, for ``sync_seconds``.
+        """
+        if isinstance(sync_pages, bool) or not isinstance(sync_pages, int) or sync_pages < 1:
+            raise ValueError(f"sync_pages must be an int of at least 1, not {sync_pages!r}")
+        if not isinstance(sync_seconds, int | float) or not sync_seconds >= 0:
+            raise ValueError(f"sync_seconds must be a number of at least 0, not {sync_seconds!r}")
         super().__init__(path, threads=threads)
+        self._sync_pages = sync_pages
+        self._sync_seconds = float(sync_seconds)
+        self._clock = clock
+        # Keyed by the appended file; each file is written by one chat's commits at a time.
+        self._unsynced: dict[str, _Unsynced] = {}
+        self._unsynced_lock = threading.Lock()
 
     def _p(self, *parts: str) -> str:
         return os.path.join(self.path, *parts)
@@ -349,7 +407,55 @@ class JsonlStore(Store):
     # --- checkpoints --------------------------------------------------------------------------
 
     def _write_state(self, state: ChatState) -> None:
+        self._sync(self._main(state.chat_id))  # the checkpoint may claim what it holds
         atomic_write(self._state_file(state.chat_id), orjson.dumps(state.to_json()))
+
+    def _append_page(
+        self,
+        chat_id: int,
+        path: str,
+        offset: int,
+        data: bytes,
+        checkpoint: str,
+        to_json: Callable[[], Any],
+        *,
+        last: bool,
+    ) -> None:
+        """Append one of the chat's pages to ``path``, and write the ``checkpoint`` file that
+        ``to_json()`` gives after it now or with a later page (see the module docstring).
+        ``last``: nothing follows on ``path``, so the checkpoint is written now."""
+        now = self._clock()
+        with self._unsynced_lock:
+            unsynced = self._unsynced.pop(path, None)
+        if unsynced is None:
+            unsynced = _Unsynced(chat_id, now)
+        unsynced.pages += 1
+        due = (
+            last or unsynced.pages >= self._sync_pages or now - unsynced.since >= self._sync_seconds
+        )
+        _append(path, offset, data, sync=due)  # an fsync also covers the pages before
+        if due:
+            atomic_write(checkpoint, orjson.dumps(to_json()))
+            return
+        # The checkpoint as of this page, serialized now: the state objects change later.
+        unsynced.checkpoint, unsynced.data = checkpoint, orjson.dumps(to_json())
+        with self._unsynced_lock:
+            self._unsynced[path] = unsynced
+
+    def _sync_chat(self, chat_id: int) -> None:
+        """Write every checkpoint of the chat's that waits for a sync."""
+        with self._unsynced_lock:
+            paths = [path for path, u in self._unsynced.items() if u.chat_id == chat_id]
+        for path in paths:
+            self._sync(path)
+
+    def _sync(self, path: str) -> None:
+        """Make the pages appended to ``path`` durable and write their checkpoint."""
+        with self._unsynced_lock:
+            unsynced = self._unsynced.pop(path, None)
+        if unsynced is not None:
+            _fsync_file(path)
+            atomic_write(unsynced.checkpoint, unsynced.data)
 
     def _reset(self, chat_id: int, why: str) -> ChatState:
         logger.warning("chat %d: %s; exporting this chat again from the start", chat_id, why)
@@ -363,6 +469,7 @@ class JsonlStore(Store):
         return state
 
     def _load(self, chat_id: int) -> ChatState:
+        self._sync_chat(chat_id)  # what is on disk is then the chat's latest checkpoints
         self._place(chat_id)
         try:
             with open(self._state_file(chat_id), "rb") as f:
@@ -411,7 +518,19 @@ class JsonlStore(Store):
             if data or state.pending_length:
                 state.pending_length = _append(self._pending(chat_id), state.pending_length, data)
         else:
-            state.length = _append(self._main(chat_id), state.length, data)
+            offset = state.length
+            state.length += len(data)
+            state.messages += len(messages)
+            self._append_page(
+                chat_id,
+                self._main(chat_id),
+                offset,
+                data,
+                self._state_file(chat_id),
+                state.to_json,
+                last=not state.in_progress,
+            )
+            return state
         state.messages += len(messages)
         finished = not state.in_progress
         if update and finished and state.pending_length:
@@ -480,14 +599,25 @@ class JsonlStore(Store):
     ) -> WindowState:
         chat_id = state.chat_id
         data = _lines(messages)
-        window.length = _append(self._window_segment(chat_id, window.index), window.length, data)
+        segment = self._window_segment(chat_id, window.index)
+        offset = window.length
+        window.length += len(data)
         window.messages += len(messages)
-        self._write_window(chat_id, window)
+        self._append_page(
+            chat_id,
+            segment,
+            offset,
+            data,
+            self._window_file(chat_id, window.index),
+            window.to_json,
+            last=window.done,
+        )
         return window
 
     def _finish_windows(self, state: ChatState) -> ChatState:
         chat_id = state.chat_id
         main, merged = self._main(chat_id), self._merge_file(chat_id)
+        self._sync_chat(chat_id)
         with open(merged, "wb") as out:
             for window in state.windows:  # newest first
                 _copy_into(out, self._window_segment(chat_id, window.index), window.length)
@@ -537,4 +667,8 @@ class JsonlStore(Store):
         return state
 
     def _close(self) -> None:
-        pass
+        # A stop (or the end) leaves every checkpoint at the last page appended.
+        with self._unsynced_lock:
+            paths = list(self._unsynced)
+        for path in paths:
+            self._sync(path)
