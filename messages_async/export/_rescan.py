@@ -37,7 +37,7 @@ from .._errors import InvalidCursorError, UnsafeCursorError
 from .._models import Message, Period
 from ._jsonl import RESCAN_FOLDERS, JsonlStore, _append, _fsync_dir, atomic_write, chat_file
 from ._parquet import ParquetStore, load_pyarrow
-from ._sqlite import SqliteStore, created_column
+from ._sqlite import SqliteStore, created_columns
 from ._state import ChatState
 from ._store import Store
 
@@ -153,10 +153,10 @@ class SqliteRescan(RescanBackend):
                     (orjson.dumps(ids),),
                 ).fetchall()
             )
-            for m in messages:
+            created_at = created_columns(messages, self._store.timestamps)
+            for m, created in zip(messages, created_at, strict=True):
                 old = stored.get(m.id)
                 new = orjson.dumps(m.raw).decode()
-                created = created_column(m, self._store.timestamps)
                 if old is None:
                     # Stored nowhere yet (say it was posted into the past): keep it now.
                     db.execute(

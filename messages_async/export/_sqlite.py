@@ -45,11 +45,11 @@ from typing import Any
 import orjson
 
 from .._models import Message
-from ._columns import chat_columns, utc_timestamp
+from ._columns import chat_columns, utc_timestamps
 from ._state import ChatState, ExportMeta, WindowState
 from ._store import Store, StoreError, mismatch
 
-__all__ = ["SqliteStore", "created_column"]
+__all__ = ["SqliteStore", "created_columns"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -140,21 +140,21 @@ _CHAT_COLUMNS = (
 )
 
 
-def created_column(message: Message, timestamps: bool) -> str | None:
-    """The ``created_at`` column of a message: a UTC timestamp, or (in an export begun
+def created_columns(messages: list[Message], timestamps: bool) -> list[str | None]:
+    """The ``created_at`` column of each message: a UTC timestamp, or (in an export begun
     before the column was typed) the server's text as it was stored then."""
     if timestamps:
-        return utc_timestamp(message.created_at)
-    created = message.raw.get("created_at")
-    return created if isinstance(created, str) else None
+        return utc_timestamps([m.created_at for m in messages])
+    texts = [m.raw.get("created_at") for m in messages]
+    return [created if isinstance(created, str) else None for created in texts]
 
 
 def _message_rows(
     chat_id: int, messages: list[Message], into: list[tuple[Any, ...]], timestamps: bool
 ) -> None:
     into += [
-        (m.id, chat_id, str(m.raw_json, "utf-8"), m.uid, m.message, created_column(m, timestamps))
-        for m in messages
+        (m.id, chat_id, str(m.raw_json, "utf-8"), m.uid, m.message, created)
+        for m, created in zip(messages, created_columns(messages, timestamps), strict=True)
     ]
 
 
