@@ -896,16 +896,23 @@ async def test_jsonl_close_and_failure_write_the_checkpoints_waiting_for_a_sync(
     assert len((out / "messages" / "chat_id=1" / "messages.jsonl").read_bytes().splitlines()) == 30
 
 
-@pytest.mark.parametrize("value", [0, -1, 1.5, True, "8", None])
-def test_jsonl_sync_pages_must_be_a_positive_int(tmp_path: Path, value: Any) -> None:
-    with pytest.raises(ValueError, match="sync_pages must be an int of at least 1"):
-        JsonlStore(str(tmp_path), sync_pages=value)
-
-
-@pytest.mark.parametrize("value", [-0.5, float("nan"), "1", None])
-def test_jsonl_sync_seconds_must_be_a_number_of_at_least_0(tmp_path: Path, value: Any) -> None:
-    with pytest.raises(ValueError, match="sync_seconds must be a number of at least 0"):
-        JsonlStore(str(tmp_path), sync_seconds=value)
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"sync_pages": 0}, ValueError, "sync_pages must be at least 1, got 0"),
+        ({"sync_pages": 1.5}, TypeError, "sync_pages must be an int of pages, got float 1.5"),
+        ({"sync_pages": True}, TypeError, "sync_pages must be an int of pages, got bool True"),
+        ({"sync_seconds": -0.5}, ValueError, "sync_seconds must be a non-negative number"),
+        ({"sync_seconds": float("nan")}, ValueError, "sync_seconds must be a non-negative"),
+        ({"sync_seconds": "1"}, TypeError, "sync_seconds must be a number of seconds, got str"),
+    ],
+)
+def test_jsonl_sync_options_are_checked_before_anything_is_written(
+    tmp_path: Path, options: dict[str, Any], error: type, message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        JsonlStore(str(tmp_path / "out"), **options)
+    assert not (tmp_path / "out").exists()
 
 
 async def test_a_jsonl_export_killed_between_syncs_fetches_those_pages_again_exactly(

@@ -62,6 +62,7 @@ from typing import Any
 import msgspec
 import orjson
 
+from .._checks import count, seconds
 from .._models import Message
 from ._state import ChatState, ExportMeta, WindowState
 from ._store import Store, StoreError, mismatch
@@ -142,10 +143,11 @@ def open_folder_export(
         atomic_write(
             os.path.join(root, meta_file), orjson.dumps(header, option=orjson.OPT_INDENT_2)
         )
-        _fsync_dir(root)
+        _fsync_path(root)
 
 
-def _fsync_dir(path: str) -> None:
+def _fsync_path(path: str) -> None:
+    """``fsync`` a file or a directory (its entries: a rename in it, a file made)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -215,14 +217,6 @@ def _append(path: str, offset: int, data: bytes, *, sync: bool = True) -> int:
     finally:
         os.close(fd)
     return offset + len(data)
-
-
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _Unsynced:
@@ -306,13 +300,9 @@ class JsonlStore(Store):
             sync_seconds: ... and at least this often while the chat's pages arrive.
             clock: Monotonic seconds, for ``sync_seconds``.
         """
-        if isinstance(sync_pages, bool) or not isinstance(sync_pages, int) or sync_pages < 1:
-            raise ValueError(f"sync_pages must be an int of at least 1, not {sync_pages!r}")
-        if not isinstance(sync_seconds, int | float) or not sync_seconds >= 0:
-            raise ValueError(f"sync_seconds must be a number of at least 0, not {sync_seconds!r}")
+        self._sync_pages = count("sync_pages", sync_pages, minimum=1, what="an int of pages")
+        self._sync_seconds = seconds("sync_seconds", sync_seconds, allow_zero=True)
         super().__init__(path, threads=threads)
-        self._sync_pages = sync_pages
-        self._sync_seconds = float(sync_seconds)
         self._clock = clock
         # Keyed by the appended file; each file is written by one chat's commits at a time.
         self._unsynced: dict[str, _Unsynced] = {}
@@ -331,7 +321,7 @@ class JsonlStore(Store):
         flat = self._p(_MESSAGES, f"{chat_id}.jsonl")
         if os.path.exists(flat) and not os.path.exists(main):
             os.replace(flat, main)
-            _fsync_dir(self._p(_MESSAGES))
+            _fsync_path(self._p(_MESSAGES))
 
     def _pending(self, chat_id: int) -> str:
         return self._p(_PENDING, f"{chat_id}.jsonl")
@@ -454,7 +444,7 @@ class JsonlStore(Store):
         with self._unsynced_lock:
             unsynced = self._unsynced.pop(path, None)
         if unsynced is not None:
-            _fsync_file(path)
+            _fsync_path(path)
             atomic_write(unsynced.checkpoint, unsynced.data)
 
     def _reset(self, chat_id: int, why: str) -> ChatState:
@@ -536,7 +526,7 @@ class JsonlStore(Store):
         if update and finished and state.pending_length:
             state.merging = True
             self._write_state(state)
-            _fsync_dir(self._p(_STATE))
+            _fsync_path(self._p(_STATE))
             return self._finish_merge(state)
         if update and finished:
             with contextlib.suppress(FileNotFoundError):
@@ -555,7 +545,7 @@ class JsonlStore(Store):
         for window in state.windows:
             _append(self._window_segment(chat_id, window.index), 0, b"")
             self._write_window(chat_id, window)
-        _fsync_dir(self._p(_PENDING))
+        _fsync_path(self._p(_PENDING))
         # The chat's checkpoint last: until it lists the plan, the window files are strays.
         self._write_state(state)
         return state
@@ -624,13 +614,13 @@ class JsonlStore(Store):
             out.flush()
             os.fsync(out.fileno())
         os.replace(merged, main)
-        _fsync_dir(os.path.dirname(main))
+        _fsync_path(os.path.dirname(main))
         return self._joined(state)
 
     def _joined(self, state: ChatState) -> ChatState:
         joined = state.joined()
         self._write_state(joined)
-        _fsync_dir(self._p(_STATE))
+        _fsync_path(self._p(_STATE))
         self._remove_windows(state.chat_id)
         return joined
 
@@ -652,7 +642,7 @@ class JsonlStore(Store):
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(merged, main)
-            _fsync_dir(os.path.dirname(main))
+            _fsync_path(os.path.dirname(main))
         state.length = total
         state.pending_length = 0
         state.merging = False

@@ -58,7 +58,7 @@ from .._models import Message
 from ._columns import chat_columns
 from ._jsonl import (
     RESCAN_FOLDERS,
-    _fsync_dir,
+    _fsync_path,
     atomic_write,
     open_folder_export,
     read_window,
@@ -147,7 +147,7 @@ def _write_parquet(pq: Any, table: Any, path: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(folder)
+    _fsync_path(folder)
 
 
 class _Buffer:
@@ -393,7 +393,7 @@ class ParquetStore(Store):
         os.makedirs(self._chat_dir(chat_id), exist_ok=True)
         for window in state.windows:
             self._write_window(chat_id, window)
-        _fsync_dir(self._chat_dir(chat_id))
+        _fsync_path(self._chat_dir(chat_id))
         # The chat's checkpoint last: until it lists the plan, the window files are strays.
         self._write_state(state, 0)
         self._parts[chat_id] = 0
@@ -486,12 +486,12 @@ class ParquetStore(Store):
             for src, dst in renames:
                 if os.path.exists(src):  # else renamed by a run killed during the join
                     os.replace(src, dst)
-            _fsync_dir(self._chat_dir(chat_id))
+            _fsync_path(self._chat_dir(chat_id))
         joined = state.joined()
         joined.length = 0  # parts are counted in the checkpoint's own "parts"
         self._parts[chat_id] = len(renames)
         self._write_state(joined, len(renames))
-        _fsync_dir(self._p(_STATE))
+        _fsync_path(self._p(_STATE))
         self._remove_windows(chat_id)
         return joined
 

@@ -35,7 +35,7 @@ import orjson
 from .._client import Client
 from .._errors import InvalidCursorError, UnsafeCursorError
 from .._models import Message, Period
-from ._jsonl import RESCAN_FOLDERS, JsonlStore, _append, _fsync_dir, atomic_write, chat_file
+from ._jsonl import RESCAN_FOLDERS, JsonlStore, _append, _fsync_path, atomic_write, chat_file
 from ._parquet import ParquetStore, load_pyarrow
 from ._sqlite import SqliteStore, created_columns
 from ._state import ChatState
@@ -318,7 +318,7 @@ class FilesRescan(RescanBackend):
         checkpoint = {**state.to_json(), "versions_length": v_len, "deleted_length": d_len}
         atomic_write(self._p("rescan", f"{chat_id}.json"), orjson.dumps(checkpoint))
         if not state.in_progress:
-            _fsync_dir(self._p("rescan"))
+            _fsync_path(self._p("rescan"))
         return edits, len(missing)
 
     def forget(self, chat_id: int) -> None:

@@ -25,7 +25,7 @@ import shutil
 
 import orjson
 
-from ._jsonl import _fsync_dir, atomic_write
+from ._jsonl import _fsync_path, atomic_write
 
 __all__ = ["JOURNAL", "Swap", "finish_swaps", "unfinished_swaps"]
 
@@ -69,7 +69,7 @@ class Swap:
                 os.fsync(f.fileno())
         plan = {"moves": self._moves, "removals": self._removals}
         atomic_write(os.path.join(self.folder, _PLAN), orjson.dumps(plan))
-        _fsync_dir(self.folder)
+        _fsync_path(self.folder)
         _carry_out(self.root, self.folder)
 
     def abandon(self) -> None:
@@ -96,7 +96,7 @@ def _carry_out(root: str, folder: str) -> None:
         touched.add(os.path.dirname(path))
     for where in sorted(touched):
         if os.path.isdir(where):
-            _fsync_dir(where)
+            _fsync_path(where)
     shutil.rmtree(folder)
 
 
