@@ -240,6 +240,14 @@ def _parser() -> argparse.ArgumentParser:
         help="parquet: most rows per part file, buffered per chat (default 10000)",
     )
     export.add_argument(
+        "--sync-pages",
+        type=_positive_int,
+        metavar="N",
+        help="jsonl: fsync a chat's file and write its checkpoint at least every N pages and "
+        "every second (default 8; 1: after every page); a killed run fetches at most N pages "
+        "a chat again",
+    )
+    export.add_argument(
         "--chat",
         dest="chats",
         action="append",
@@ -479,7 +487,8 @@ def _client_options(args: argparse.Namespace) -> dict[str, object]:
 
 def _store(args: argparse.Namespace) -> Store:
     if args.format == "jsonl":
-        return JsonlStore(_out_path(args), threads=min(4, args.concurrency))
+        sync = {} if args.sync_pages is None else {"sync_pages": args.sync_pages}
+        return JsonlStore(_out_path(args), threads=min(4, args.concurrency), **sync)
     if args.format == "parquet":
         return ParquetStore(
             _out_path(args),
@@ -843,6 +852,8 @@ def _export_main(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise _UsageError(
             f"--since ({args.since.isoformat()}) is after --until ({args.until.isoformat()})"
         )
+    if args.sync_pages is not None and args.format != "jsonl":
+        raise _UsageError(f"--sync-pages applies to --format jsonl only, not {args.format}")
     _check_out(_out_path(args), args.format)
     if args.format == "parquet":
         try:

@@ -370,6 +370,29 @@ async def test_unusable_out_is_refused_before_signing_in(
     assert server.token_request_count == 0
 
 
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--format", "jsonl", "--sync-pages", "0"], "--sync-pages: the value must be at least 1"),
+        (["--format", "jsonl", "--sync-pages", "x"], "--sync-pages: not an integer: 'x'"),
+        (["--sync-pages", "4"], "--sync-pages applies to --format jsonl only, not sqlite"),
+        (
+            ["--format", "parquet", "--sync-pages", "4"],
+            "--sync-pages applies to --format jsonl only, not parquet",
+        ),
+    ],
+)
+async def test_a_sync_pages_that_cannot_apply_is_refused_before_signing_in(
+    server: MessagesServer, tmp_path: Path, args: list[str], says: str
+) -> None:
+    code, stdout, err = await run(server, "--out", str(tmp_path / "out"), *args)
+    assert code == 2, err
+    assert says in err
+    assert stdout == ""
+    assert server.token_request_count == 0
+    assert not (tmp_path / "out").exists()
+
+
 # --- the same --since instant written another way is the same export -------------------------
 
 

@@ -915,6 +915,37 @@ def test_jsonl_sync_options_are_checked_before_anything_is_written(
     assert not (tmp_path / "out").exists()
 
 
+async def test_sync_pages_on_the_command_line_is_how_far_a_killed_jsonl_run_falls_back(
+    tmp_path: Path,
+) -> None:
+    # With --sync-pages 1000 and pages every few milliseconds, neither the page count nor the
+    # one-second clock makes a checkpoint due before the kill: each chat's file holds pages
+    # that no checkpoint claims (the default, 8, would have written one after page 8).
+    out = _out(tmp_path, "jsonl")
+    args = ["--out", str(out), "--format", "jsonl", "--concurrency", "2"]
+    async with MessagesServer(chats=2, messages_per_chat=3000, seed=5, latency=0.005) as srv:
+        before = len(listings(srv))
+        proc = await start_cli(srv, *args, "--sync-pages", "1000")
+        while proc.returncode is None and len(listings(srv)) - before < 24:
+            await asyncio.sleep(0.002)
+        assert proc.returncode is None, "the export should still be running"
+        proc.kill()
+        await proc.communicate()
+        unclaimed = 0
+        for chat_id in srv.chat_ids():
+            checkpoint = out / "state" / f"{chat_id}.json"
+            data = out / "messages" / f"chat_id={chat_id}" / "messages.jsonl"
+            claimed = 0
+            if checkpoint.exists():
+                claimed = ChatState.from_json(orjson.loads(checkpoint.read_bytes())).length
+            unclaimed += data.exists() and data.stat().st_size > 0 and claimed == 0
+        assert unclaimed == 2, "no checkpoint should be written before the 1000th page"
+        proc = await start_cli(srv, *args, "--sync-pages", "1")
+        _, stderr = await proc.communicate()
+        assert proc.returncode == 0, stderr.decode()
+        assert_exact(srv, "jsonl", out)
+
+
 async def test_a_jsonl_export_killed_between_syncs_fetches_those_pages_again_exactly(
     tmp_path: Path,
 ) -> None:
