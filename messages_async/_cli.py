@@ -235,7 +235,6 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--parquet-part-rows",
         type=_positive_int,
-        default=10_000,
         metavar="N",
         help="parquet: most rows per part file, buffered per chat (default 10000)",
     )
@@ -490,14 +489,17 @@ def _store(args: argparse.Namespace) -> Store:
         sync = {} if args.sync_pages is None else {"sync_pages": args.sync_pages}
         return JsonlStore(_out_path(args), threads=min(4, args.concurrency), **sync)
     if args.format == "parquet":
-        return ParquetStore(
-            _out_path(args),
-            threads=min(4, args.concurrency),
-            part_rows=args.parquet_part_rows,
-        )
+        rows = {} if args.parquet_part_rows is None else {"part_rows": args.parquet_part_rows}
+        return ParquetStore(_out_path(args), threads=min(4, args.concurrency), **rows)
     return SqliteStore(_out_path(args))
 
 
+#: Options of one format only (argparse ``dest``: the option, its format): given with another
+#: format they would be silently ignored, so they are refused instead.
+_FORMAT_OPTIONS = {
+    "sync_pages": ("--sync-pages", "jsonl"),
+    "parquet_part_rows": ("--parquet-part-rows", "parquet"),
+}
 _DEFAULT_OUT = {"sqlite": "export.sqlite", "jsonl": "export", "parquet": "export-parquet"}
 _FORMAT_NAMES = {"sqlite": "SQLite", "jsonl": "JSONL", "parquet": "Parquet"}
 
@@ -852,8 +854,9 @@ def _export_main(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise _UsageError(
             f"--since ({args.since.isoformat()}) is after --until ({args.until.isoformat()})"
         )
-    if args.sync_pages is not None and args.format != "jsonl":
-        raise _UsageError(f"--sync-pages applies to --format jsonl only, not {args.format}")
+    for dest, (option, fmt) in _FORMAT_OPTIONS.items():
+        if getattr(args, dest) is not None and args.format != fmt:
+            raise _UsageError(f"{option} applies to --format {fmt} only, not {args.format}")
     _check_out(_out_path(args), args.format)
     if args.format == "parquet":
         try:

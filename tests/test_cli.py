@@ -380,9 +380,14 @@ async def test_unusable_out_is_refused_before_signing_in(
             ["--format", "parquet", "--sync-pages", "4"],
             "--sync-pages applies to --format jsonl only, not parquet",
         ),
+        (
+            ["--format", "jsonl", "--parquet-part-rows", "100"],
+            "--parquet-part-rows applies to --format parquet only, not jsonl",
+        ),
+        (["--parquet-part-rows", "100"], "--parquet-part-rows applies to --format parquet only"),
     ],
 )
-async def test_a_sync_pages_that_cannot_apply_is_refused_before_signing_in(
+async def test_an_option_of_another_format_is_refused_before_signing_in(
     server: MessagesServer, tmp_path: Path, args: list[str], says: str
 ) -> None:
     code, stdout, err = await run(server, "--out", str(tmp_path / "out"), *args)
