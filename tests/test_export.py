@@ -915,63 +915,72 @@ def test_jsonl_sync_options_are_checked_before_anything_is_written(
     assert not (tmp_path / "out").exists()
 
 
+async def _kill_after_listings(server: MessagesServer, args: list[str], listed: int) -> None:
+    """Run the export and SIGKILL it once the server has answered ``listed`` more listings."""
+    before = len(listings(server))
+    proc = await start_cli(server, *args)
+    while proc.returncode is None and len(listings(server)) - before < listed:
+        await asyncio.sleep(0.002)
+    if proc.returncode is None:
+        proc.kill()
+    await proc.communicate()
+
+
+def _jsonl_args(tmp_path: Path) -> tuple[Path, list[str]]:
+    out = _out(tmp_path, "jsonl")
+    return out, ["--out", str(out), "--format", "jsonl", "--concurrency", "2"]
+
+
+def _two_long_chats() -> MessagesServer:
+    """Two chats of 30 pages, a page every few milliseconds: a kill lands mid-walk."""
+    return MessagesServer(chats=2, messages_per_chat=3000, seed=5, latency=0.005)
+
+
+async def _rerun_exactly(server: MessagesServer, args: list[str], out: Path) -> None:
+    """Run the JSONL export to its end: it must then hold exactly the server's messages."""
+    proc = await start_cli(server, *args)
+    _, stderr = await proc.communicate()
+    assert proc.returncode == 0, stderr.decode()
+    assert_exact(server, "jsonl", out)
+
+
+def _jsonl_chat(out: Path, chat_id: int) -> tuple[int, ChatState | None]:
+    """A JSONL chat's file size, and its checkpoint (None: none written yet)."""
+    checkpoint = out / "state" / f"{chat_id}.json"
+    data = out / "messages" / f"chat_id={chat_id}" / "messages.jsonl"
+    size = data.stat().st_size if data.exists() else 0
+    if not checkpoint.exists():
+        return size, None
+    return size, ChatState.from_json(orjson.loads(checkpoint.read_bytes()))
+
+
 async def test_sync_pages_on_the_command_line_is_how_far_a_killed_jsonl_run_falls_back(
     tmp_path: Path,
 ) -> None:
     # With --sync-pages 1000 and pages every few milliseconds, neither the page count nor the
     # one-second clock makes a checkpoint due before the kill: each chat's file holds pages
     # that no checkpoint claims (the default, 8, would have written one after page 8).
-    out = _out(tmp_path, "jsonl")
-    args = ["--out", str(out), "--format", "jsonl", "--concurrency", "2"]
-    async with MessagesServer(chats=2, messages_per_chat=3000, seed=5, latency=0.005) as srv:
-        before = len(listings(srv))
-        proc = await start_cli(srv, *args, "--sync-pages", "1000")
-        while proc.returncode is None and len(listings(srv)) - before < 24:
-            await asyncio.sleep(0.002)
-        assert proc.returncode is None, "the export should still be running"
-        proc.kill()
-        await proc.communicate()
-        unclaimed = 0
-        for chat_id in srv.chat_ids():
-            checkpoint = out / "state" / f"{chat_id}.json"
-            data = out / "messages" / f"chat_id={chat_id}" / "messages.jsonl"
-            claimed = 0
-            if checkpoint.exists():
-                claimed = ChatState.from_json(orjson.loads(checkpoint.read_bytes())).length
-            unclaimed += data.exists() and data.stat().st_size > 0 and claimed == 0
-        assert unclaimed == 2, "no checkpoint should be written before the 1000th page"
-        proc = await start_cli(srv, *args, "--sync-pages", "1")
-        _, stderr = await proc.communicate()
-        assert proc.returncode == 0, stderr.decode()
-        assert_exact(srv, "jsonl", out)
+    out, args = _jsonl_args(tmp_path)
+    async with _two_long_chats() as srv:
+        await _kill_after_listings(srv, [*args, "--sync-pages", "1000"], 24)
+        found = [_jsonl_chat(out, chat_id) for chat_id in srv.chat_ids()]
+        assert all(size > 0 and (st is None or st.length == 0) for size, st in found), found
+        await _rerun_exactly(srv, [*args, "--sync-pages", "1"], out)
 
 
 async def test_a_jsonl_export_killed_between_syncs_fetches_those_pages_again_exactly(
     tmp_path: Path,
 ) -> None:
-    out = _out(tmp_path, "jsonl")
-    args = ["--out", str(out), "--format", "jsonl", "--concurrency", "2"]
-    async with MessagesServer(chats=2, messages_per_chat=3000, seed=5, latency=0.005) as srv:
+    out, args = _jsonl_args(tmp_path)
+    async with _two_long_chats() as srv:
         behind = False
         for target in (22, 18, 26):
             # Two chats at once: some 11 pages of each, past one sync (8 pages), short of two.
-            before = len(listings(srv))
-            proc = await start_cli(srv, *args)
-            while proc.returncode is None and len(listings(srv)) - before < target:
-                await asyncio.sleep(0.002)
-            if proc.returncode is None:
-                proc.kill()
-            await proc.communicate()
+            await _kill_after_listings(srv, args, target)
             for chat_id in srv.chat_ids():
-                checkpoint = out / "state" / f"{chat_id}.json"
-                data = out / "messages" / f"chat_id={chat_id}" / "messages.jsonl"
-                if checkpoint.exists() and data.exists():
-                    stored = ChatState.from_json(orjson.loads(checkpoint.read_bytes()))
-                    behind |= data.stat().st_size > stored.length and not stored.done
+                size, stored = _jsonl_chat(out, chat_id)
+                behind |= stored is not None and size > stored.length and not stored.done
             if behind:
                 break
         assert behind, "a kill should land while a chat's pages wait for their sync"
-        proc = await start_cli(srv, *args)
-        _, stderr = await proc.communicate()
-        assert proc.returncode == 0, stderr.decode()
-        assert_exact(srv, "jsonl", out)
+        await _rerun_exactly(srv, args, out)
