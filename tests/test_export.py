@@ -651,13 +651,21 @@ async def kill_mid_run(
     server: MessagesServer, rng: random.Random, args: list[str], *, max_listings: int
 ) -> bool:
     """Start an export and SIGKILL it after a random number of its listings; True if killed."""
+    listed = rng.randint(1, max_listings)
+    return await kill_after_listings(server, args, listed, then=rng.uniform(0, 0.03))
+
+
+async def kill_after_listings(
+    server: MessagesServer, args: list[str], listed: int, *, then: float = 0.0
+) -> bool:
+    """Start an export and SIGKILL it ``then`` seconds after the server has answered ``listed``
+    more listings; True if it was still running to be killed."""
     before = len(listings(server))
     proc = await start_cli(server, *args)
-    target = rng.randint(1, max_listings)
     # Polling what the server has seen: the process gives no other signal of progress.
-    while proc.returncode is None and len(listings(server)) - before < target:
+    while proc.returncode is None and len(listings(server)) - before < listed:
         await asyncio.sleep(0.002)
-    await asyncio.sleep(rng.uniform(0, 0.03))
+    await asyncio.sleep(then)
     killed = proc.returncode is None
     if killed:
         proc.kill()
@@ -915,17 +923,6 @@ def test_jsonl_sync_options_are_checked_before_anything_is_written(
     assert not (tmp_path / "out").exists()
 
 
-async def _kill_after_listings(server: MessagesServer, args: list[str], listed: int) -> None:
-    """Run the export and SIGKILL it once the server has answered ``listed`` more listings."""
-    before = len(listings(server))
-    proc = await start_cli(server, *args)
-    while proc.returncode is None and len(listings(server)) - before < listed:
-        await asyncio.sleep(0.002)
-    if proc.returncode is None:
-        proc.kill()
-    await proc.communicate()
-
-
 def _jsonl_args(tmp_path: Path) -> tuple[Path, list[str]]:
     out = _out(tmp_path, "jsonl")
     return out, ["--out", str(out), "--format", "jsonl", "--concurrency", "2"]
@@ -962,7 +959,8 @@ async def test_sync_pages_on_the_command_line_is_how_far_a_killed_jsonl_run_fall
     # that no checkpoint claims (the default, 8, would have written one after page 8).
     out, args = _jsonl_args(tmp_path)
     async with _two_long_chats() as srv:
-        await _kill_after_listings(srv, [*args, "--sync-pages", "1000"], 24)
+        killed = await kill_after_listings(srv, [*args, "--sync-pages", "1000"], 24)
+        assert killed, "the export should still be running at the kill"
         found = [_jsonl_chat(out, chat_id) for chat_id in srv.chat_ids()]
         assert all(size > 0 and (st is None or st.length == 0) for size, st in found), found
         await _rerun_exactly(srv, [*args, "--sync-pages", "1"], out)
@@ -976,7 +974,7 @@ async def test_a_jsonl_export_killed_between_syncs_fetches_those_pages_again_exa
         behind = False
         for target in (22, 18, 26):
             # Two chats at once: some 11 pages of each, past one sync (8 pages), short of two.
-            await _kill_after_listings(srv, args, target)
+            await kill_after_listings(srv, args, target)
             for chat_id in srv.chat_ids():
                 size, stored = _jsonl_chat(out, chat_id)
                 behind |= stored is not None and size > stored.length and not stored.done
