@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 import orjson
 import pytest
+from yarl import URL
 
 import messages_async as ma
 from messages_async._wire import parse_page
@@ -755,6 +756,31 @@ def _page_of(ids: range) -> list[ma.Message]:
     return list(parse_page(body).items)
 
 
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n"])
+async def test_jsonl_keeps_a_message_a_line_from_a_server_that_indents_its_json(
+    tmp_path: Path, newline: bytes
+) -> None:
+    objects = [
+        {"id": 3, "uid": 1, "message": "two\nlines", "extra": {"k": [1, 2]}},
+        {"id": 2, "uid": 1, "message": "plain"},
+        {"id": 1, "uid": 1, "message": "a\r\nb"},
+    ]
+    body = orjson.dumps({"items": objects}, option=orjson.OPT_INDENT_2).replace(b"\n", newline)
+    out = tmp_path / "out"
+    async with JsonlStore(str(out), sync_pages=2) as store:
+        await store.open(ExportMeta(source="https://api.example/"), fresh=False)
+        state = await store.load(7)
+        # The first page waits for its sync; the second, the chat's last, writes both.
+        for page in (body, orjson.dumps({"items": objects})):
+            done = page is not body
+            new = attrs.evolve(state, cursor=None if done else "c", done=done)
+            state = await store.commit(new, list(parse_page(page).items), update=False)
+    lines = (out / "messages" / "chat_id=7" / "messages.jsonl").read_bytes().split(b"\n")
+    assert lines[-1] == b""
+    assert [orjson.loads(line) for line in lines[:-1]] == objects * 2
+    assert all(b"\r" not in line for line in lines)
+
+
 def _checkpoint(out: Path, chat_id: int) -> ChatState:
     """The chat's checkpoint on disk (none yet: a fresh chat)."""
     path = out / "state" / f"{chat_id}.json"
@@ -860,9 +886,10 @@ async def test_jsonl_writes_a_chats_checkpoint_every_few_pages_and_at_its_end(
             on_disk = _checkpoint(tmp_path / "out", 7)
             if on_disk.messages == 10 * n:
                 written_at.append(n)
-            # Every byte appended is in the file; the checkpoint never claims a byte that a
-            # power cut could take (its file was synced first).
-            assert main.stat().st_size == state.length
+            # The pages after the checkpoint wait in memory: the file ends where the checkpoint
+            # says, and the checkpoint never claims a byte a power cut could take (its file
+            # was synced first).
+            assert (main.stat().st_size if main.exists() else 0) == on_disk.length
             assert on_disk.length <= disk.durable.get(str(main), 0)
             if n > 1 and n not in checkpointed:
                 assert on_disk.cursor != new.cursor  # behind: a later page writes it
@@ -941,29 +968,38 @@ async def _rerun_exactly(server: MessagesServer, args: list[str], out: Path) -> 
     assert_exact(server, "jsonl", out)
 
 
-def _jsonl_chat(out: Path, chat_id: int) -> tuple[int, ChatState | None]:
-    """A JSONL chat's file size, and its checkpoint (None: none written yet)."""
+def _jsonl_checkpoint(out: Path, chat_id: int) -> ChatState | None:
+    """A JSONL chat's checkpoint (None: none written yet)."""
     checkpoint = out / "state" / f"{chat_id}.json"
-    data = out / "messages" / f"chat_id={chat_id}" / "messages.jsonl"
-    size = data.stat().st_size if data.exists() else 0
     if not checkpoint.exists():
-        return size, None
-    return size, ChatState.from_json(orjson.loads(checkpoint.read_bytes()))
+        return None
+    return ChatState.from_json(orjson.loads(checkpoint.read_bytes()))
+
+
+def _cursors(server: MessagesServer, chat_id: int, since: int) -> list[str | None]:
+    """The cursors of the chat's listings after the server's first ``since``, in the order
+    they came (``None``: the chat's first page). A chat's pages are asked for one at a time."""
+    return [r.query.get("cursor") for r in listings(server)[since:] if _chat_of(r) == chat_id]
 
 
 async def test_sync_pages_on_the_command_line_is_how_far_a_killed_jsonl_run_falls_back(
     tmp_path: Path,
 ) -> None:
     # With --sync-pages 1000 and pages every few milliseconds, neither the page count nor the
-    # one-second clock makes a checkpoint due before the kill: each chat's file holds pages
-    # that no checkpoint claims (the default, 8, would have written one after page 8).
+    # one-second clock makes a checkpoint due before the kill: the rerun fetches every page
+    # again (the default, 8, would have written a checkpoint after page 8).
     out, args = _jsonl_args(tmp_path)
     async with _two_long_chats() as srv:
-        killed = await kill_after_listings(srv, [*args, "--sync-pages", "1000"], 24)
+        killed = await kill_after_listings(srv, [*args, "--sync-pages", "1000"], 30)
         assert killed, "the export should still be running at the kill"
-        found = [_jsonl_chat(out, chat_id) for chat_id in srv.chat_ids()]
-        assert all(size > 0 and (st is None or st.length == 0) for size, st in found), found
+        fetched = {chat_id: _cursors(srv, chat_id, 0) for chat_id in srv.chat_ids()}
+        assert all(len(cursors) > 8 for cursors in fetched.values()), fetched
+        stored = [_jsonl_checkpoint(out, chat_id) for chat_id in fetched]
+        assert all(st is None or st.messages == 0 for st in stored), stored
+        rerun = len(listings(srv))
         await _rerun_exactly(srv, [*args, "--sync-pages", "1"], out)
+        for chat_id, cursors in fetched.items():
+            assert _cursors(srv, chat_id, rerun)[: len(cursors)] == cursors
 
 
 async def test_a_jsonl_export_killed_between_syncs_fetches_those_pages_again_exactly(
@@ -971,14 +1007,31 @@ async def test_a_jsonl_export_killed_between_syncs_fetches_those_pages_again_exa
 ) -> None:
     out, args = _jsonl_args(tmp_path)
     async with _two_long_chats() as srv:
-        behind = False
+        # The pages of a chat the killed run asked for from its checkpoint's cursor on: three
+        # or more means one of them waited for its sync (the third is asked for only once the
+        # first is stored, and the page after a checkpoint always waits for the next one).
+        behind: dict[int, list[str | None]] = {}
         for target in (22, 18, 26):
             # Two chats at once: some 11 pages of each, past one sync (8 pages), short of two.
+            run = len(listings(srv))
             await kill_after_listings(srv, args, target)
             for chat_id in srv.chat_ids():
-                size, stored = _jsonl_chat(out, chat_id)
-                behind |= stored is not None and size > stored.length and not stored.done
+                stored, cursors = _jsonl_checkpoint(out, chat_id), _cursors(srv, chat_id, run)
+                if stored is None or stored.done or stored.cursor is None:
+                    continue
+                # The checkpoint keeps the next page's link; a listing's query has its cursor.
+                resume = URL(stored.cursor).query.get("cursor")
+                if resume in cursors:
+                    past = cursors[cursors.index(resume) :]
+                    if len(past) >= 3:
+                        behind[chat_id] = past
             if behind:
                 break
         assert behind, "a kill should land while a chat's pages wait for their sync"
+        rerun = len(listings(srv))
         await _rerun_exactly(srv, args, out)
+        # Fetched again from the checkpoint: at most the 8 pages of a sync and the one
+        # prefetched, and each exactly once (the export holds no duplicate).
+        for chat_id, past in behind.items():
+            assert len(past) <= 8 + 1, past
+            assert _cursors(srv, chat_id, rerun)[: len(past)] == past

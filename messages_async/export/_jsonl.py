@@ -18,14 +18,16 @@ Crash safety. A page is appended to the chat's file at the length its checkpoint
 then the chat's checkpoint, which records the file's length after that page, is written to a
 temporary file, ``fsync``-ed and renamed over the old one (an atomic replace). The file is
 ``fsync``-ed before every checkpoint written, so no checkpoint ever claims a byte that a power
-cut could lose. Syncs are grouped: a chat's checkpoint is written after every
-``sync_pages``-th page, after ``sync_seconds`` since the last one, when the chat ends or
-fails and when the store closes, and its pages in between are appended without waiting for
-the disk. A run killed in between leaves a tail past the checkpoint (perhaps a torn line);
-the next run truncates the file back to the checkpoint and fetches those pages again from the
-cursor it records, so no line is ever lost, duplicated or torn, and a killed run costs at most
-``sync_pages`` pages a chat again. Each chat has its own checkpoint file, so a checkpoint costs
-the same with ten chats or a hundred thousand.
+cut could lose. Syncs are grouped: a chat's pages wait in memory (on the event loop, with no
+hand-over to a thread) until its checkpoint is due, after every ``sync_pages``-th page,
+after ``sync_seconds`` since the first one waiting, when the chat ends or fails and when the
+store closes; then they are appended in one write, the file is synced and the checkpoint
+written. Memory holds at most ``sync_pages`` pages per chat being walked. A run killed in
+between loses the waiting pages (perhaps leaving a torn line of the write under way past the
+checkpoint); the next run truncates the file back to the checkpoint and fetches those pages
+again from the cursor it records, so no line is ever lost, duplicated or torn, and a killed
+run costs at most ``sync_pages`` pages a chat again. Each chat has its own checkpoint file, so
+a checkpoint costs the same with ten chats or a hundred thousand.
 
 Updates. A file is newest first, but an update fetches messages *newer* than everything in
 it, which belong at the top. An update therefore writes its pages, with the same
@@ -219,17 +221,24 @@ def _append(path: str, offset: int, data: bytes, *, sync: bool = True) -> int:
     return offset + len(data)
 
 
-class _Unsynced:
-    """Pages appended to one file since it was last synced, and the checkpoint they wait for."""
+#: Which file a chat's pages go to: ``(chat_id, _MAIN)`` its own, ``(chat_id, n)`` window n's
+#: segment.
+_Key = tuple[int, int]
+_MAIN = -1
 
-    __slots__ = ("chat_id", "checkpoint", "data", "pages", "since")
 
-    def __init__(self, chat_id: int, since: float) -> None:
-        self.chat_id = chat_id
+class _Waiting:
+    """One file's pages kept in memory until their sync is due, and the checkpoint after them."""
+
+    __slots__ = ("checkpoint", "data", "pages", "path", "since", "start")
+
+    def __init__(self, path: str, checkpoint: str, start: int, since: float) -> None:
+        self.path = path
+        self.checkpoint = checkpoint
+        self.start = start  # where the first of them goes: the file's checkpointed end
         self.since = since
-        self.pages = 0
-        self.checkpoint = ""
-        self.data = b""
+        self.pages: list[bytes] = []
+        self.data = b""  # the checkpoint after the last of them
 
 
 def _copy_into(out: Any, path: str, length: int) -> None:
@@ -257,22 +266,24 @@ def _count_lines(path: str, length: int) -> int:
     return count
 
 
-def _one_line(raw: bytes) -> bytes:
+def _one_line(raw: msgspec.Raw) -> bytes:
     # A string never holds a raw line break (RFC 8259 §7), but the space between tokens may:
     # a server that indents its JSON. Only such a message is encoded again, compactly.
-    if b"\n" in raw or b"\r" in raw:
-        return msgspec.json.encode(msgspec.json.decode(raw))
-    return raw
+    data = bytes(raw)
+    if b"\n" in data or b"\r" in data:
+        return msgspec.json.encode(msgspec.json.decode(data))
+    return data
 
 
 def _lines(messages: list[Message]) -> bytes:
     """The page's messages, each its JSON as received on a line of its own (no re-encode)."""
     if not messages:
         return b""
-    data = b"\n".join([m.raw_json for m in messages]) + b"\n"
-    if data.count(b"\n") != len(messages) or b"\r" in data:
-        data = b"".join([_one_line(m.raw_json) + b"\n" for m in messages])
-    return data
+    raws = [m.raw_json for m in messages]
+    flat = b"".join(raws)  # two joins and two byte searches cost less than counting lines
+    if b"\n" in flat or b"\r" in flat:
+        return b"".join([_one_line(raw) + b"\n" for raw in raws])
+    return b"\n".join(raws) + b"\n"
 
 
 class JsonlStore(Store):
@@ -304,9 +315,10 @@ class JsonlStore(Store):
         self._sync_seconds = seconds("sync_seconds", sync_seconds, allow_zero=True)
         super().__init__(path, threads=threads)
         self._clock = clock
-        # Keyed by the appended file; each file is written by one chat's commits at a time.
-        self._unsynced: dict[str, _Unsynced] = {}
-        self._unsynced_lock = threading.Lock()
+        # Each file is written by one chat's (or window's) commits at a time. Filled on the
+        # loop, emptied on the store's threads.
+        self._waiting: dict[_Key, _Waiting] = {}
+        self._waiting_lock = threading.Lock()
 
     def _p(self, *parts: str) -> str:
         return os.path.join(self.path, *parts)
@@ -337,6 +349,13 @@ class JsonlStore(Store):
 
     def _window_file(self, chat_id: int, index: int) -> str:
         return self._p(_PENDING, f"{chat_id}.window-{index}.json")
+
+    def _files(self, key: _Key) -> tuple[str, str]:
+        """The file a chat's (or a window's) pages go to, and its checkpoint file."""
+        chat_id, index = key
+        if index == _MAIN:
+            return self._main(chat_id), self._state_file(chat_id)
+        return self._window_segment(chat_id, index), self._window_file(chat_id, index)
 
     def _remove_windows(self, chat_id: int) -> None:
         prefix = f"{chat_id}.window-"
@@ -397,55 +416,66 @@ class JsonlStore(Store):
     # --- checkpoints --------------------------------------------------------------------------
 
     def _write_state(self, state: ChatState) -> None:
-        self._sync(self._main(state.chat_id))  # the checkpoint may claim what it holds
+        self._sync((state.chat_id, _MAIN))  # the checkpoint may claim what it holds
         atomic_write(self._state_file(state.chat_id), orjson.dumps(state.to_json()))
 
-    def _append_page(
-        self,
-        chat_id: int,
-        path: str,
-        offset: int,
-        data: bytes,
-        checkpoint: str,
-        to_json: Callable[[], Any],
-        *,
-        last: bool,
-    ) -> None:
-        """Append one of the chat's pages to ``path``, and write the ``checkpoint`` file that
-        ``to_json()`` gives after it now or with a later page (see the module docstring).
-        ``last``: nothing follows on ``path``, so the checkpoint is written now."""
+    def _defer(self, state: ChatState, messages: list[Message], update: bool) -> bool:
+        key = (state.chat_id, _MAIN)
+        return not update and self._wait(key, state, messages, last=not state.in_progress)
+
+    def _defer_window(self, state: ChatState, window: WindowState, messages: list[Message]) -> bool:
+        return self._wait((state.chat_id, window.index), window, messages, last=window.done)
+
+    def _wait(
+        self, key: _Key, counts: ChatState | WindowState, messages: list[Message], *, last: bool
+    ) -> bool:
+        """On the loop: keep a page for ``key``'s file in memory unless its sync is due; then
+        ``counts`` (the checkpoint's state) includes it, and the checkpoint waits for it.
+        ``last``: nothing follows in that file, so the sync is due now."""
         now = self._clock()
-        with self._unsynced_lock:
-            unsynced = self._unsynced.pop(path, None)
-        if unsynced is None:
-            unsynced = _Unsynced(chat_id, now)
-        unsynced.pages += 1
-        due = (
-            last or unsynced.pages >= self._sync_pages or now - unsynced.since >= self._sync_seconds
-        )
-        _append(path, offset, data, sync=due)  # an fsync also covers the pages before
-        if due:
-            atomic_write(checkpoint, orjson.dumps(to_json()))
-            return
-        # The checkpoint as of this page, serialized now: the state objects change later.
-        unsynced.checkpoint, unsynced.data = checkpoint, orjson.dumps(to_json())
-        with self._unsynced_lock:
-            self._unsynced[path] = unsynced
+        with self._waiting_lock:
+            waiting = self._waiting.get(key)
+            pages, since = (0, now) if waiting is None else (len(waiting.pages), waiting.since)
+            if last or pages + 1 >= self._sync_pages or now - since >= self._sync_seconds:
+                return False
+            data = _lines(messages)
+            if waiting is None:
+                waiting = self._waiting[key] = _Waiting(*self._files(key), counts.length, now)
+            waiting.pages.append(data)
+            counts.length += len(data)
+            counts.messages += len(messages)
+            # The checkpoint as of this page, serialized now: the state objects change later.
+            waiting.data = orjson.dumps(counts.to_json())
+        return True
+
+    def _append_page(self, key: _Key, offset: int, data: bytes, to_json: Callable[[], Any]) -> None:
+        """Append a page whose sync is due to ``key``'s file at ``offset``, after the pages
+        waiting for it, make them durable, then write the checkpoint ``to_json()`` gives."""
+        with self._waiting_lock:
+            waiting = self._waiting.pop(key, None)
+        if waiting is None:
+            path, checkpoint = self._files(key)
+        else:
+            path, checkpoint = waiting.path, waiting.checkpoint
+            offset, data = waiting.start, b"".join([*waiting.pages, data])
+        _append(path, offset, data)
+        atomic_write(checkpoint, orjson.dumps(to_json()))
 
     def _sync_chat(self, chat_id: int) -> None:
-        """Write every checkpoint of the chat's that waits for a sync."""
-        with self._unsynced_lock:
-            paths = [path for path, u in self._unsynced.items() if u.chat_id == chat_id]
-        for path in paths:
-            self._sync(path)
+        """Write every page of the chat's that waits for a sync, and its checkpoint."""
+        with self._waiting_lock:
+            keys = [key for key in self._waiting if key[0] == chat_id]
+        for key in keys:
+            self._sync(key)
 
-    def _sync(self, path: str) -> None:
-        """Make the pages appended to ``path`` durable and write their checkpoint."""
-        with self._unsynced_lock:
-            unsynced = self._unsynced.pop(path, None)
-        if unsynced is not None:
-            _fsync_path(path)
-            atomic_write(unsynced.checkpoint, unsynced.data)
+    def _sync(self, key: _Key) -> None:
+        """Write the pages waiting for ``key``'s file, make them durable and write their
+        checkpoint."""
+        with self._waiting_lock:
+            waiting = self._waiting.pop(key, None)
+        if waiting is not None:
+            _append(waiting.path, waiting.start, b"".join(waiting.pages))
+            atomic_write(waiting.checkpoint, waiting.data)
 
     def _reset(self, chat_id: int, why: str) -> ChatState:
         logger.warning("chat %d: %s; exporting this chat again from the start", chat_id, why)
@@ -511,15 +541,7 @@ class JsonlStore(Store):
             offset = state.length
             state.length += len(data)
             state.messages += len(messages)
-            self._append_page(
-                chat_id,
-                self._main(chat_id),
-                offset,
-                data,
-                self._state_file(chat_id),
-                state.to_json,
-                last=not state.in_progress,
-            )
+            self._append_page((chat_id, _MAIN), offset, data, state.to_json)
             return state
         state.messages += len(messages)
         finished = not state.in_progress
@@ -587,21 +609,11 @@ class JsonlStore(Store):
     def _commit_window(
         self, state: ChatState, window: WindowState, messages: list[Message]
     ) -> WindowState:
-        chat_id = state.chat_id
         data = _lines(messages)
-        segment = self._window_segment(chat_id, window.index)
         offset = window.length
         window.length += len(data)
         window.messages += len(messages)
-        self._append_page(
-            chat_id,
-            segment,
-            offset,
-            data,
-            self._window_file(chat_id, window.index),
-            window.to_json,
-            last=window.done,
-        )
+        self._append_page((state.chat_id, window.index), offset, data, window.to_json)
         return window
 
     def _finish_windows(self, state: ChatState) -> ChatState:
@@ -658,7 +670,7 @@ class JsonlStore(Store):
 
     def _close(self) -> None:
         # A stop (or the end) leaves every checkpoint at the last page appended.
-        with self._unsynced_lock:
-            paths = list(self._unsynced)
-        for path in paths:
-            self._sync(path)
+        with self._waiting_lock:
+            keys = list(self._waiting)
+        for key in keys:
+            self._sync(key)

@@ -149,7 +149,8 @@ class ChatState:
         )
 
     def to_json(self) -> dict[str, Any]:
-        obj = attrs.asdict(self, filter=lambda a, _v: a.name != "windows")
+        # Every page's checkpoint is serialized: a comprehension costs half of attrs.asdict.
+        obj = {name: getattr(self, name) for name in _CHAT_FIELDS}
         if self.windows:
             # Only a windowed chat has the key: a chat walked in one go keeps its layout.
             obj["windows"] = [w.to_json() for w in self.windows]
@@ -166,6 +167,9 @@ class ChatState:
             raise ValueError("a chat checkpoint's windows must be a list")
         state.windows = [WindowState.from_json(w) for w in windows]
         return state
+
+
+_CHAT_FIELDS = tuple(a.name for a in attrs.fields(ChatState) if a.name != "windows")
 
 
 def _one_spelling(instant: str | None) -> str | None:

@@ -4,6 +4,11 @@ Every write happens on a worker thread, never on the event loop: an ``fsync`` or
 commit takes milliseconds, and the loop meanwhile keeps the other chats' requests moving. Each
 runner worker awaits its own commit before it stores the chat's next page, so at most one
 commit per worker is queued: the queue in front of the writer is bounded by the concurrency.
+
+A backend whose pages wait for a grouped sync anyway (JSONL) may instead keep a page in
+memory, on the loop, and write it with the page that makes the sync due (``_defer``): a
+hand-over to a thread costs as much as the write itself, and a killed run loses such a page
+whether it sat in memory or unsynced in the page cache (its checkpoint never claimed it).
 """
 
 from __future__ import annotations
@@ -63,8 +68,9 @@ class Store(abc.ABC):
     def committed_messages(self) -> int:
         """New messages this store has committed since it was created.
 
-        Counted on the store's thread as each commit completes, so a page whose walk was
-        stopped while its commit ran is counted too; exact once :meth:`settle` (or
+        Counted on the store's thread as each commit completes (or when the backend keeps the
+        page for a later write, which :meth:`close` makes at the latest), so a page whose walk
+        was stopped while its commit ran is counted too; exact once :meth:`settle` (or
         :meth:`close`) has returned.
         """
         with self._committed_lock:
@@ -106,7 +112,17 @@ class Store(abc.ABC):
             update: Whether the walk is an update of a chat exported before (its messages are
                 newer than everything stored).
         """
-        return await self._call(self._commit_counted, state, list(messages), update)
+        page = list(messages)
+        if self._defer(state, page, update):
+            self._count(len(page))
+            return state
+        return await self._call(self._commit_counted, state, page, update)
+
+    def _defer(self, state: ChatState, messages: list[Message], update: bool) -> bool:
+        """On the loop: whether the backend kept the page in memory, to be written with a
+        later one or at the latest by ``_close`` (it then updated ``state`` as ``_commit``
+        would). The default keeps nothing."""
+        return False
 
     def _commit_counted(self, state: ChatState, messages: list[Message], update: bool) -> ChatState:
         # On the store's thread: counted as soon as the backend's commit returns, whether or
@@ -134,7 +150,15 @@ class Store(abc.ABC):
         Windows of one chat commit concurrently: each writes only its own checkpoint.
         ``messages`` are newest first and new to the chat.
         """
-        return await self._call(self._commit_window_counted, state, window, list(messages))
+        page = list(messages)
+        if self._defer_window(state, window, page):
+            self._count(len(page))
+            return window
+        return await self._call(self._commit_window_counted, state, window, page)
+
+    def _defer_window(self, state: ChatState, window: WindowState, messages: list[Message]) -> bool:
+        """``_defer`` for a window's page (it then updated ``window``)."""
+        return False
 
     def _commit_window_counted(
         self, state: ChatState, window: WindowState, messages: list[Message]
