@@ -491,9 +491,11 @@ class Messages:
         self._client._require_open()
         return self._client._sessions.resource_root
 
-    async def _page(self, request: ApiRequest, parent: OtelWalk | None = None) -> MessagesPage:
-        body = await self._client._send(request, parent)
-        return parse_page(body or b"")
+    async def _page(self, request: ApiRequest) -> MessagesPage:
+        return parse_page(await self._body(request))
+
+    async def _body(self, request: ApiRequest, parent: OtelWalk | None = None) -> bytes:
+        return await self._client._send(request, parent) or b""
 
     async def chats(self) -> list[Chat]:
         """Every chat the token can see."""
@@ -689,7 +691,7 @@ class Messages:
             first = build_list(root, listing)
         walk = self._client._observer.walk(name)  # a span for the walk, when traced
         pages = walk_pages(
-            self._page if walk is None else functools.partial(self._page, parent=walk),
+            self._body if walk is None else functools.partial(self._body, parent=walk),
             marked(first),
             lambda c: marked(cursor_request(self._root(), c, listing)),
             direction=direction,

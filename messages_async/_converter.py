@@ -61,6 +61,7 @@ __all__ = [
     "decode_message",
     "decode_page",
     "format_datetime",
+    "peek_cursors",
     "unstructure",
 ]
 
@@ -110,6 +111,12 @@ class _WirePage(msgspec.Struct):
     total_count: _Int | None = None
 
 
+class _Cursors(msgspec.Struct):
+    # A page's cursors alone: its items are skipped, not decoded.
+    next_cursor: str | None = None
+    prev_cursor: str | None = None
+
+
 class _RawItems(msgspec.Struct):
     # The same body again, each item's object left as its bytes (a scan, not a parse).
     items: list[msgspec.Raw] | None = None
@@ -136,6 +143,7 @@ with (
     _page = msgspec.json.Decoder(_WirePage)
     _message_decoder = msgspec.json.Decoder(Message)
 _items = msgspec.json.Decoder(_RawItems)
+_cursors = msgspec.json.Decoder(_Cursors)
 _chat = msgspec.json.Decoder(_WireChat)
 _any = msgspec.json.Decoder()
 
@@ -258,6 +266,17 @@ def decode_page(body: bytes) -> MessagesPage:
         _cursor(wire.prev_cursor),
         None if wire.total_count is None else _int(wire.total_count),
     )
+
+
+def peek_cursors(body: bytes) -> tuple[str | None, str | None] | None:
+    """A page's ``(next_cursor, prev_cursor)``, read without decoding its messages (a scan of
+    the body: a tenth of decoding it), so that a walk can ask for the next page first; None
+    when the body does not read as a page (``decode_page`` then says why)."""
+    try:
+        wire = _cursors.decode(body)
+    except msgspec.MsgspecError:
+        return None
+    return _cursor(wire.next_cursor), _cursor(wire.prev_cursor)
 
 
 def decode_message(body: bytes) -> Message:

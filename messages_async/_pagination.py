@@ -30,7 +30,7 @@ from yarl import URL
 
 from ._errors import PaginationError, UnsafeCursorError
 from ._models import Message, MessagesPage
-from ._wire import ApiRequest
+from ._wire import ApiRequest, parse_cursors, parse_page
 
 __all__ = ["Direction", "retrieve_outcome", "walk_messages", "walk_pages"]
 
@@ -70,7 +70,7 @@ def _check_page(page: MessagesPage, boundary: int | None, direction: Direction) 
 
 
 async def walk_pages(
-    fetch: Callable[[ApiRequest], Coroutine[Any, Any, MessagesPage]],
+    fetch: Callable[[ApiRequest], Coroutine[Any, Any, bytes]],
     first: ApiRequest,
     follow: Callable[[str], ApiRequest],
     *,
@@ -78,14 +78,18 @@ async def walk_pages(
     prefetch: bool = True,
     max_items: int | None = None,
 ) -> AsyncGenerator[MessagesPage, None]:
-    """Yield pages from ``first`` on, following ``next_cursor`` (older) or ``prev_cursor``.
+    """Yield the pages whose bodies ``fetch`` gets, from ``first`` on, following
+    ``next_cursor`` (older) or ``prev_cursor``.
 
     With ``max_items``, no page is requested (or fetched ahead) once the pages yielded hold
     that many messages.
 
     With ``prefetch`` the next page is requested before the current one is yielded, so the
     consumer's work on page *n* overlaps the network time of page *n+1*; at most one page is
-    held ahead, so memory stays bounded.
+    held ahead, so memory stays bounded. Without ``max_items`` it is requested as soon as the
+    body's cursor is read, before the page is decoded and checked: the decoding overlaps the
+    server's time too. A page that then fails its checks is raised, and the page asked for
+    after it is cancelled, never yielded.
 
     A page that checks out is always yielded before a problem with *its cursor* is raised (a
     cycle, or a URL off the API's origin): its messages are new and valid, and a consumer that
@@ -96,11 +100,39 @@ async def walk_pages(
     seen: set[URL] = {first.url}
     boundary: int | None = None
     empty_run = 0
-    ahead: asyncio.Task[MessagesPage] | None = None
+    ahead: asyncio.Task[bytes] | None = None
     wanted = max_items
+    older = direction == "older"
+
+    def next_request(cursor: str | None) -> tuple[ApiRequest | None, Exception | None]:
+        """The request ``cursor`` leads to, or why it is not followed; (None, None): the end."""
+        if cursor is None:
+            return None, None
+        try:
+            # Checked here, before anything is sent: a cursor off the API's origin raises
+            # UnsafeCursorError from ``follow``.
+            request = follow(cursor)
+            if request.url in seen:
+                raise PaginationError(
+                    "the server sent a cursor that this walk has already followed; "
+                    "stopped instead of looping forever"
+                )
+        except (PaginationError, UnsafeCursorError) as exc:
+            return None, exc
+        seen.add(request.url)
+        return request, None
+
     try:
-        page = await fetch(first)
+        body = await fetch(first)
         while True:
+            read_ahead = parse_cursors(body) if prefetch and wanted is None else None
+            if read_ahead is not None:
+                request, failure = next_request(read_ahead[0 if older else 1])
+                if request is not None:
+                    ahead = asyncio.create_task(fetch(request), name=_PREFETCH)
+                    # Let the request go out now, before this page is decoded.
+                    await asyncio.sleep(0)
+            page = parse_page(body)
             boundary = _check_page(page, boundary, direction)
             empty_run = 0 if page.items else empty_run + 1
             if empty_run >= MAX_EMPTY_PAGES:
@@ -108,34 +140,18 @@ async def walk_pages(
                     f"the server sent {MAX_EMPTY_PAGES} empty pages in a row, each with a new "
                     "cursor; stopped the walk as stuck"
                 )
-            cursor = page.next_cursor if direction == "older" else page.prev_cursor
-            if wanted is not None:
-                wanted -= len(page.items)
-                if wanted <= 0:
-                    cursor = None  # the caller has all it asked for: fetch nothing more
-            request: ApiRequest | None = None
-            failure: PaginationError | UnsafeCursorError | None = None
-            if cursor is not None:
-                try:
-                    # Checked here, before anything is sent: a cursor off the API's origin
-                    # raises UnsafeCursorError from ``follow``.
-                    request = follow(cursor)
-                    if request.url in seen:
-                        raise PaginationError(
-                            "the server sent a cursor that this walk has already followed; "
-                            "stopped instead of looping forever"
-                        )
-                except (PaginationError, UnsafeCursorError) as exc:
-                    failure, request = exc, None
-                else:
-                    seen.add(request.url)
-                    if prefetch:
-                        ahead = asyncio.create_task(
-                            fetch(request), name="messages_async page prefetch"
-                        )
-                        # Let the request go out now: a consumer that works on this page
-                        # without awaiting would otherwise hold it back until it is done.
-                        await asyncio.sleep(0)
+            if read_ahead is None:
+                cursor = page.next_cursor if older else page.prev_cursor
+                if wanted is not None:
+                    wanted -= len(page.items)
+                    if wanted <= 0:
+                        cursor = None  # the caller has all it asked for: fetch nothing more
+                request, failure = next_request(cursor)
+                if request is not None and prefetch:
+                    ahead = asyncio.create_task(fetch(request), name=_PREFETCH)
+                    # A consumer that works on this page without awaiting would otherwise
+                    # hold the request back until it is done.
+                    await asyncio.sleep(0)
             yield page
             if failure is not None:
                 raise failure
@@ -144,10 +160,10 @@ async def walk_pages(
             if ahead is not None:
                 # ``ahead`` stays set while awaited, so the ``finally`` below still owns it
                 # if this await is interrupted.
-                page = await ahead
+                body = await ahead
                 ahead = None
             else:
-                page = await fetch(request)
+                body = await fetch(request)
     finally:
         if ahead is not None:
             ahead.add_done_callback(retrieve_outcome)
@@ -157,6 +173,9 @@ async def walk_pages(
                 # over. If this wait is itself cancelled, CancelledError goes on up and the
                 # callback above still collects the task's outcome.
                 await asyncio.wait([ahead])
+
+
+_PREFETCH = "messages_async page prefetch"
 
 
 def retrieve_outcome(task: asyncio.Task[Any]) -> None:

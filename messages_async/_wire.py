@@ -23,7 +23,7 @@ import orjson
 from yarl import URL
 
 from ._checks import count, flag
-from ._converter import decode_chats, decode_message, decode_page, unstructure
+from ._converter import decode_chats, decode_message, decode_page, peek_cursors, unstructure
 from ._errors import (
     ApiError,
     AuthError,
@@ -77,6 +77,7 @@ __all__ = [
     "is_outage_status",
     "is_scope_token",
     "parse_chats",
+    "parse_cursors",
     "parse_message",
     "parse_page",
     "parse_retry_after",
@@ -440,6 +441,10 @@ def parse_chats(body: bytes) -> list[Chat]:
 
 def parse_page(body: bytes) -> MessagesPage:
     return decode_page(body)
+
+
+def parse_cursors(body: bytes) -> tuple[str | None, str | None] | None:
+    return peek_cursors(body)
 
 
 def parse_message(body: bytes) -> Message:

@@ -25,6 +25,8 @@ from helpers import listings as _listings
 from yarl import URL
 
 import messages_async as ma
+from messages_async import _pagination
+from messages_async._wire import parse_page
 from messages_async.testing import Fault, MessagesServer, OriginRecorder
 
 CursorMode = Literal["url", "token"]
@@ -472,6 +474,35 @@ async def test_prefetch_overlaps_a_consumer_that_never_awaits() -> None:
     for n in range(len(received) - 1):
         # The server saw page n+1 asked for while the consumer was still busy with page n.
         assert listings[n + 1].started < received[n] + 0.05
+
+
+@pytest.mark.parametrize("max_items", [None, 35])
+async def test_the_next_page_is_asked_for_before_this_one_is_decoded(
+    monkeypatch: pytest.MonkeyPatch, max_items: int | None
+) -> None:
+    # Decoding made slow (50 ms of CPU): the cursor is read first, so the server sees the next
+    # request while the page is still being decoded. With max_items the walk must count the
+    # page's messages before it asks for more, so it decodes first.
+    decoded: list[float] = []
+
+    def slow_parse(body: bytes) -> ma.MessagesPage:
+        time.sleep(0.05)
+        page = parse_page(body)
+        decoded.append(time.monotonic())
+        return page
+
+    monkeypatch.setattr(_pagination, "parse_page", slow_parse)
+    with _server_in_a_thread(chats=1, messages_per_chat=40, seed=1) as server:
+        chat_id = server.chat_ids()[0]
+        async with _client(server) as client:
+            got = [m.id async for m in client.messages.iter(chat_id, limit=10, max_items=max_items)]
+        listings = _listings(server)
+    assert got == _ids(server.messages(chat_id))[:max_items]
+    for n in range(len(listings) - 1):
+        if max_items is None:
+            assert listings[n + 1].started < decoded[n] - 0.03  # asked for while decoding
+        else:
+            assert listings[n + 1].started >= decoded[n]
 
 
 async def test_without_prefetch_requests_wait_for_the_consumer() -> None:
