@@ -21,9 +21,8 @@ Models stay plain attrs classes; this module states the contract's quirks once:
 
 Decoding is msgspec, in C, straight into the models: msgspec reads the models with the wire's
 types (``_reading_the_wire``: digit strings, ``null`` text, the envelope), and ``_messages``
-then gives each field its model's type in one loop (the rules a type cannot state). Each
-message's JSON is cut out of the same bytes by a second, cheap pass (a scan, not a parse),
-when a message of the page first asks for it.
+then gives each field its model's type in one loop (the rules a type cannot state), and hands
+each message its JSON, cut out of the same bytes by a second, cheap pass (a scan, not a parse).
 Decoding is strict: msgspec's lax mode would also read a number as a datetime. A body that
 breaks the contract raises :class:`DecodeError` naming where (``$.items[3].id``).
 """
@@ -36,7 +35,6 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from itertools import repeat
 from typing import Annotated, Any, TypeVar
 
 import cattrs
@@ -52,7 +50,6 @@ from ._models import (
     MessagesPage,
     NewAttachment,
     Period,
-    _PageJson,
     _Received,
 )
 
@@ -152,9 +149,7 @@ _any = msgspec.json.Decoder()
 
 # Stores that bypass frozen attrs' __setattr__, as attrs' own __init__ does: the objects are
 # still being built.
-_set_raw_json, _set_page, _set_place = (
-    _Received.__dict__[name].__set__ for name in ("_raw_json", "_page", "_place")
-)
+_set_raw_json = _Received.__dict__["_raw_json"].__set__
 (_set_id, _set_uid, _set_text, _set_attachments, _set_created) = (
     Message.__dict__[name].__set__ for name in ("id", "uid", "message", "attachments", "created_at")
 )
@@ -169,19 +164,14 @@ def _sized(attachments: tuple[Attachment, ...]) -> tuple[Attachment, ...]:
     return attachments
 
 
-def _raw_items(body: bytes) -> list[msgspec.Raw]:
-    return _items.decode(body).items or []
-
-
-def _messages(items: list[Message], body: bytes) -> list[Message]:
-    """The messages msgspec filled from ``body``, given their models' types: the rules types
-    cannot state."""
-    # Every message of every page runs through here, so the work is in C where it can be:
-    # where each message's JSON is, handed over by maps (consumed by a deque that keeps
-    # nothing, the itertools recipe), then one loop with everything in locals, the frequent
-    # cases first.
-    deque(map(_set_page, items, repeat(_PageJson(body, _raw_items))), maxlen=0)
-    deque(map(_set_place, items, range(len(items))), maxlen=0)
+def _messages(items: list[Message], raws: list[msgspec.Raw]) -> list[Message]:
+    """The messages msgspec filled, given their models' types: the rules types cannot state."""
+    # Every message of every page runs through here, so the work is in C where it can be: the
+    # JSON handed over by a map (consumed by a deque that keeps nothing, the itertools
+    # recipe), then one loop with everything in locals, the frequent cases first. The JSON
+    # is cut here rather than on first use: exporters ask for every message's, and one map
+    # over the page costs them less than a property that cuts.
+    deque(map(_set_raw_json, items, raws), maxlen=0)
     set_attachments, utc = _set_attachments, UTC
     for message in items:
         found: Any = message.attachments
@@ -260,7 +250,7 @@ def decode_page(body: bytes) -> MessagesPage:
     wire, body = _decoding(body, "message page", _page.decode)
     items = wire.items
     return MessagesPage(
-        _messages(items, body) if items else [],
+        _messages(items, _items.decode(body).items or []) if items else [],
         None if wire.limit is None else _int(wire.limit),
         _cursor(wire.next_cursor),
         _cursor(wire.prev_cursor),
@@ -281,8 +271,7 @@ def peek_cursors(body: bytes) -> tuple[str | None, str | None] | None:
 
 def decode_message(body: bytes) -> Message:
     wire, body = _decoding(body, "message", _message_decoder.decode)
-    (message,) = _messages([wire], body)
-    _set_raw_json(message, msgspec.Raw(body))
+    (message,) = _messages([wire], [msgspec.Raw(body)])
     return message
 
 

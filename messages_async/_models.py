@@ -9,7 +9,7 @@ line that made it, before anything is sent.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -96,35 +96,13 @@ class NewAttachment:
     name: str | None = attrs.field(default=None, validator=_optional_str)
 
 
-class _PageJson:
-    """A page's body, cut into each item's JSON on first use: a walk that never reads
-    ``raw_json`` never pays for the cut (a scan of the body, a fifth of its decoding)."""
-
-    __slots__ = ("_body", "_cut", "_items")
-
-    def __init__(self, body: bytes, cut: Callable[[bytes], list[msgspec.Raw]]) -> None:
-        self._body = body
-        self._cut = cut
-        self._items: list[msgspec.Raw] | None = None
-
-    def item(self, index: int) -> msgspec.Raw:
-        items = self._items
-        if items is None:
-            # Two threads may both cut (an exporter reads on its own thread): the same result.
-            items = self._items = self._cut(self._body)
-        return items[index]
-
-
 class _Received:
     # What a decoded message keeps of the wire, outside the attrs fields: msgspec fills the
     # fields of a model straight from JSON and then looks up every field it did not see,
-    # which for these (never on the wire) would cost as much as the rest of the decode.
-    # ``_page`` and ``_place``: where the message's JSON is, until ``_raw_json`` is cut.
-    __slots__ = ("_page", "_place", "_raw", "_raw_json")
+    # which for these two (never on the wire) cost as much as the rest of the decode.
+    __slots__ = ("_raw", "_raw_json")
     _raw: Mapping[str, Any]
     _raw_json: msgspec.Raw
-    _page: _PageJson
-    _place: int
 
 
 @attrs.frozen
@@ -146,19 +124,12 @@ class Message(_Received):
     def raw_json(self) -> msgspec.Raw:
         """The message's JSON object exactly as received, unknown fields included: what
         exporters store. A :class:`msgspec.Raw` (bytes-like UTF-8 JSON, a view of the page's
-        body: ``bytes(m.raw_json)``, ``str(m.raw_json, "utf-8")``, cut from it when a message
-        of the page first asks); empty for a message made in code."""
+        body: ``bytes(m.raw_json)``, ``str(m.raw_json, "utf-8")``); empty for a message made
+        in code."""
         try:
             return self._raw_json
         except AttributeError:
-            pass
-        try:
-            page = self._page
-        except AttributeError:
             return _NO_JSON
-        raw_json = page.item(self._place)
-        object.__setattr__(self, "_raw_json", raw_json)
-        return raw_json
 
     @property
     def raw(self) -> Mapping[str, Any]:

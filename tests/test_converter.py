@@ -19,7 +19,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import messages_async as ma
-from messages_async import _converter
 from messages_async._wire import parse_chats, parse_message, parse_page
 
 scalars = st.one_of(
@@ -241,20 +240,6 @@ def test_each_message_gets_its_own_json() -> None:
     assert page.items[3].raw_json is page.items[3].raw_json
     (alone,) = parse_page(json.dumps({"items": items[:1]}).encode()).items
     assert alone.raw == items[0]  # the page it came from is gone; its JSON is not
-
-
-def test_a_pages_json_is_cut_once_and_only_when_a_message_asks(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    cuts: list[bytes] = []
-    cut = _converter._raw_items
-    monkeypatch.setattr(_converter, "_raw_items", lambda body: cuts.append(body) or cut(body))
-    items = [{"id": i, "uid": 1, "message": f"m{i}", "x": i} for i in range(4)]
-    page = parse_page(json.dumps({"items": items}).encode())
-    assert [m.id for m in page.items] == [0, 1, 2, 3]
-    assert cuts == []  # a walk that reads no JSON never pays for the cut
-    assert [m.raw for m in reversed(page.items)] == items[::-1]
-    assert len(cuts) == 1  # every message of the page from the one cut
 
 
 def test_a_decoded_page_is_freed_without_the_cycle_collector() -> None:
