@@ -199,9 +199,8 @@ def _truncate(path: str, length: int) -> None:
         os.fsync(f.fileno())
 
 
-def _append(path: str, offset: int, data: bytes, *, sync: bool = True) -> int:
-    """Write ``data`` at ``offset`` (the checkpointed end); the new end. ``sync``: made
-    durable before returning."""
+def _append(path: str, offset: int, data: bytes) -> int:
+    """Write ``data`` at ``offset`` (the checkpointed end), durably; the new end."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         if data:
@@ -214,8 +213,7 @@ def _append(path: str, offset: int, data: bytes, *, sync: bool = True) -> int:
                 view = view[n:]
                 pos += n
         os.ftruncate(fd, offset + len(data))
-        if sync:
-            os.fsync(fd)
+        os.fsync(fd)
     finally:
         os.close(fd)
     return offset + len(data)
