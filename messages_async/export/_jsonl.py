@@ -22,12 +22,12 @@ cut could lose. Syncs are grouped: a chat's pages wait in memory (on the event l
 hand-over to a thread) until its checkpoint is due, after every ``sync_pages``-th page,
 after ``sync_seconds`` since the first one waiting, when the chat ends or fails and when the
 store closes; then they are appended in one write, the file is synced and the checkpoint
-written. Memory holds at most ``sync_pages`` pages per chat being walked. A run killed in
-between loses the waiting pages (perhaps leaving a torn line of the write under way past the
-checkpoint); the next run truncates the file back to the checkpoint and fetches those pages
-again from the cursor it records, so no line is ever lost, duplicated or torn, and a killed
-run costs at most ``sync_pages`` pages a chat again. Each chat has its own checkpoint file, so
-a checkpoint costs the same with ten chats or a hundred thousand.
+written. Memory holds at most ``sync_pages`` pages per chat (or window) being walked. A run
+killed in between loses the waiting pages (perhaps leaving a torn line of the write under
+way past the checkpoint); the next run truncates the file back to the checkpoint and fetches
+those pages again from the cursor it records, so no line is ever lost, duplicated or torn,
+and a killed run costs at most ``sync_pages`` pages a chat again. Each chat has its own
+checkpoint file, so a checkpoint costs the same with ten chats or a hundred thousand.
 
 Updates. A file is newest first, but an update fetches messages *newer* than everything in
 it, which belong at the top. An update therefore writes its pages, with the same
