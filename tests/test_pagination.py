@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import threading
 import time
 from collections import Counter
@@ -276,6 +277,23 @@ async def test_a_page_that_goes_backwards_raises(after: int) -> None:
             await _assert_nothing_left(client)
         # Only the good pages before the bad one, each message once.
         assert got == expected[: 5 * after]
+
+
+async def test_a_page_read_ahead_that_breaks_the_contract_is_raised_not_yielded() -> None:
+    # Its cursor reads fine, so the next request goes out before the page is decoded; the
+    # decoding then fails, the walk raises, and that request is cancelled with nothing left.
+    async with MessagesServer(chats=1, messages_per_chat=60, seed=4) as server:
+        chat_id = server.chat_ids()[0]
+        expected = _ids(server.messages(chat_id))
+        bad = json.dumps({"items": [{"id": "x1", "uid": 1, "message": "m"}], "next_cursor": "c"})
+        server.inject(Fault.malformed(body=bad.encode()), path="messages/", after=2)
+        got: list[int] = []
+        async with _client(server) as client:
+            with pytest.raises(ma.DecodeError, match=r"\$\.items\[0\]\.id"):
+                await _drain_ids(client.messages.iter(chat_id, limit=5), got)
+            await _assert_nothing_left(client)
+        assert got == expected[:10]  # the two good pages, each message once
+        assert len(_listings(server)) <= 4  # the bad page's cursor asked for at most once
 
 
 @pytest.mark.parametrize("cursor_mode", CURSOR_MODES)
