@@ -17,7 +17,8 @@ the page being fetched ahead. The checks that keep a misbehaving server from tra
   request is built (``_wire.cursor_request``).
 
 A bad cursor is raised after the page that carried it has been yielded (that page is itself
-good); a bad page is raised instead of being yielded.
+good); a bad page is raised instead of being yielded (the page after it may already have been
+asked for, its cursor checked as above: that request is cancelled).
 """
 
 from __future__ import annotations
@@ -104,7 +105,9 @@ async def walk_pages(
     wanted = max_items
     older = direction == "older"
 
-    def next_request(cursor: str | None) -> tuple[ApiRequest | None, Exception | None]:
+    def next_request(
+        cursor: str | None,
+    ) -> tuple[ApiRequest | None, PaginationError | UnsafeCursorError | None]:
         """The request ``cursor`` leads to, or why it is not followed; (None, None): the end."""
         if cursor is None:
             return None, None
@@ -122,15 +125,21 @@ async def walk_pages(
         seen.add(request.url)
         return request, None
 
+    def fetch_ahead(request: ApiRequest) -> asyncio.Task[bytes]:
+        """The next page's request, as a task: the caller owns it (``ahead``) before it
+        yields to the loop, so that the ``finally`` below cancels it whatever happens next,
+        and then yields once (``sleep(0)``) to let the request go out before the decoding,
+        or a consumer that works on the page without awaiting, holds it back."""
+        return asyncio.create_task(fetch(request), name="messages_async page prefetch")
+
     try:
         body = await fetch(first)
         while True:
-            read_ahead = parse_cursors(body) if prefetch and wanted is None else None
-            if read_ahead is not None:
-                request, failure = next_request(read_ahead[0 if older else 1])
+            cursors_ahead = parse_cursors(body) if prefetch and wanted is None else None
+            if cursors_ahead is not None:
+                request, failure = next_request(cursors_ahead[0 if older else 1])
                 if request is not None:
-                    ahead = asyncio.create_task(fetch(request), name=_PREFETCH)
-                    # Let the request go out now, before this page is decoded.
+                    ahead = fetch_ahead(request)
                     await asyncio.sleep(0)
             page = parse_page(body)
             boundary = _check_page(page, boundary, direction)
@@ -140,7 +149,7 @@ async def walk_pages(
                     f"the server sent {MAX_EMPTY_PAGES} empty pages in a row, each with a new "
                     "cursor; stopped the walk as stuck"
                 )
-            if read_ahead is None:
+            if cursors_ahead is None:
                 cursor = page.next_cursor if older else page.prev_cursor
                 if wanted is not None:
                     wanted -= len(page.items)
@@ -148,9 +157,7 @@ async def walk_pages(
                         cursor = None  # the caller has all it asked for: fetch nothing more
                 request, failure = next_request(cursor)
                 if request is not None and prefetch:
-                    ahead = asyncio.create_task(fetch(request), name=_PREFETCH)
-                    # A consumer that works on this page without awaiting would otherwise
-                    # hold the request back until it is done.
+                    ahead = fetch_ahead(request)
                     await asyncio.sleep(0)
             yield page
             if failure is not None:
@@ -173,9 +180,6 @@ async def walk_pages(
                 # over. If this wait is itself cancelled, CancelledError goes on up and the
                 # callback above still collects the task's outcome.
                 await asyncio.wait([ahead])
-
-
-_PREFETCH = "messages_async page prefetch"
 
 
 def retrieve_outcome(task: asyncio.Task[Any]) -> None:

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import messages_async as ma
-from messages_async._wire import parse_chats, parse_message, parse_page
+from messages_async._wire import parse_chats, parse_cursors, parse_message, parse_page
 
 scalars = st.one_of(
     st.none(),
@@ -240,6 +240,33 @@ def test_each_message_gets_its_own_json() -> None:
     assert page.items[3].raw_json is page.items[3].raw_json
     (alone,) = parse_page(json.dumps({"items": items[:1]}).encode()).items
     assert alone.raw == items[0]  # the page it came from is gone; its JSON is not
+
+
+@pytest.mark.parametrize(
+    ("body", "cursors"),
+    [
+        (b'{"items": [{"id": 1, "uid": 2, "message": "m"}], "next_cursor": "n"}', ("n", None)),
+        (b'{"prev_cursor": "p", "next_cursor": "", "items": []}', (None, "p")),
+        (b'{"items": null, "next_cursor": null, "prev_cursor": null}', (None, None)),
+        (b'{"items": "not a list", "next_cursor": "n", "extra": {"x": [1]}}', ("n", None)),
+        # What a walk cannot read ahead: it then decodes first, and decode_page says why.
+        (b'{"items": [], "next_cursor": 5}', None),
+        (b"[1, 2]", None),
+        (b'{"items": [', None),
+        (b'{"next_cursor": "\\ud83d", "items": []}', None),  # a lone surrogate
+    ],
+)
+def test_a_pages_cursors_are_read_ahead_as_decode_page_reads_them(
+    body: bytes, cursors: tuple[str | None, str | None] | None
+) -> None:
+    assert parse_cursors(body) == cursors
+    if cursors is None:
+        return
+    try:
+        page = parse_page(body)
+    except ma.DecodeError:
+        return  # its items break the contract: the walk raises after asking ahead
+    assert (page.next_cursor, page.prev_cursor) == cursors
 
 
 def test_a_decoded_page_is_freed_without_the_cycle_collector() -> None:

@@ -33,10 +33,12 @@ from messages_async.export import (
     SqliteStore,
     Store,
     StoreError,
+    _jsonl,
     _runner,
     progress_line,
 )
-from messages_async.export._state import ChatState
+from messages_async.export._jsonl import read_window
+from messages_async.export._state import ChatState, WindowState
 from messages_async.testing import Fault, MessagesServer
 
 FORMATS = ("sqlite", "jsonl")
@@ -929,6 +931,73 @@ async def test_jsonl_close_and_failure_write_the_checkpoints_waiting_for_a_sync(
     assert (closed.messages, closed.cursor) == (30, "a80")
     assert disk.durable[str(out / "messages" / "chat_id=1" / "messages.jsonl")] == closed.length
     assert len((out / "messages" / "chat_id=1" / "messages.jsonl").read_bytes().splitlines()) == 30
+
+
+async def test_jsonl_pages_kept_for_a_sync_that_fails_are_written_by_the_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A full disk, say, at the third page's sync: the commit raises, and the two pages kept
+    # before it must not be lost, nor leave a hole that a later checkpoint would claim.
+    out = tmp_path / "out"
+    real_append = _jsonl._append
+    failures = [OSError(28, "No space left on device")]
+
+    def append(path: str, offset: int, data: bytes) -> int:
+        if failures and data:
+            raise failures.pop()
+        return real_append(path, offset, data)
+
+    monkeypatch.setattr(_jsonl, "_append", append)
+    async with JsonlStore(str(out), sync_pages=3, sync_seconds=100.0, clock=_Clock()) as store:
+        await store.open(ExportMeta(source="https://api.example/"), fresh=False)
+        state = await store.load(7)
+        for n, top in enumerate((100, 90)):
+            new = attrs.evolve(state, cursor=f"c{n}")
+            state = await store.commit(new, _page_of(range(top, top - 10, -1)), update=False)
+        third = _page_of(range(80, 70, -1))
+        with pytest.raises(OSError, match="No space left"):
+            await store.commit(attrs.evolve(state, cursor="c2"), third, update=False)
+        await store.commit(attrs.evolve(state, cursor="c2"), third, update=False)  # the retry
+    data = (out / "messages" / "chat_id=7" / "messages.jsonl").read_bytes()
+    assert b"\0" not in data
+    assert [orjson.loads(line)["id"] for line in data.splitlines()] == list(range(100, 70, -1))
+    stored = _checkpoint(out, 7)
+    assert (stored.messages, stored.length, stored.cursor) == (30, len(data), "c2")
+
+
+async def test_jsonl_window_pages_kept_for_their_sync_are_written_at_close(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "out"
+    windows = [WindowState(0, till=datetime(2026, 1, 2, tzinfo=UTC)), WindowState(1)]
+    async with JsonlStore(str(out), sync_pages=100, sync_seconds=100.0, clock=_Clock()) as store:
+        await store.open(ExportMeta(source="https://api.example/"), fresh=False)
+        state = await store.start_windows(await store.load(7), windows)
+        for window, top in (
+            (state.windows[0], 100),
+            (state.windows[0], 90),
+            (state.windows[1], 50),
+        ):
+            window.cursor = f"w{window.index}-{top}"
+            await store.commit_window(state, window, _page_of(range(top, top - 10, -1)))
+        assert read_window(str(out / ".pending" / "7.window-0.json"), windows[0]).messages == 0
+    for index, messages in ((0, 20), (1, 10)):
+        segment = out / ".pending" / f"7.window-{index}.jsonl"
+        stored = read_window(str(out / ".pending" / f"7.window-{index}.json"), windows[index])
+        assert (stored.messages, stored.length) == (messages, segment.stat().st_size)
+        assert len(segment.read_bytes().splitlines()) == messages
+
+
+async def test_a_commit_after_close_is_refused(tmp_path: Path) -> None:
+    store = JsonlStore(str(tmp_path / "out"), sync_pages=8)
+    async with store:
+        await store.open(ExportMeta(source="https://api.example/"), fresh=False)
+        state = await store.load(7)
+    with pytest.raises(StoreError, match="the store is closed"):
+        await store.commit(
+            attrs.evolve(state, cursor="c"), _page_of(range(10, 0, -1)), update=False
+        )
+    assert store.committed_messages == 0
 
 
 @pytest.mark.parametrize(

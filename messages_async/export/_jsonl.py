@@ -19,10 +19,11 @@ then the chat's checkpoint, which records the file's length after that page, is 
 temporary file, ``fsync``-ed and renamed over the old one (an atomic replace). The file is
 ``fsync``-ed before every checkpoint written, so no checkpoint ever claims a byte that a power
 cut could lose. Syncs are grouped: a chat's pages wait in memory (on the event loop, with no
-hand-over to a thread) until its checkpoint is due, after every ``sync_pages``-th page,
-after ``sync_seconds`` since the first one waiting, when the chat ends or fails and when the
-store closes; then they are appended in one write, the file is synced and the checkpoint
-written. Memory holds at most ``sync_pages`` pages per chat (or window) being walked. A run
+hand-over to a thread) until its checkpoint is due: with every ``sync_pages``-th page, with
+the first page ``sync_seconds`` after the first one waiting, when the chat ends or fails and
+when the store closes. Then they are appended in one write, the file is synced and the
+checkpoint written (a write that fails leaves them waiting, for the next sync or the
+close). Memory holds at most ``sync_pages`` pages per chat (or window) being walked. A run
 killed in between loses the waiting pages (perhaps leaving a torn line of the write under
 way past the checkpoint); the next run truncates the file back to the checkpoint and fetches
 those pages again from the cursor it records, so no line is ever lost, duplicated or torn,
@@ -228,15 +229,13 @@ _MAIN = -1
 class _Waiting:
     """One file's pages kept in memory until their sync is due, and the checkpoint after them."""
 
-    __slots__ = ("checkpoint", "data", "pages", "path", "since", "start")
+    __slots__ = ("checkpoint", "pages", "since", "start")
 
-    def __init__(self, path: str, checkpoint: str, start: int, since: float) -> None:
-        self.path = path
-        self.checkpoint = checkpoint
+    def __init__(self, start: int, since: float) -> None:
         self.start = start  # where the first of them goes: the file's checkpointed end
         self.since = since
         self.pages: list[bytes] = []
-        self.data = b""  # the checkpoint after the last of them
+        self.checkpoint = b""  # the checkpoint as of the last of them, serialized
 
 
 def _copy_into(out: Any, path: str, length: int) -> None:
@@ -282,6 +281,14 @@ def _lines(messages: list[Message]) -> bytes:
     if b"\n" in flat or b"\r" in flat:
         return b"".join([_one_line(raw) + b"\n" for raw in raws])
     return b"\n".join(raws) + b"\n"
+
+
+def _advance(progress: ChatState | WindowState, messages: list[Message]) -> bytes:
+    """The page's lines; ``progress`` (a chat's or a window's checkpoint) now counts them."""
+    data = _lines(messages)
+    progress.length += len(data)
+    progress.messages += len(messages)
+    return data
 
 
 class JsonlStore(Store):
@@ -419,16 +426,21 @@ class JsonlStore(Store):
 
     def _defer(self, state: ChatState, messages: list[Message], update: bool) -> bool:
         key = (state.chat_id, _MAIN)
-        return not update and self._wait(key, state, messages, last=not state.in_progress)
+        return not update and self._keep(key, state, messages, last=not state.in_progress)
 
     def _defer_window(self, state: ChatState, window: WindowState, messages: list[Message]) -> bool:
-        return self._wait((state.chat_id, window.index), window, messages, last=window.done)
+        return self._keep((state.chat_id, window.index), window, messages, last=window.done)
 
-    def _wait(
-        self, key: _Key, counts: ChatState | WindowState, messages: list[Message], *, last: bool
+    def _keep(
+        self,
+        key: _Key,
+        progress: ChatState | WindowState,
+        messages: list[Message],
+        *,
+        last: bool,
     ) -> bool:
         """On the loop: keep a page for ``key``'s file in memory unless its sync is due; then
-        ``counts`` (the checkpoint's state) includes it, and the checkpoint waits for it.
+        ``progress`` (the checkpoint's state) includes it, and the checkpoint waits for it.
         ``last``: nothing follows in that file, so the sync is due now."""
         now = self._clock()
         with self._waiting_lock:
@@ -436,28 +448,26 @@ class JsonlStore(Store):
             pages, since = (0, now) if waiting is None else (len(waiting.pages), waiting.since)
             if last or pages + 1 >= self._sync_pages or now - since >= self._sync_seconds:
                 return False
-            data = _lines(messages)
             if waiting is None:
-                waiting = self._waiting[key] = _Waiting(*self._files(key), counts.length, now)
-            waiting.pages.append(data)
-            counts.length += len(data)
-            counts.messages += len(messages)
+                waiting = self._waiting[key] = _Waiting(progress.length, now)
+            waiting.pages.append(_advance(progress, messages))
             # The checkpoint as of this page, serialized now: the state objects change later.
-            waiting.data = orjson.dumps(counts.to_json())
+            waiting.checkpoint = orjson.dumps(progress.to_json())
         return True
 
-    def _append_page(self, key: _Key, offset: int, data: bytes, to_json: Callable[[], Any]) -> None:
-        """Append a page whose sync is due to ``key``'s file at ``offset``, after the pages
-        waiting for it, make them durable, then write the checkpoint ``to_json()`` gives."""
+    def _append_page(self, key: _Key, offset: int, data: bytes, checkpoint: bytes) -> None:
+        """Write a page whose sync is due to ``key``'s file at ``offset``, after the pages
+        waiting for it, durably, then its ``checkpoint``."""
         with self._waiting_lock:
             waiting = self._waiting.pop(key, None)
         if waiting is None:
-            path, checkpoint = self._files(key)
-        else:
-            path, checkpoint = waiting.path, waiting.checkpoint
-            offset, data = waiting.start, b"".join([*waiting.pages, data])
-        _append(path, offset, data)
-        atomic_write(checkpoint, orjson.dumps(to_json()))
+            self._write(key, offset, [data], checkpoint)
+            return
+        try:
+            self._write(key, waiting.start, [*waiting.pages, data], checkpoint)
+        except BaseException:
+            self._put_back(key, waiting)
+            raise
 
     def _sync_chat(self, chat_id: int) -> None:
         """Write every page of the chat's that waits for a sync, and its checkpoint."""
@@ -467,13 +477,27 @@ class JsonlStore(Store):
             self._sync(key)
 
     def _sync(self, key: _Key) -> None:
-        """Write the pages waiting for ``key``'s file, make them durable and write their
-        checkpoint."""
+        """Write the pages waiting for ``key``'s file, durably, then their checkpoint."""
         with self._waiting_lock:
             waiting = self._waiting.pop(key, None)
-        if waiting is not None:
-            _append(waiting.path, waiting.start, b"".join(waiting.pages))
-            atomic_write(waiting.checkpoint, waiting.data)
+        if waiting is None:
+            return
+        try:
+            self._write(key, waiting.start, waiting.pages, waiting.checkpoint)
+        except BaseException:
+            self._put_back(key, waiting)
+            raise
+
+    def _put_back(self, key: _Key, waiting: _Waiting) -> None:
+        # A write that failed leaves the pages waiting, where the state already counts them:
+        # the next sync of the file (or the store's close) writes them, at the same offset.
+        with self._waiting_lock:
+            self._waiting.setdefault(key, waiting)
+
+    def _write(self, key: _Key, offset: int, pages: list[bytes], checkpoint: bytes) -> None:
+        path, checkpoint_path = self._files(key)
+        _append(path, offset, b"".join(pages))  # durable before the checkpoint claims it
+        atomic_write(checkpoint_path, checkpoint)
 
     def _reset(self, chat_id: int, why: str) -> ChatState:
         logger.warning("chat %d: %s; exporting this chat again from the start", chat_id, why)
@@ -530,25 +554,23 @@ class JsonlStore(Store):
         return state
 
     def _commit(self, state: ChatState, messages: list[Message], update: bool) -> ChatState:
-        data = _lines(messages)
         chat_id = state.chat_id
-        if update:
-            if data or state.pending_length:
-                state.pending_length = _append(self._pending(chat_id), state.pending_length, data)
-        else:
+        if not update:
             offset = state.length
-            state.length += len(data)
-            state.messages += len(messages)
-            self._append_page((chat_id, _MAIN), offset, data, state.to_json)
+            data = _advance(state, messages)
+            self._append_page((chat_id, _MAIN), offset, data, orjson.dumps(state.to_json()))
             return state
+        data = _lines(messages)
+        if data or state.pending_length:
+            state.pending_length = _append(self._pending(chat_id), state.pending_length, data)
         state.messages += len(messages)
         finished = not state.in_progress
-        if update and finished and state.pending_length:
+        if finished and state.pending_length:
             state.merging = True
             self._write_state(state)
             _fsync_path(self._p(_STATE))
             return self._finish_merge(state)
-        if update and finished:
+        if finished:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._pending(chat_id))
         self._write_state(state)
@@ -607,11 +629,11 @@ class JsonlStore(Store):
     def _commit_window(
         self, state: ChatState, window: WindowState, messages: list[Message]
     ) -> WindowState:
-        data = _lines(messages)
         offset = window.length
-        window.length += len(data)
-        window.messages += len(messages)
-        self._append_page((state.chat_id, window.index), offset, data, window.to_json)
+        data = _advance(window, messages)
+        self._append_page(
+            (state.chat_id, window.index), offset, data, orjson.dumps(window.to_json())
+        )
         return window
 
     def _finish_windows(self, state: ChatState) -> ChatState:
@@ -667,8 +689,15 @@ class JsonlStore(Store):
         return state
 
     def _close(self) -> None:
-        # A stop (or the end) leaves every checkpoint at the last page appended.
+        # A stop (or the end) leaves every checkpoint at the last page kept. One file that
+        # cannot be written does not keep the others' pages from theirs.
         with self._waiting_lock:
             keys = list(self._waiting)
+        failed: BaseException | None = None
         for key in keys:
-            self._sync(key)
+            try:
+                self._sync(key)
+            except Exception as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed

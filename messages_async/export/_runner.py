@@ -247,8 +247,8 @@ class Exporter:
         store: An open store.
         options: What to export.
         stop: Set it to stop cleanly: workers are cancelled, and every committed page stays.
-        on_commit: Called with each page's new messages once they are committed (it must not
-            block: the export's ``--media`` queues their attachments).
+        on_commit: Called with each page's new messages once the store has taken them (it
+            must not block: the export's ``--media`` queues their attachments).
         rescan: Run for each chat after its update, under the same retry rules (the
             export's ``--rescan``: it finds edits and deletions).
     """

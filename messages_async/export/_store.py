@@ -59,8 +59,13 @@ class Store(abc.ABC):
         future.add_done_callback(self._running.discard)
         return await asyncio.wrap_future(future)
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"{self.path}: the store is closed; nothing more can be stored")
+
     def _count(self, messages: int) -> None:
-        """Called on a store thread once ``messages`` new messages are committed."""
+        """Called once ``messages`` new messages are committed: on a store thread, or on the
+        loop for a page the backend keeps for a later write."""
         with self._committed_lock:
             self._committed += messages
 
@@ -98,7 +103,11 @@ class Store(abc.ABC):
         await self._call(self._save_chats, list(chats))
 
     async def load(self, chat_id: int) -> ChatState:
-        """The chat's last checkpoint (after repairing anything a crash left behind)."""
+        """The chat's last checkpoint (after repairing anything a crash left behind).
+
+        Not while one of the chat's commits is under way: a chat is written by one caller at
+        a time (the exporter loads a chat before it walks it).
+        """
         return await self._call(self._load, chat_id)
 
     async def commit(
@@ -106,12 +115,17 @@ class Store(abc.ABC):
     ) -> ChatState:
         """Store ``messages`` and ``state`` together, atomically; return the stored state.
 
+        A backend that syncs in groups (JSONL) may keep the page in memory when this returns:
+        it is written with the chat's next sync, at the latest by :meth:`close`, and a crash
+        before that loses it and its checkpoint together (the next run fetches it again).
+
         Args:
             state: The chat's checkpoint after this page (the store fills in its own fields).
             messages: The page's messages still to store, newest first.
             update: Whether the walk is an update of a chat exported before (its messages are
                 newer than everything stored).
         """
+        self._check_open()
         page = list(messages)
         if self._defer(state, page, update):
             self._count(len(page))
@@ -150,6 +164,7 @@ class Store(abc.ABC):
         Windows of one chat commit concurrently: each writes only its own checkpoint.
         ``messages`` are newest first and new to the chat.
         """
+        self._check_open()
         page = list(messages)
         if self._defer_window(state, window, page):
             self._count(len(page))
