@@ -127,10 +127,18 @@ class Store(abc.ABC):
         """
         self._check_open()
         page = list(messages)
-        if self._defer(state, page, update):
+        kept = self._defer(state, page, update)
+        return await self._written(page, kept, state, self._commit_counted, state, page, update)
+
+    async def _written(
+        self, page: list[Message], kept: bool, stored: T, write: Callable[..., T], *args: Any
+    ) -> T:
+        """A page's commit: one the backend ``kept`` for a later write is counted now (and
+        ``stored`` returned); any other is written by ``write(*args)`` on the store's thread."""
+        if kept:
             self._count(len(page))
-            return state
-        return await self._call(self._commit_counted, state, page, update)
+            return stored
+        return await self._call(write, *args)
 
     def _defer(self, state: ChatState, messages: list[Message], update: bool) -> bool:
         """On the loop: whether the backend kept the page in memory, to be written with a
@@ -166,10 +174,10 @@ class Store(abc.ABC):
         """
         self._check_open()
         page = list(messages)
-        if self._defer_window(state, window, page):
-            self._count(len(page))
-            return window
-        return await self._call(self._commit_window_counted, state, window, page)
+        kept = self._defer_window(state, window, page)
+        return await self._written(
+            page, kept, window, self._commit_window_counted, state, window, page
+        )
 
     def _defer_window(self, state: ChatState, window: WindowState, messages: list[Message]) -> bool:
         """``_defer`` for a window's page (it then updated ``window``)."""
