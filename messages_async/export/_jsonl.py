@@ -458,16 +458,11 @@ class JsonlStore(Store):
     def _append_page(self, key: _Key, offset: int, data: bytes, checkpoint: bytes) -> None:
         """Write a page whose sync is due to ``key``'s file at ``offset``, after the pages
         waiting for it, durably, then its ``checkpoint``."""
-        with self._waiting_lock:
-            waiting = self._waiting.pop(key, None)
+        waiting = self._take(key)
         if waiting is None:
             self._write(key, offset, [data], checkpoint)
-            return
-        try:
-            self._write(key, waiting.start, [*waiting.pages, data], checkpoint)
-        except BaseException:
-            self._put_back(key, waiting)
-            raise
+        else:
+            self._write_waiting(key, waiting, [data], checkpoint)
 
     def _sync_chat(self, chat_id: int) -> None:
         """Write every page of the chat's that waits for a sync, and its checkpoint."""
@@ -478,21 +473,28 @@ class JsonlStore(Store):
 
     def _sync(self, key: _Key) -> None:
         """Write the pages waiting for ``key``'s file, durably, then their checkpoint."""
-        with self._waiting_lock:
-            waiting = self._waiting.pop(key, None)
-        if waiting is None:
-            return
-        try:
-            self._write(key, waiting.start, waiting.pages, waiting.checkpoint)
-        except BaseException:
-            self._put_back(key, waiting)
-            raise
+        waiting = self._take(key)
+        if waiting is not None:
+            self._write_waiting(key, waiting, [], waiting.checkpoint)
 
-    def _put_back(self, key: _Key, waiting: _Waiting) -> None:
-        # A write that failed leaves the pages waiting, where the state already counts them:
-        # the next sync of the file (or the store's close) writes them, at the same offset.
+    def _take(self, key: _Key) -> _Waiting | None:
         with self._waiting_lock:
-            self._waiting.setdefault(key, waiting)
+            return self._waiting.pop(key, None)
+
+    def _write_waiting(
+        self, key: _Key, waiting: _Waiting, then: list[bytes], checkpoint: bytes
+    ) -> None:
+        """Write the pages ``waiting`` and the pages ``then`` after them, then ``checkpoint``.
+
+        A write that fails leaves the waiting pages waiting, where the state already counts
+        them: the next sync of the file (or the store's close) writes them, at the same
+        offset."""
+        try:
+            self._write(key, waiting.start, [*waiting.pages, *then], checkpoint)
+        except BaseException:
+            with self._waiting_lock:
+                self._waiting.setdefault(key, waiting)
+            raise
 
     def _write(self, key: _Key, offset: int, pages: list[bytes], checkpoint: bytes) -> None:
         path, checkpoint_path = self._files(key)
