@@ -125,12 +125,15 @@ async def walk_pages(
         seen.add(request.url)
         return request, None
 
-    def fetch_ahead(request: ApiRequest) -> asyncio.Task[bytes]:
-        """The next page's request, as a task: the caller owns it (``ahead``) before it
-        yields to the loop, so that the ``finally`` below cancels it whatever happens next,
-        and then yields once (``sleep(0)``) to let the request go out before the decoding,
-        or a consumer that works on the page without awaiting, holds it back."""
-        return asyncio.create_task(fetch(request), name="messages_async page prefetch")
+    async def fetch_ahead(request: ApiRequest) -> None:
+        """Start the next page's request as ``ahead``, and let it go out now: the decoding,
+        or a consumer that works on the page without awaiting, would otherwise hold it
+        back until it is done."""
+        nonlocal ahead
+        # Set before the loop gets a turn, so that the ``finally`` below cancels it
+        # whatever happens next.
+        ahead = asyncio.create_task(fetch(request), name="messages_async page prefetch")
+        await asyncio.sleep(0)
 
     try:
         body = await fetch(first)
@@ -139,8 +142,7 @@ async def walk_pages(
             if cursors_ahead is not None:
                 request, failure = next_request(cursors_ahead[0 if older else 1])
                 if request is not None:
-                    ahead = fetch_ahead(request)
-                    await asyncio.sleep(0)
+                    await fetch_ahead(request)
             page = parse_page(body)
             boundary = _check_page(page, boundary, direction)
             empty_run = 0 if page.items else empty_run + 1
@@ -157,8 +159,7 @@ async def walk_pages(
                         cursor = None  # the caller has all it asked for: fetch nothing more
                 request, failure = next_request(cursor)
                 if request is not None and prefetch:
-                    ahead = fetch_ahead(request)
-                    await asyncio.sleep(0)
+                    await fetch_ahead(request)
             yield page
             if failure is not None:
                 raise failure
