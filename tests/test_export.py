@@ -1037,14 +1037,6 @@ async def _rerun_exactly(server: MessagesServer, args: list[str], out: Path) -> 
     assert_exact(server, "jsonl", out)
 
 
-def _jsonl_checkpoint(out: Path, chat_id: int) -> ChatState | None:
-    """A JSONL chat's checkpoint (None: none written yet)."""
-    checkpoint = out / "state" / f"{chat_id}.json"
-    if not checkpoint.exists():
-        return None
-    return ChatState.from_json(orjson.loads(checkpoint.read_bytes()))
-
-
 def _cursors(server: MessagesServer, chat_id: int, since: int) -> list[str | None]:
     """The cursors of the chat's listings after the server's first ``since``, in the order
     they came (``None``: the chat's first page). A chat's pages are asked for one at a time."""
@@ -1063,8 +1055,8 @@ async def test_sync_pages_on_the_command_line_is_how_far_a_killed_jsonl_run_fall
         assert killed, "the export should still be running at the kill"
         fetched = {chat_id: _cursors(srv, chat_id, 0) for chat_id in srv.chat_ids()}
         assert all(len(cursors) > 8 for cursors in fetched.values()), fetched
-        stored = [_jsonl_checkpoint(out, chat_id) for chat_id in fetched]
-        assert all(st is None or st.messages == 0 for st in stored), stored
+        stored = [_checkpoint(out, chat_id) for chat_id in fetched]
+        assert all(st.messages == 0 for st in stored), stored
         rerun = len(listings(srv))
         await _rerun_exactly(srv, [*args, "--sync-pages", "1"], out)
         for chat_id, cursors in fetched.items():
@@ -1085,8 +1077,8 @@ async def test_a_jsonl_export_killed_between_syncs_fetches_those_pages_again_exa
             run = len(listings(srv))
             await kill_after_listings(srv, args, target)
             for chat_id in srv.chat_ids():
-                stored, cursors = _jsonl_checkpoint(out, chat_id), _cursors(srv, chat_id, run)
-                if stored is None or stored.done or stored.cursor is None:
+                stored, cursors = _checkpoint(out, chat_id), _cursors(srv, chat_id, run)
+                if stored.done or stored.cursor is None:  # none written yet, or done
                     continue
                 # The checkpoint keeps the next page's link; a listing's query has its cursor.
                 resume = URL(stored.cursor).query.get("cursor")
