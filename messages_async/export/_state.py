@@ -84,7 +84,7 @@ class WindowState:
         return Period(from_=self.from_, till=self.till)
 
     def to_json(self) -> dict[str, Any]:
-        obj = attrs.asdict(self)
+        obj = {name: getattr(self, name) for name in _WINDOW_FIELDS}  # as ChatState's, below
         for name in ("from_", "till"):
             value = getattr(self, name)
             obj[name] = None if value is None else value.isoformat()
@@ -169,6 +169,7 @@ class ChatState:
         return state
 
 
+_WINDOW_FIELDS = tuple(a.name for a in attrs.fields(WindowState))
 _CHAT_FIELDS = tuple(a.name for a in attrs.fields(ChatState) if a.name != "windows")
 
 
