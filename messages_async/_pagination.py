@@ -183,7 +183,7 @@ async def walk_pages(
                 await asyncio.wait([ahead])
 
 
-def retrieve_outcome(task: asyncio.Task[Any]) -> None:
+def retrieve_outcome(task: asyncio.Future[Any]) -> None:
     """Done-callback for a task whose result nobody will read: mark its outcome as seen, so
     asyncio does not report an exception that was "never retrieved"."""
     if not task.cancelled():

@@ -189,6 +189,12 @@ def stop_after_commits(n: int) -> Callable[[Store, asyncio.Event], None]:
     return tap
 
 
+def _thread_part(store: Store) -> str:
+    """What of a page's commit runs on the store's thread: SQLite commits its queued pages
+    there; JSONL begins a sync's write on the loop and finishes it there."""
+    return "_commit_batch" if isinstance(store, SqliteStore) else "_finish_counted"
+
+
 def stop_during_commits() -> Callable[[Store, asyncio.Event], None]:
     """Stop the export (as Ctrl-C does) while a commit is running on the store's thread.
 
@@ -198,7 +204,7 @@ def stop_during_commits() -> Callable[[Store, asyncio.Event], None]:
 
     def tap(store: Store, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
-        name = "_commit_batch" if isinstance(store, SqliteStore) else "_commit"
+        name = _thread_part(store)
         original = getattr(store, name)
 
         def commit(*args: Any) -> Any:
@@ -321,7 +327,7 @@ async def test_cancelling_settle_does_not_cancel_the_writes_it_waits_for(
     out = _out(tmp_path, fmt)
     # One thread each, so the second page waits behind the first, which is held up.
     store = SqliteStore(str(out)) if fmt == "sqlite" else JsonlStore(str(out), threads=1)
-    name = "_commit_batch" if fmt == "sqlite" else "_commit"
+    name = _thread_part(store)
     original = getattr(store, name)
 
     def slow(*args: Any) -> Any:
@@ -933,36 +939,163 @@ async def test_jsonl_close_and_failure_write_the_checkpoints_waiting_for_a_sync(
     assert len((out / "messages" / "chat_id=1" / "messages.jsonl").read_bytes().splitlines()) == 30
 
 
+@pytest.mark.parametrize("where", ["write", "fsync", "threads"])
 async def test_jsonl_pages_kept_for_a_sync_that_fails_are_written_by_the_retry(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
     # A full disk, say, at the third page's sync: the commit raises, and the two pages kept
     # before it must not be lost, nor leave a hole that a later checkpoint would claim.
+    # Whether the write into the page cache fails (on the loop), or the wait for the disk (on
+    # the thread), or the whole write of a store that writes from its threads.
     out = tmp_path / "out"
-    real_append = _jsonl._append
-    failures = [OSError(28, "No space left on device")]
+    name = {"write": "_unsynced_append", "fsync": "_synced", "threads": "_append"}[where]
+    real = getattr(_jsonl, name)
+    failures: list[OSError] = []
 
-    def append(path: str, offset: int, data: bytes) -> int:
-        if failures and data:
+    def failing(*args: Any) -> Any:
+        if failures:
             raise failures.pop()
-        return real_append(path, offset, data)
+        return real(*args)
 
-    monkeypatch.setattr(_jsonl, "_append", append)
+    monkeypatch.setattr(_jsonl, name, failing)
     async with JsonlStore(str(out), sync_pages=3, sync_seconds=100.0, clock=_Clock()) as store:
+        if where == "threads":
+            store._loop_writes.slow = store._loop_writes.strikes
         await store.open(ExportMeta(source="https://api.example/"), fresh=False)
         state = await store.load(7)
         for n, top in enumerate((100, 90)):
             new = attrs.evolve(state, cursor=f"c{n}")
             state = await store.commit(new, _page_of(range(top, top - 10, -1)), update=False)
         third = _page_of(range(80, 70, -1))
+        failures.append(OSError(28, "No space left on device"))
         with pytest.raises(OSError, match="No space left"):
             await store.commit(attrs.evolve(state, cursor="c2"), third, update=False)
+        assert not failures
         await store.commit(attrs.evolve(state, cursor="c2"), third, update=False)  # the retry
     data = (out / "messages" / "chat_id=7" / "messages.jsonl").read_bytes()
     assert b"\0" not in data
     assert [orjson.loads(line)["id"] for line in data.splitlines()] == list(range(100, 70, -1))
     stored = _checkpoint(out, 7)
     assert (stored.messages, stored.length, stored.cursor) == (30, len(data), "c2")
+    assert store.committed_messages == 30
+    assert not list(out.rglob("*.tmp")) or where != "threads"
+
+
+async def test_jsonl_syncs_move_to_the_threads_once_writes_on_the_loop_are_slow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A clock on which each write on the loop takes 10 ms, as on a slow network mount.
+    clock = _Clock()
+    real = _jsonl._unsynced_append
+
+    def slow(*args: Any) -> Any:
+        clock.now += 0.010
+        return real(*args)
+
+    monkeypatch.setattr(_jsonl, "_unsynced_append", slow)
+    on_thread: list[int] = []
+    async with JsonlStore(str(tmp_path / "out"), sync_pages=1, clock=clock) as store:
+        original = store._commit
+
+        def commit(state: ChatState, messages: list[Any], update: bool) -> ChatState:
+            on_thread.append(state.chat_id)
+            return original(state, messages, update)
+
+        monkeypatch.setattr(store, "_commit", commit)
+        await store.open(ExportMeta(source="https://api.example/"), fresh=False)
+        state = await store.load(7)
+        for n in range(5):
+            new = attrs.evolve(state, cursor=f"c{n}")
+            top = 100 - 10 * n
+            state = await store.commit(new, _page_of(range(top, top - 10, -1)), update=False)
+    # Three slow writes on the loop, then the last two pages written on the thread.
+    assert on_thread == [7, 7]
+    assert _checkpoint(tmp_path / "out", 7).messages == 50
+
+
+@pytest.mark.parametrize(
+    ("durations", "allowed"),
+    [
+        ([], True),
+        ([0.0001] * 100, True),
+        ([0.01, 0.0001, 0.01], True),  # two slow writes: not yet
+        ([0.01, 0.0001, 0.01, 0.0001, 0.01], False),  # the third, however far apart
+        ([0.002] * 3, True),  # at the limit is not over it
+        ([0.01] * 3 + [0.0001] * 10, False),  # and for good
+    ],
+)
+def test_loop_writes_policy(durations: list[float], allowed: bool) -> None:
+    policy = _jsonl.LoopWrites(limit=0.002, strikes=3)
+    for seconds in durations:
+        policy.took(seconds)
+    assert policy.allowed is allowed
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "sqlite"])
+async def test_a_new_export_loads_its_chats_without_reading_and_a_resumed_one_reads_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    out = _out(tmp_path, fmt)
+    read: list[int] = []
+
+    def opened(fmt: str) -> Store:
+        store: Store = SqliteStore(str(out)) if fmt == "sqlite" else JsonlStore(str(out))
+        original = store._load
+
+        def load(chat_id: int) -> ChatState:
+            read.append(chat_id)
+            return original(chat_id)
+
+        monkeypatch.setattr(store, "_load", load)
+        return store
+
+    async with opened(fmt) as store:
+        await store.open(ExportMeta(source="https://api.example/"), fresh=True)
+        state = await store.load(8)
+        assert (state.messages, state.cursor, read) == (0, None, [])
+        page = _page_of(range(10, 0, -1))
+        await store.commit(attrs.evolve(state, cursor="c"), page, update=False)
+        # A chat the store has handled is read back: from now on its checkpoint says.
+        assert ((await store.load(8)).messages, read) == (10, [8])
+        assert ((await store.load(7)).messages, read) == (0, [8])
+    read.clear()
+    async with opened(fmt) as store:  # resumed: every chat is read
+        await store.open(ExportMeta(source="https://api.example/"), fresh=False)
+        assert ((await store.load(8)).messages, (await store.load(7)).messages) == (10, 0)
+        assert read == [8, 7]
+
+
+async def test_a_jsonl_sync_whose_caller_is_cancelled_is_still_finished(tmp_path: Path) -> None:
+    # One thread, held up by a first sync: the second chat's sync waits behind it when its
+    # worker is cancelled. Its pages are in the page cache already; the thread must still
+    # make them durable and put the checkpoint in place.
+    out = tmp_path / "out"
+    store = JsonlStore(str(out), threads=1, sync_pages=1)
+    original = store._finish_counted
+
+    def slow(*args: Any) -> Any:
+        time.sleep(0.2)
+        return original(*args)
+
+    store._finish_counted = slow  # type: ignore[method-assign]
+    async with store:
+        await store.open(ExportMeta(source="https://api.example/"), fresh=True)
+        commits = []
+        for chat_id in (1, 2):
+            state = attrs.evolve(await store.load(chat_id), cursor="c")
+            page = _page_of(range(10 * chat_id, 10 * chat_id - 10, -1))
+            commits.append(asyncio.create_task(store.commit(state, page, update=False)))
+        await asyncio.sleep(0.05)
+        commits[1].cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await commits[1]
+        await commits[0]
+    for chat_id in (1, 2):
+        stored = _checkpoint(out, chat_id)
+        data = (out / "messages" / f"chat_id={chat_id}" / "messages.jsonl").read_bytes()
+        assert (stored.messages, stored.length) == (10, len(data))
+    assert store.committed_messages == 20
+    assert not list(out.rglob("*.tmp"))
 
 
 async def test_jsonl_window_pages_kept_for_their_sync_are_written_at_close(

@@ -10,8 +10,8 @@ Python::
         await store.open(ExportMeta(source=client.resource_uri or ""), fresh=False)
         stats = await Exporter(client, store, options).run()
 
-Stores (where an export goes; all their methods are coroutines, the work runs on the store's
-own threads, never on the event loop):
+Stores (where an export goes; all their methods are coroutines, and anything that waits for
+the disk runs on the store's own threads, never on the event loop):
 
 - ``SqliteStore(path)``: one SQLite file with the tables ``chats(chat_id, raw, type, name,
   picture_url, members_count)``, ``messages(id, chat_id, raw, uid, message, created_at)``
@@ -26,7 +26,10 @@ own threads, never on the event loop):
   partitions DuckDB joins on), ``state.json`` and ``state/<chat_id>.json`` (the checkpoints).
   A chat's checkpoint is atomically replaced after its file is ``fsync``-ed, every
   ``sync_pages`` pages (default 8), every ``sync_seconds`` (default 1) and at its end, so no
-  line is ever lost, torn or duplicated; a killed run fetches what followed it again.
+  line is ever lost, torn or duplicated; a killed run fetches what followed it again. The
+  pages and the checkpoint go into the page cache from the event loop, and only the
+  ``fsync`` and the rename wait on a thread (a file system whose writes take over 2 ms, say
+  a network mount, gets all of its writing done on the threads instead).
 - ``ParquetStore(path, threads=4, part_rows=10000)``: a hive-partitioned dataset,
   ``messages/chat_id=<id>/part-<n>.parquet`` and ``chats.parquet`` with typed columns (needs
   the ``parquet`` extra); a part is renamed into place only when complete.

@@ -23,7 +23,12 @@ hand-over to a thread) until its checkpoint is due: with every ``sync_pages``-th
 the first page ``sync_seconds`` after the first one waiting, when the chat ends or fails and
 when the store closes. Then they are appended in one write, the file is synced and the
 checkpoint written (a write that fails leaves them waiting, for the next sync or the
-close). Memory holds at most ``sync_pages`` pages per chat (or window) being walked. A run
+close). The write of a sync due with a page begins on the loop: the pages and the new
+checkpoint go into the page cache there (tens of microseconds), and a store thread waits for
+the disk (the two ``fsync``) and renames the checkpoint into place. A thread's every system
+call hands the GIL over and back, which costs the busy loop more than the write itself; a
+file system slow enough to hold up the loop gets all of its writing done on the threads
+(``LoopWrites``). Memory holds at most ``sync_pages`` pages per chat (or window) being walked. A run
 killed in between loses the waiting pages (perhaps leaving a torn line of the write under
 way past the checkpoint); the next run truncates the file back to the checkpoint and fetches
 those pages again from the cursor it records, so no line is ever lost, duplicated or torn,
@@ -68,7 +73,7 @@ import orjson
 from .._checks import count, seconds
 from .._models import Message
 from ._state import ChatState, ExportMeta, WindowState
-from ._store import Store, StoreError, mismatch
+from ._store import KEPT, Store, StoreError, mismatch
 
 __all__ = [
     "RESCAN_FOLDERS",
@@ -118,8 +123,9 @@ def open_folder_export(
     ours: tuple[str, ...],
     folders: tuple[str, ...],
     header: Mapping[str, Any],
-) -> None:
-    """Open (or create) an export kept in the directory ``root``, as JSONL and Parquet are.
+) -> bool:
+    """Open (or create) an export kept in the directory ``root``, as JSONL and Parquet are;
+    True if it is new (it holds no chat).
 
     ``stored_meta`` reads what ``root`` holds (``StoreError``: something else, or unreadable);
     with ``fresh``, an unreadable export of ours is discarded rather than refused. A new
@@ -147,6 +153,7 @@ def open_folder_export(
             os.path.join(root, meta_file), orjson.dumps(header, option=orjson.OPT_INDENT_2)
         )
         _fsync_path(root)
+    return stored is None
 
 
 def _fsync_path(path: str) -> None:
@@ -160,12 +167,31 @@ def _fsync_path(path: str) -> None:
 
 def atomic_write(path: str, data: bytes) -> None:
     """Replace ``path`` with ``data`` so a reader (or a crash) sees the old or the new file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _installed(path, _unsynced_replacement(path, data))
+
+
+def _unsynced_replacement(path: str, data: bytes) -> int:
+    """``data`` written to ``path``'s temporary file (in the page cache): its descriptor."""
+    fd = os.open(f"{path}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _write_at(fd, data, 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _installed(path: str, fd: int) -> None:
+    """The replacement of ``path`` that ``fd`` holds, made durable and then put in place."""
+    _synced(fd)
+    os.replace(f"{path}.tmp", path)
+
+
+def _synced(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_window(path: str, window: WindowState) -> None:
@@ -202,22 +228,37 @@ def _truncate(path: str, length: int) -> None:
 
 def _append(path: str, offset: int, data: bytes) -> int:
     """Write ``data`` at ``offset`` (the checkpointed end), durably; the new end."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-    try:
-        if data:
-            # pwrite at the checkpointed offset, not O_APPEND: the file's end is where the
-            # checkpoint says, whatever a crashed run may have left beyond it.
-            view = memoryview(data)
-            pos = offset
-            while view:
-                n = os.pwrite(fd, view, pos)
-                view = view[n:]
-                pos += n
-        os.ftruncate(fd, offset + len(data))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _synced(_unsynced_append(path, offset, data))
     return offset + len(data)
+
+
+def _unsynced_append(path: str, offset: int, data: bytes) -> int:
+    """``data`` written at ``offset`` (in the page cache), the file cut after it: its descriptor.
+
+    The file's folder is made if need be (a chat of a new export gets it with its first page).
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        # At the checkpointed offset, not O_APPEND: the file's end is where the checkpoint
+        # says, whatever a crashed run may have left beyond it.
+        _write_at(fd, data, offset)
+        os.ftruncate(fd, offset + len(data))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _write_at(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
 
 
 #: Which file a chat's pages go to: ``(chat_id, _MAIN)`` its own, ``(chat_id, n)`` window n's
@@ -236,6 +277,38 @@ class _Waiting:
         self.since = since
         self.pages: list[bytes] = []
         self.checkpoint = b""  # the checkpoint as of the last of them, serialized
+
+
+class LoopWrites:
+    """Whether a due write still begins on the event loop (see ``JsonlStore._begin``).
+
+    Into the page cache, a sync's write takes tens of microseconds, less than handing it to
+    a thread. A file system that takes longer (a network mount, a disk under writeback)
+    would hold up every chat: after ``strikes`` writes slower than ``limit`` seconds, the
+    store's threads do all of the writing from then on.
+    """
+
+    __slots__ = ("limit", "slow", "strikes")
+
+    def __init__(self, *, limit: float = 0.002, strikes: int = 3) -> None:
+        self.limit = limit
+        self.strikes = strikes
+        self.slow = 0
+
+    @property
+    def allowed(self) -> bool:
+        return self.slow < self.strikes
+
+    def took(self, seconds: float) -> None:
+        if seconds > self.limit:
+            self.slow += 1
+            if self.slow == self.strikes:
+                logger.info(
+                    "writes on the event loop took over %.0f ms %d times; the export's "
+                    "threads write from now on",
+                    self.limit * 1000,
+                    self.strikes,
+                )
 
 
 def _copy_into(out: Any, path: str, length: int) -> None:
@@ -324,6 +397,7 @@ class JsonlStore(Store):
         # loop, emptied on the store's threads.
         self._waiting: dict[_Key, _Waiting] = {}
         self._waiting_lock = threading.Lock()
+        self._loop_writes = LoopWrites()
 
     def _p(self, *parts: str) -> str:
         return os.path.join(self.path, *parts)
@@ -394,7 +468,7 @@ class JsonlStore(Store):
             ) from None
 
     def _open(self, meta: ExportMeta, fresh: bool) -> None:
-        open_folder_export(
+        self._new = open_folder_export(
             self.path,
             meta,
             fresh,
@@ -424,11 +498,16 @@ class JsonlStore(Store):
         self._sync((state.chat_id, _MAIN))  # the checkpoint may claim what it holds
         atomic_write(self._state_file(state.chat_id), orjson.dumps(state.to_json()))
 
-    def _defer(self, state: ChatState, messages: list[Message], update: bool) -> bool:
-        key = (state.chat_id, _MAIN)
-        return not update and self._keep(key, state, messages, last=not state.in_progress)
+    def _defer(
+        self, state: ChatState, messages: list[Message], update: bool
+    ) -> Callable[[], None] | None:
+        if update:
+            return None
+        return self._keep((state.chat_id, _MAIN), state, messages, last=not state.in_progress)
 
-    def _defer_window(self, state: ChatState, window: WindowState, messages: list[Message]) -> bool:
+    def _defer_window(
+        self, state: ChatState, window: WindowState, messages: list[Message]
+    ) -> Callable[[], None] | None:
         return self._keep((state.chat_id, window.index), window, messages, last=window.done)
 
     def _keep(
@@ -438,22 +517,69 @@ class JsonlStore(Store):
         messages: list[Message],
         *,
         last: bool,
-    ) -> bool:
-        """On the loop: keep a page for ``key``'s file in memory unless its sync is due; then
-        ``progress`` (the checkpoint's state) includes it, and the checkpoint waits for it.
+    ) -> Callable[[], None] | None:
+        """On the loop: keep a page for ``key``'s file in memory unless its sync is due, or
+        else begin the due write (``_begin``); ``progress`` (the checkpoint's state) then
+        includes the page. None: the write is left to the store's threads (``_commit``).
         ``last``: nothing follows in that file, so the sync is due now."""
         now = self._clock()
         with self._waiting_lock:
             waiting = self._waiting.get(key)
             pages, since = (0, now) if waiting is None else (len(waiting.pages), waiting.since)
-            if last or pages + 1 >= self._sync_pages or now - since >= self._sync_seconds:
-                return False
-            if waiting is None:
-                waiting = self._waiting[key] = _Waiting(progress.length, now)
-            waiting.pages.append(_advance(progress, messages))
-            # The checkpoint as of this page, serialized now: the state objects change later.
-            waiting.checkpoint = orjson.dumps(progress.to_json())
-        return True
+            due = last or pages + 1 >= self._sync_pages or now - since >= self._sync_seconds
+            if not due:
+                if waiting is None:
+                    waiting = self._waiting[key] = _Waiting(progress.length, now)
+                waiting.pages.append(_advance(progress, messages))
+                # The checkpoint as of this page, serialized now: the state objects change later.
+                waiting.checkpoint = orjson.dumps(progress.to_json())
+                return KEPT
+        if not self._loop_writes.allowed:
+            return None
+        return self._begin(key, progress, messages)
+
+    def _begin(
+        self, key: _Key, progress: ChatState | WindowState, messages: list[Message]
+    ) -> Callable[[], None]:
+        """On the loop: write the pages waiting for ``key``'s file and this one, and the
+        checkpoint after them, into the page cache; the rest, for a store thread: wait for
+        the disk, then put the checkpoint in place."""
+        offset = progress.length
+        data = _advance(progress, messages)
+        checkpoint = orjson.dumps(progress.to_json())
+        waiting = self._take(key)
+        if waiting is None:
+            start, pages = offset, [data]
+        else:
+            start, pages = waiting.start, [*waiting.pages, data]
+        path, checkpoint_path = self._files(key)
+        began = self._clock()
+        try:
+            fd = _unsynced_append(path, start, b"".join(pages))
+            try:
+                replacement = _unsynced_replacement(checkpoint_path, checkpoint)
+            except BaseException:
+                os.close(fd)
+                raise
+        except BaseException:
+            self._put_back(key, waiting)
+            raise
+        finally:
+            self._loop_writes.took(self._clock() - began)
+
+        def finish() -> None:
+            try:
+                try:
+                    _synced(fd)  # durable before the checkpoint claims it
+                except BaseException:
+                    os.close(replacement)
+                    raise
+                _installed(checkpoint_path, replacement)
+            except BaseException:
+                self._put_back(key, waiting)
+                raise
+
+        return finish
 
     def _append_page(self, key: _Key, offset: int, data: bytes, checkpoint: bytes) -> None:
         """Write a page whose sync is due to ``key``'s file at ``offset``, after the pages
@@ -492,9 +618,14 @@ class JsonlStore(Store):
         try:
             self._write(key, waiting.start, [*waiting.pages, *then], checkpoint)
         except BaseException:
+            self._put_back(key, waiting)
+            raise
+
+    def _put_back(self, key: _Key, waiting: _Waiting | None) -> None:
+        """After a write that failed: the pages it took wait again, at the same offset."""
+        if waiting is not None:
             with self._waiting_lock:
                 self._waiting.setdefault(key, waiting)
-            raise
 
     def _write(self, key: _Key, offset: int, pages: list[bytes], checkpoint: bytes) -> None:
         path, checkpoint_path = self._files(key)
@@ -585,6 +716,7 @@ class JsonlStore(Store):
 
     def _start_windows(self, state: ChatState) -> ChatState:
         chat_id = state.chat_id
+        self._place(chat_id)  # for the join's rename: a new export's chat may have no folder
         self._remove_windows(chat_id)
         for window in state.windows:
             _append(self._window_segment(chat_id, window.index), 0, b"")

@@ -272,6 +272,7 @@ class SqliteStore(Store):
                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('export', ?)",
                     (orjson.dumps(meta.to_json()).decode(),),
                 )
+            self._new = db.execute("SELECT 1 FROM export_state LIMIT 1").fetchone() is None
         except BaseException:
             db.close()
             raise
@@ -334,6 +335,7 @@ class SqliteStore(Store):
         in the next, so the cost of a commit is shared. Each page and its checkpoint are still
         in the same transaction, which is all that crash safety needs.
         """
+        self._handling(state.chat_id)
         stored: ChatState = await self._queued((state, None, list(messages)))
         return stored
 
@@ -341,6 +343,7 @@ class SqliteStore(Store):
         self, state: ChatState, window: WindowState, messages: Sequence[Message]
     ) -> WindowState:
         """A window's page goes through the same group commit as every other page."""
+        self._handling(state.chat_id)
         stored: WindowState = await self._queued((state, window, list(messages)))
         return stored
 

@@ -9,6 +9,14 @@ A backend whose pages wait for a grouped sync anyway (JSONL) may instead keep a 
 memory, on the loop, and write it with the page that makes the sync due (``_defer``): a
 hand-over to a thread costs as much as the write itself, and a killed run loses such a page
 whether it sat in memory or unsynced in the page cache (its checkpoint never claimed it).
+Such a backend may also begin the due write on the loop, into the page cache, and leave only
+the waits for the disk (``fsync``) to its threads: a thread's every system call is a handover
+of the GIL, and while the loop is busy each one costs about as much CPU as the write itself
+(benchmarks/README.md, "export").
+
+A store opened on an output that holds no chat yet (``_new``) answers :meth:`load` from
+memory for every chat it is not already handling: the answer is a new checkpoint, with no
+file to read and nothing to repair.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Self, TypeVar
 
 from .._models import Message
+from .._pagination import retrieve_outcome
 from ._state import ChatState, ExportMeta, WindowState
 
 __all__ = ["Store", "StoreError"]
@@ -30,6 +39,10 @@ __all__ = ["Store", "StoreError"]
 logger = logging.getLogger("messages_async.export")
 
 T = TypeVar("T")
+
+
+def KEPT() -> None:
+    """What ``_defer`` answers for a page that waits in memory: nothing to do on a thread yet."""
 
 
 class StoreError(Exception):
@@ -52,16 +65,29 @@ class Store(abc.ABC):
         self._running: set[Future[Any]] = set()
         self._committed = 0
         self._committed_lock = threading.Lock()
+        # Set by ``_open`` when the output holds no chat: a chat not in ``_handled`` then has
+        # a new checkpoint, and ``load`` needs no thread. Every chat loaded or written is
+        # added, so that from then on its checkpoint is read from the output.
+        self._new = False
+        self._handled: set[int] = set()
 
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _call(self, fn: Callable[..., T], *args: Any, must_run: bool = False) -> T:
+        """``fn(*args)`` on a store thread. ``must_run``: it runs even if the caller is
+        cancelled before it starts (the rest of a write the loop began)."""
         future = self._executor.submit(fn, *args)
         self._running.add(future)
         future.add_done_callback(self._running.discard)
-        return await asyncio.wrap_future(future)
+        result = asyncio.wrap_future(future)
+        if not must_run:
+            return await result
+        result.add_done_callback(retrieve_outcome)
+        return await asyncio.shield(result)
 
-    def _check_open(self) -> None:
+    def _handling(self, chat_id: int) -> None:
+        """Before a write for ``chat_id``: the store must be open; it knows the chat from now."""
         if self._closed:
             raise StoreError(f"{self.path}: the store is closed; nothing more can be stored")
+        self._handled.add(chat_id)
 
     def _count(self, messages: int) -> None:
         """Called once ``messages`` new messages are committed: on a store thread, or on the
@@ -108,6 +134,10 @@ class Store(abc.ABC):
         Not while one of the chat's commits is under way: a chat is written by one caller at
         a time (the exporter loads a chat before it walks it).
         """
+        if self._new and chat_id not in self._handled:
+            self._handled.add(chat_id)
+            return ChatState(chat_id)
+        self._handled.add(chat_id)
         return await self._call(self._load, chat_id)
 
     async def commit(
@@ -125,26 +155,43 @@ class Store(abc.ABC):
             update: Whether the walk is an update of a chat exported before (its messages are
                 newer than everything stored).
         """
-        self._check_open()
+        self._handling(state.chat_id)
         page = list(messages)
-        kept = self._defer(state, page, update)
-        return await self._written(page, kept, state, self._commit_counted, state, page, update)
+        taken = self._defer(state, page, update)
+        return await self._written(page, taken, state, self._commit_counted, state, page, update)
 
     async def _written(
-        self, page: list[Message], kept: bool, stored: T, write: Callable[..., T], *args: Any
+        self,
+        page: list[Message],
+        taken: Callable[[], None] | None,
+        stored: T,
+        write: Callable[..., T],
+        *args: Any,
     ) -> T:
-        """A page's commit: one the backend ``kept`` for a later write is counted now (and
-        ``stored`` returned); any other is written by ``write(*args)`` on the store's thread."""
-        if kept:
+        """A page's commit. One the backend has ``taken`` is counted once the rest of its
+        write (``taken``) is done on a store thread, or now if it is ``KEPT`` for a later
+        write; ``stored`` is returned. Any other is written by ``write(*args)`` on a store
+        thread."""
+        if taken is None:
+            return await self._call(write, *args)
+        if taken is not KEPT:
+            await self._call(self._finish_counted, taken, len(page), must_run=True)
+        else:
             self._count(len(page))
-            return stored
-        return await self._call(write, *args)
+        return stored
 
-    def _defer(self, state: ChatState, messages: list[Message], update: bool) -> bool:
-        """On the loop: whether the backend kept the page in memory, to be written with a
-        later one or at the latest by ``_close`` (it then updated ``state`` as ``_commit``
-        would). The default keeps nothing."""
-        return False
+    def _finish_counted(self, finish: Callable[[], None], messages: int) -> None:
+        finish()
+        self._count(messages)
+
+    def _defer(
+        self, state: ChatState, messages: list[Message], update: bool
+    ) -> Callable[[], None] | None:
+        """On the loop: whether the backend took the page, and what is left for a store
+        thread (``KEPT``: nothing yet, the page waits in memory to be written with a later
+        one or at the latest by ``_close``); the backend then updated ``state`` as
+        ``_commit`` would. None: the store thread commits it (``_commit``), the default."""
+        return None
 
     def _commit_counted(self, state: ChatState, messages: list[Message], update: bool) -> ChatState:
         # On the store's thread: counted as soon as the backend's commit returns, whether or
@@ -161,6 +208,7 @@ class Store(abc.ABC):
 
     async def start_windows(self, state: ChatState, windows: Sequence[WindowState]) -> ChatState:
         """Record that the fresh chat ``state`` is to be walked in ``windows`` (its plan)."""
+        self._handling(state.chat_id)
         state.windows = list(windows)
         return await self._call(self._start_windows, state)
 
@@ -172,16 +220,18 @@ class Store(abc.ABC):
         Windows of one chat commit concurrently: each writes only its own checkpoint.
         ``messages`` are newest first and new to the chat.
         """
-        self._check_open()
+        self._handling(state.chat_id)
         page = list(messages)
-        kept = self._defer_window(state, window, page)
+        taken = self._defer_window(state, window, page)
         return await self._written(
-            page, kept, window, self._commit_window_counted, state, window, page
+            page, taken, window, self._commit_window_counted, state, window, page
         )
 
-    def _defer_window(self, state: ChatState, window: WindowState, messages: list[Message]) -> bool:
+    def _defer_window(
+        self, state: ChatState, window: WindowState, messages: list[Message]
+    ) -> Callable[[], None] | None:
         """``_defer`` for a window's page (it then updated ``window``)."""
-        return False
+        return None
 
     def _commit_window_counted(
         self, state: ChatState, window: WindowState, messages: list[Message]
@@ -208,6 +258,7 @@ class Store(abc.ABC):
 
     async def fail(self, state: ChatState, error: str) -> ChatState:
         """Record that the chat failed with ``error`` (its stored data is kept)."""
+        self._handling(state.chat_id)
         return await self._call(self._fail, state, error)
 
     async def close(self) -> None:
