@@ -28,12 +28,13 @@ checkpoint go into the page cache there (tens of microseconds), and a store thre
 the disk (the two ``fsync``) and renames the checkpoint into place. A thread's every system
 call hands the GIL over and back, which costs the busy loop more than the write itself; a
 file system slow enough to hold up the loop gets all of its writing done on the threads
-(``LoopWrites``). Memory holds at most ``sync_pages`` pages per chat (or window) being walked. A run
-killed in between loses the waiting pages (perhaps leaving a torn line of the write under
-way past the checkpoint); the next run truncates the file back to the checkpoint and fetches
-those pages again from the cursor it records, so no line is ever lost, duplicated or torn,
-and a killed run costs at most ``sync_pages`` pages a chat again. Each chat has its own
-checkpoint file, so a checkpoint costs the same with ten chats or a hundred thousand.
+(``LoopWrites``). Memory holds at most ``sync_pages`` pages per chat (or window) being
+walked. A run killed in between loses the waiting pages (perhaps leaving a torn line of the
+write under way past the checkpoint); the next run truncates the file back to the checkpoint
+and fetches those pages again from the cursor it records, so no line is ever lost,
+duplicated or torn, and a killed run costs at most ``sync_pages`` pages a chat again. Each
+chat has its own checkpoint file, so a checkpoint costs the same with ten chats or a hundred
+thousand.
 
 Updates. A file is newest first, but an update fetches messages *newer* than everything in
 it, which belong at the top. An update therefore writes its pages, with the same
