@@ -4,7 +4,8 @@ Credentials come from the environment only (a secret on the command line is visi
 user through ``ps``): ``MESSAGES_TOKEN_URL``, ``MESSAGES_CLIENT_ID`` and
 ``MESSAGES_CLIENT_SECRET`` for a client-credentials exchange, or ``MESSAGES_ACCESS_TOKEN`` and
 ``MESSAGES_RESOURCE_URI`` for a pre-issued token. ``--token-url`` and ``--client-id`` may name
-the first two, which are not secret.
+the first two, which are not secret. ``export --shard I/N`` takes ``MESSAGES_CLIENT_ID_<I>``
+and ``MESSAGES_CLIENT_SECRET_<I>`` instead when either is set.
 
 Exit status: see the ``export`` parser's epilog (``messages-async export --help``), which the
 README repeats word for word.
@@ -282,7 +283,8 @@ def _parser() -> argparse.ArgumentParser:
         type=_shard,
         metavar="I/N",
         help="export only shard I of N (0 <= I < N, 0-based): the chats whose id hashes to I "
-        "(SHA-256, the same on every machine), each shard into its own --out",
+        "(SHA-256, the same on every machine), each shard into its own --out; with "
+        f"${ENV_CLIENT_ID}_I and ${ENV_CLIENT_SECRET}_I set, the shard signs in with those",
     )
     export.add_argument(
         "--query", metavar="TEXT", help="only messages whose text contains TEXT (any case)"
@@ -416,10 +418,23 @@ def _env(name: str) -> str | None:
     return value or None
 
 
+def _credential_names(args: argparse.Namespace) -> tuple[str, str]:
+    """Where the client id and secret are in the environment: an export of shard I takes the
+    pair ``MESSAGES_CLIENT_ID_<I>`` / ``MESSAGES_CLIENT_SECRET_<I>`` when either is set (one
+    environment, say a Kubernetes Secret, can then hold every shard's), else the usual pair."""
+    shard: Shard | None = getattr(args, "shard", None)
+    if shard is not None:
+        own = (f"{ENV_CLIENT_ID}_{shard.index}", f"{ENV_CLIENT_SECRET}_{shard.index}")
+        if any(_env(name) for name in own):
+            return own
+    return ENV_CLIENT_ID, ENV_CLIENT_SECRET
+
+
 def _client(args: argparse.Namespace, **options: object) -> Client:
+    id_name, secret_name = _credential_names(args)
     token_url = args.token_url or _env(ENV_TOKEN_URL)
-    client_id = args.client_id or _env(ENV_CLIENT_ID)
-    secret = _env(ENV_CLIENT_SECRET)
+    client_id = args.client_id or _env(id_name)
+    secret = _env(secret_name)
     access_token = _env(ENV_ACCESS_TOKEN)
     resource_uri = _env(ENV_RESOURCE_URI)
     try:
@@ -451,8 +466,8 @@ def _client(args: argparse.Namespace, **options: object) -> Client:
             n
             for n, v in (
                 (f"{ENV_TOKEN_URL} (or --token-url)", token_url),
-                (f"{ENV_CLIENT_ID} (or --client-id)", client_id),
-                (ENV_CLIENT_SECRET, secret),
+                (f"{id_name} (or --client-id)", client_id),
+                (secret_name, secret),
             )
             if not v
         ]

@@ -101,6 +101,44 @@ def test_missing_credentials_exit_2_and_name_the_variables(
     assert "MESSAGES_TOKEN_URL (" not in line  # it was given
 
 
+async def test_a_shard_signs_in_with_its_own_pair_when_the_environment_has_one(
+    server: MessagesServer, tmp_path: Path
+) -> None:
+    server.register_client("shard-1", "secret-1")
+    env = cli_env(server)  # the usual pair too, which shard 1 must not use
+    env.update(MESSAGES_CLIENT_ID_1="shard-1", MESSAGES_CLIENT_SECRET_1="secret-1")
+    env.update(MESSAGES_CLIENT_ID_0="shard-0", MESSAGES_CLIENT_SECRET_0=SECRET)  # not its own
+    out = tmp_path / "shard-1.sqlite"
+    code, stdout, err = await run(server, "--shard", "1/2", "--out", str(out), env=env)
+    assert code == 0, err
+    clients = {server._oauth.client_id_of(r.token) for r in server.resource_requests()}
+    assert clients == {"shard-1"}
+    assert SECRET not in stdout + err
+    # Without a pair of its own, a shard takes the usual one.
+    again = ("--shard", "1/2", "--out", str(tmp_path / "b.sqlite"))
+    code, _, err = await run(server, *again, env=cli_env(server))
+    assert code == 0, err
+    clients = {server._oauth.client_id_of(r.token) for r in server.resource_requests()}
+    assert clients == {"shard-1", server.client_id}
+
+
+def test_a_shard_with_half_a_pair_of_its_own_is_told_which_half(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    for name in list(os.environ):
+        if name.startswith("MESSAGES_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("MESSAGES_TOKEN_URL", "http://127.0.0.1:9/token")
+    monkeypatch.setenv("MESSAGES_CLIENT_ID", "everyone")
+    monkeypatch.setenv("MESSAGES_CLIENT_SECRET", SECRET)
+    monkeypatch.setenv("MESSAGES_CLIENT_ID_3", "shard-3")
+    argv = ["export", "--shard", "3/4", "--out", str(tmp_path / "x.sqlite")]
+    assert _cli.main(argv) == 2
+    line = _one_clean_line(capsys.readouterr().err)
+    assert "missing: MESSAGES_CLIENT_SECRET_3" in line
+    assert SECRET not in line
+
+
 def test_a_secret_on_the_command_line_is_refused_without_echo(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
