@@ -7,6 +7,7 @@ failure is injected through the emulator's faults, or is a real SIGKILL of a rea
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import random
 import sqlite3
@@ -1064,6 +1065,67 @@ async def test_a_new_export_loads_its_chats_without_reading_and_a_resumed_one_re
         await store.open(ExportMeta(source="https://api.example/"), fresh=False)
         assert ((await store.load(8)).messages, (await store.load(7)).messages) == (10, 0)
         assert read == [8, 7]
+
+
+async def test_a_sync_that_fails_after_its_caller_left_leaves_no_unretrieved_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fsync fails while nobody waits for it any more: close() (and settle()) must not
+    # leave "exception was never retrieved" behind. The page is not stored, as when the
+    # caller sees the failure: the checkpoint does not claim it, the next run fetches it.
+    out = tmp_path / "out"
+    loop = asyncio.get_running_loop()
+    reported: list[str] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context["message"]))
+    real_fsync = os.fsync
+    failures = [OSError(5, "Input/output error")]
+
+    def fsync(fd: int) -> None:
+        time.sleep(0.1)
+        if failures:
+            raise failures.pop()
+        real_fsync(fd)
+
+    try:
+        store = JsonlStore(str(out), threads=1, sync_pages=1)
+        async with store:
+            await store.open(ExportMeta(source="https://api.example/"), fresh=True)
+            state = attrs.evolve(await store.load(1), cursor="c")
+            monkeypatch.setattr(os, "fsync", fsync)
+            commit = asyncio.create_task(
+                store.commit(state, _page_of(range(10, 0, -1)), update=False)
+            )
+            await asyncio.sleep(0.02)
+            commit.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await commit
+            await store.settle()
+        del commit
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(previous)
+    assert not [m for m in reported if "never retrieved" in m], reported
+    assert store.committed_messages == 0
+    stored = _checkpoint(out, 1)
+    assert (stored.messages, stored.length, stored.cursor) == (0, 0, None)
+    async with JsonlStore(str(out)) as again:  # resumed: cut back to the checkpoint
+        await again.open(ExportMeta(source="https://api.example/"), fresh=False)
+        assert (await again.load(1)).messages == 0
+    assert (out / "messages" / "chat_id=1" / "messages.jsonl").read_bytes() == b""
+
+
+async def test_work_for_any_chat_makes_a_new_store_read_its_checkpoints(tmp_path: Path) -> None:
+    # A merge or a rescan writes chats outside commit(): after it, nothing is answered from
+    # memory.
+    out = tmp_path / "out"
+    async with JsonlStore(str(out), sync_pages=1) as store:
+        await store.open(ExportMeta(source="https://api.example/"), fresh=True)
+        state = attrs.evolve(await store.load(5), cursor=None, done=True)
+        await store._call_any(store._commit, state, _page_of(range(10, 0, -1)), False)
+        assert (await store.load(6)).messages == 0
+        assert (await store.load(5)).messages == 10
 
 
 async def test_a_jsonl_sync_whose_caller_is_cancelled_is_still_finished(tmp_path: Path) -> None:

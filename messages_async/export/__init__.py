@@ -28,8 +28,8 @@ the disk runs on the store's own threads, never on the event loop):
   ``sync_pages`` pages (default 8), every ``sync_seconds`` (default 1) and at its end, so no
   line is ever lost, torn or duplicated; a killed run fetches what followed it again. The
   pages and the checkpoint go into the page cache from the event loop, and only the
-  ``fsync`` and the rename wait on a thread (a file system whose writes take over 2 ms, say
-  a network mount, gets all of its writing done on the threads instead).
+  ``fsync`` and the rename wait on a thread (after three writes on the loop slower than 2 ms,
+  on a network mount say, the threads do all of the writing).
 - ``ParquetStore(path, threads=4, part_rows=10000)``: a hive-partitioned dataset,
   ``messages/chat_id=<id>/part-<n>.parquet`` and ``chats.parquet`` with typed columns (needs
   the ``parquet`` extra); a part is renamed into place only when complete.

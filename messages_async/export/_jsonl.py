@@ -66,7 +66,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import orjson
@@ -74,7 +74,7 @@ import orjson
 from .._checks import count, seconds
 from .._models import Message
 from ._state import ChatState, ExportMeta, WindowState
-from ._store import KEPT, Store, StoreError, mismatch
+from ._store import KEPT, Finish, Kept, Store, StoreError, mismatch
 
 __all__ = [
     "RESCAN_FOLDERS",
@@ -285,10 +285,11 @@ class LoopWrites:
 
     Into the page cache of a local disk, a sync's write takes about 0.2 ms (ext4: 0.23 ms
     median and 0.8 ms at most in the benchmark's export, most of it making the checkpoint's
-    temporary file), less CPU than handing its system calls to a thread costs. A file system
-    that takes longer (a network mount, a disk under writeback) would hold up every chat:
-    after ``strikes`` writes slower than ``limit`` seconds, the store's threads do all of
-    the writing from then on.
+    temporary file), less CPU than handing its system calls to a thread costs. Slower ones
+    hold up every chat: after ``strikes`` writes slower than ``limit`` seconds, the store's
+    threads do all of the writing for the rest of the run. A slow file system does that (a
+    network mount, a disk under writeback), and so does a loop that other threads keep
+    waiting for the GIL (each system call waits for it again).
     """
 
     __slots__ = ("limit", "slow", "strikes")
@@ -390,7 +391,8 @@ class JsonlStore(Store):
                 least every this many pages; 1 syncs every page. A killed run fetches at
                 most this many pages a chat again.
             sync_seconds: ... and at least this often while the chat's pages arrive.
-            clock: Monotonic seconds, for ``sync_seconds``.
+            clock: Monotonic seconds, for ``sync_seconds`` and to time the writes made on
+                the loop (``LoopWrites``).
         """
         self._sync_pages = count("sync_pages", sync_pages, minimum=1, what="an int of pages")
         self._sync_seconds = seconds("sync_seconds", sync_seconds, allow_zero=True)
@@ -503,14 +505,14 @@ class JsonlStore(Store):
 
     def _defer(
         self, state: ChatState, messages: list[Message], update: bool
-    ) -> Callable[[], None] | None:
+    ) -> Finish | Literal[Kept.KEPT] | None:
         if update:
             return None
         return self._keep((state.chat_id, _MAIN), state, messages, last=not state.in_progress)
 
     def _defer_window(
         self, state: ChatState, window: WindowState, messages: list[Message]
-    ) -> Callable[[], None] | None:
+    ) -> Finish | Literal[Kept.KEPT] | None:
         return self._keep((state.chat_id, window.index), window, messages, last=window.done)
 
     def _keep(
@@ -520,7 +522,7 @@ class JsonlStore(Store):
         messages: list[Message],
         *,
         last: bool,
-    ) -> Callable[[], None] | None:
+    ) -> Finish | Literal[Kept.KEPT] | None:
         """On the loop: keep a page for ``key``'s file in memory unless its sync is due, or
         else begin the due write (``_begin``); ``progress`` (the checkpoint's state) then
         includes the page. None: the write is left to the store's threads (``_commit``).
@@ -543,7 +545,7 @@ class JsonlStore(Store):
 
     def _begin(
         self, key: _Key, progress: ChatState | WindowState, messages: list[Message]
-    ) -> Callable[[], None]:
+    ) -> Finish:
         """On the loop: write the pages waiting for ``key``'s file and this one, and the
         checkpoint after them, into the page cache; the rest, for a store thread: wait for
         the disk, then put the checkpoint in place."""

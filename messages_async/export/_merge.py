@@ -195,7 +195,7 @@ async def merge_exports(out: str, parts: Sequence[str]) -> MergeStats:
     async with store:
         await store.open(meta, fresh=False)  # the layout, the identity, a crash's repairs
         if fmt != "sqlite":
-            folder = await store._call(merge_folder, store, parts, fmt)
+            folder = await store._call_any(merge_folder, store, parts, fmt)
             stats = MergeStats(
                 parts=len(parts),
                 files=folder.files,
@@ -203,7 +203,7 @@ async def merge_exports(out: str, parts: Sequence[str]) -> MergeStats:
                 joined=folder.joined,
                 skipped=folder.skipped,
             )
-            stats.chats, stats.messages = await store._call(_count_folder, out)
+            stats.chats, stats.messages = await store._call_any(_count_folder, out)
             return stats
     return await asyncio.to_thread(merge_sqlite, out, parts)
 

@@ -376,7 +376,7 @@ class Rescanner:
         self.stats = RescanStats()
 
     async def _run(self, fn: Any, *args: Any) -> Any:
-        return await self._store._call(fn, *args)
+        return await self._store._call_any(fn, *args)
 
     async def rescan(self, chat: ChatState) -> None:
         """Rescan one chat to its oldest message, from its rescan checkpoint."""

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import enum
 import functools
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Self, TypeVar
+from typing import Any, Literal, Self, TypeVar
 
 from .._models import Message
 from .._pagination import retrieve_outcome
@@ -41,8 +42,16 @@ logger = logging.getLogger("messages_async.export")
 T = TypeVar("T")
 
 
-def KEPT() -> None:
+class Kept(enum.Enum):
     """What ``_defer`` answers for a page that waits in memory: nothing to do on a thread yet."""
+
+    KEPT = "kept"
+
+
+KEPT = Kept.KEPT
+
+#: The rest of a write that the loop began, for a store thread (see ``_defer``).
+Finish = Callable[[], None]
 
 
 class StoreError(Exception):
@@ -50,7 +59,8 @@ class StoreError(Exception):
 
 
 class Store(abc.ABC):
-    """Where an export goes. Methods are coroutines; the work runs on the store's threads."""
+    """Where an export goes. Methods are coroutines; what waits for the disk runs on the
+    store's threads (a backend may begin a write on the loop, see ``_defer``)."""
 
     #: The output's path, for messages.
     path: str
@@ -61,7 +71,8 @@ class Store(abc.ABC):
         self._closed = False
         # Work handed to the threads and not finished yet. A caller cancelled while its work
         # runs does not stop the thread: the write still happens, and settle() waits for it.
-        # (Work that had not started yet is dropped with its caller: nothing is written.)
+        # Work that had not started yet is dropped with its caller (nothing is written),
+        # unless it must run: the rest of a write the loop began.
         self._running: set[Future[Any]] = set()
         self._committed = 0
         self._committed_lock = threading.Lock()
@@ -82,6 +93,13 @@ class Store(abc.ABC):
             return await result
         result.add_done_callback(retrieve_outcome)
         return await asyncio.shield(result)
+
+    async def _call_any(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on a store thread, for work that may write any chat (a merge, a
+        rescan) outside the methods above: from then on, ``load`` reads every chat's
+        checkpoint from the output."""
+        self._new = False
+        return await self._call(fn, *args)
 
     def _handling(self, chat_id: int) -> None:
         """Before a write for ``chat_id``: the store must be open; it knows the chat from now."""
@@ -113,6 +131,9 @@ class Store(abc.ABC):
         Cancelling the wait does not cancel the writes.
         """
         running = [asyncio.wrap_future(f) for f in list(self._running)]
+        for waited in running:
+            # Its outcome belongs to the write's caller: seen here, not reported again.
+            waited.add_done_callback(retrieve_outcome)
         if running:
             await asyncio.wait(running)
 
@@ -135,7 +156,7 @@ class Store(abc.ABC):
         a time (the exporter loads a chat before it walks it).
         """
         if self._new and chat_id not in self._handled:
-            self._handled.add(chat_id)
+            self._handling(chat_id)
             return ChatState(chat_id)
         self._handled.add(chat_id)
         return await self._call(self._load, chat_id)
@@ -163,34 +184,34 @@ class Store(abc.ABC):
     async def _written(
         self,
         page: list[Message],
-        taken: Callable[[], None] | None,
+        taken: Finish | Literal[Kept.KEPT] | None,
         stored: T,
         write: Callable[..., T],
         *args: Any,
     ) -> T:
-        """A page's commit. One the backend has ``taken`` is counted once the rest of its
-        write (``taken``) is done on a store thread, or now if it is ``KEPT`` for a later
-        write; ``stored`` is returned. Any other is written by ``write(*args)`` on a store
-        thread."""
+        """A page's commit, as ``_defer`` answered: ``stored`` is returned once the rest of
+        the write is done on a store thread, or at once for a page ``KEPT`` in memory (either
+        is counted then); None: ``write(*args)`` commits it on a store thread."""
         if taken is None:
             return await self._call(write, *args)
-        if taken is not KEPT:
-            await self._call(self._finish_counted, taken, len(page), must_run=True)
-        else:
+        if taken is KEPT:
             self._count(len(page))
+        else:
+            await self._call(self._finish_counted, taken, len(page), must_run=True)
         return stored
 
-    def _finish_counted(self, finish: Callable[[], None], messages: int) -> None:
+    def _finish_counted(self, finish: Finish, messages: int) -> None:
         finish()
         self._count(messages)
 
     def _defer(
         self, state: ChatState, messages: list[Message], update: bool
-    ) -> Callable[[], None] | None:
-        """On the loop: whether the backend took the page, and what is left for a store
-        thread (``KEPT``: nothing yet, the page waits in memory to be written with a later
-        one or at the latest by ``_close``); the backend then updated ``state`` as
-        ``_commit`` would. None: the store thread commits it (``_commit``), the default."""
+    ) -> Finish | Literal[Kept.KEPT] | None:
+        """On the loop: a backend may take the page here (and update ``state`` as
+        ``_commit`` would). ``KEPT``: it waits in memory, to be written with a later page
+        or at the latest by ``_close``. A function: the write has begun, and the function
+        finishes it on a store thread. None (the default): a store thread commits the page
+        with ``_commit``."""
         return None
 
     def _commit_counted(self, state: ChatState, messages: list[Message], update: bool) -> ChatState:
@@ -229,7 +250,7 @@ class Store(abc.ABC):
 
     def _defer_window(
         self, state: ChatState, window: WindowState, messages: list[Message]
-    ) -> Callable[[], None] | None:
+    ) -> Finish | Literal[Kept.KEPT] | None:
         """``_defer`` for a window's page (it then updated ``window``)."""
         return None
 
@@ -243,6 +264,7 @@ class Store(abc.ABC):
     async def finish_windows(self, state: ChatState) -> ChatState:
         """Join a chat whose every window is walked: afterwards it is ``done``, its
         ``windows`` empty and its layout that of a chat walked in one go."""
+        self._handling(state.chat_id)
         return await self._call(self._finish_windows, state)
 
     def _start_windows(self, state: ChatState) -> ChatState:
