@@ -1,16 +1,17 @@
 """The interface both storage backends implement, and the thread they write from.
 
-Every write happens on a worker thread, never on the event loop: an ``fsync`` or a SQLite
-commit takes milliseconds, and the loop meanwhile keeps the other chats' requests moving. Each
-runner worker awaits its own commit before it stores the chat's next page, so at most one
-commit per worker is queued: the queue in front of the writer is bounded by the concurrency.
+Whatever waits for the disk happens on a worker thread, never on the event loop: an ``fsync``
+or a SQLite commit takes milliseconds, and the loop meanwhile keeps the other chats' requests
+moving. Each runner worker awaits its own commit before it stores the chat's next page, so at
+most one commit per worker is queued: the queue in front of the writer is bounded by the
+concurrency.
 
 A backend whose pages wait for a grouped sync anyway (JSONL) may instead keep a page in
 memory, on the loop, and write it with the page that makes the sync due (``_defer``): a
 hand-over to a thread costs as much as the write itself, and a killed run loses such a page
 whether it sat in memory or unsynced in the page cache (its checkpoint never claimed it).
 Such a backend may also begin the due write on the loop, into the page cache, and leave only
-the waits for the disk (``fsync``) to its threads: a thread's every system call is a handover
+the waits for the disk (``fsync``) to its threads: a thread's every system call is a hand-over
 of the GIL, and while the loop is busy each one costs about as much CPU as the write itself
 (benchmarks/README.md, "export").
 
@@ -96,7 +97,7 @@ class Store(abc.ABC):
 
     async def _call_any(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on a store thread, for work that may write any chat (a merge, a
-        rescan) outside the methods above: from then on, ``load`` reads every chat's
+        rescan) outside the public methods: from then on, ``load`` reads every chat's
         checkpoint from the output."""
         self._new = False
         return await self._call(fn, *args)
