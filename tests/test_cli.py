@@ -86,13 +86,19 @@ async def test_wrong_access_token_exits_2_with_one_line_and_no_token(
     assert SECRET not in out + err
 
 
-def test_missing_credentials_exit_2_and_name_the_variables(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
+def _only_these_variables(monkeypatch: pytest.MonkeyPatch, **values: str) -> None:
+    """The process's environment with no ``MESSAGES_*`` variable but ``values``."""
     for name in list(os.environ):
         if name.startswith("MESSAGES_"):
             monkeypatch.delenv(name)
-    monkeypatch.setenv("MESSAGES_TOKEN_URL", "http://127.0.0.1:9/token")
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_missing_credentials_exit_2_and_name_the_variables(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    _only_these_variables(monkeypatch, MESSAGES_TOKEN_URL="http://127.0.0.1:9/token")
     assert _cli.main(["export", "--out", str(tmp_path / "x.sqlite")]) == 2
     captured = capsys.readouterr()
     line = _one_clean_line(captured.err)
@@ -125,13 +131,13 @@ async def test_a_shard_signs_in_with_its_own_pair_when_the_environment_has_one(
 def test_a_shard_with_half_a_pair_of_its_own_is_told_which_half(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    for name in list(os.environ):
-        if name.startswith("MESSAGES_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("MESSAGES_TOKEN_URL", "http://127.0.0.1:9/token")
-    monkeypatch.setenv("MESSAGES_CLIENT_ID", "everyone")
-    monkeypatch.setenv("MESSAGES_CLIENT_SECRET", SECRET)
-    monkeypatch.setenv("MESSAGES_CLIENT_ID_3", "shard-3")
+    _only_these_variables(
+        monkeypatch,
+        MESSAGES_TOKEN_URL="http://127.0.0.1:9/token",
+        MESSAGES_CLIENT_ID="everyone",
+        MESSAGES_CLIENT_SECRET=SECRET,
+        MESSAGES_CLIENT_ID_3="shard-3",
+    )
     argv = ["export", "--shard", "3/4", "--out", str(tmp_path / "x.sqlite")]
     assert _cli.main(argv) == 2
     line = _one_clean_line(capsys.readouterr().err)
