@@ -949,8 +949,8 @@ async def test_jsonl_pages_kept_for_a_sync_that_fails_are_written_by_the_retry(
     # Whether the write into the page cache fails (on the loop), or the wait for the disk (on
     # the thread), or the whole write of a store that writes from its threads.
     out = tmp_path / "out"
-    where_it_fails = {"write": (_jsonl, "_unsynced_append"), "fsync": (os, "fsync")}
-    owner, name = where_it_fails.get(where, (_jsonl, "_append"))
+    # (A store writing from its threads makes the same write as the loop, on the thread.)
+    owner, name = (os, "fsync") if where == "fsync" else (_jsonl, "_unsynced_append")
     real = getattr(owner, name)
     failures: list[OSError] = []
 

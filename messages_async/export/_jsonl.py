@@ -541,24 +541,39 @@ class JsonlStore(Store):
                 return KEPT
         if not self._loop_writes.allowed:
             return None
-        return self._begin(key, progress, messages)
+        began = self._clock()
+        try:
+            return self._begin(key, progress, messages)
+        finally:
+            self._loop_writes.took(self._clock() - began)
 
     def _begin(
         self, key: _Key, progress: ChatState | WindowState, messages: list[Message]
     ) -> Finish:
-        """On the loop: write the pages waiting for ``key``'s file and this one, and the
-        checkpoint after them, into the page cache; the rest, for a store thread: wait for
-        the disk, then put the checkpoint in place."""
+        """The due write of a page to ``key``'s file, after the pages waiting for it, begun
+        (see ``_begin_write``); ``progress`` then includes the page."""
         offset = progress.length
         data = _advance(progress, messages)
         checkpoint = orjson.dumps(progress.to_json())
         waiting = self._take(key)
         if waiting is None:
-            start, pages = offset, [data]
-        else:
-            start, pages = waiting.start, [*waiting.pages, data]
+            return self._begin_write(key, None, offset, [data], checkpoint)
+        return self._begin_write(key, waiting, waiting.start, [*waiting.pages, data], checkpoint)
+
+    def _begin_write(
+        self,
+        key: _Key,
+        waiting: _Waiting | None,
+        start: int,
+        pages: list[bytes],
+        checkpoint: bytes,
+    ) -> Finish:
+        """Write ``pages`` at ``start`` in ``key``'s file, and the ``checkpoint`` after them,
+        into the page cache; the rest, for a store thread: wait for the disk, then put the
+        checkpoint in place. A write that fails, here or in the rest, leaves the pages that
+        were ``waiting`` waiting again, where the state already counts them: the next sync of
+        the file (or the store's close) writes them, at the same offset."""
         path, checkpoint_path = self._files(key)
-        began = self._clock()
         try:
             fd = _unsynced_append(path, start, b"".join(pages))
             try:
@@ -569,8 +584,6 @@ class JsonlStore(Store):
         except BaseException:
             self._put_back(key, waiting)
             raise
-        finally:
-            self._loop_writes.took(self._clock() - began)
 
         def finish() -> None:
             try:
@@ -586,15 +599,6 @@ class JsonlStore(Store):
 
         return finish
 
-    def _append_page(self, key: _Key, offset: int, data: bytes, checkpoint: bytes) -> None:
-        """Write a page whose sync is due to ``key``'s file at ``offset``, after the pages
-        waiting for it, durably, then its ``checkpoint``."""
-        waiting = self._take(key)
-        if waiting is None:
-            self._write(key, offset, [data], checkpoint)
-        else:
-            self._write_waiting(key, waiting, [data], checkpoint)
-
     def _sync_chat(self, chat_id: int) -> None:
         """Write every page of the chat's that waits for a sync, and its checkpoint."""
         with self._waiting_lock:
@@ -606,36 +610,17 @@ class JsonlStore(Store):
         """Write the pages waiting for ``key``'s file, durably, then their checkpoint."""
         waiting = self._take(key)
         if waiting is not None:
-            self._write_waiting(key, waiting, [], waiting.checkpoint)
+            self._begin_write(key, waiting, waiting.start, waiting.pages, waiting.checkpoint)()
 
     def _take(self, key: _Key) -> _Waiting | None:
         with self._waiting_lock:
             return self._waiting.pop(key, None)
-
-    def _write_waiting(
-        self, key: _Key, waiting: _Waiting, then: list[bytes], checkpoint: bytes
-    ) -> None:
-        """Write the pages ``waiting`` and the pages ``then`` after them, then ``checkpoint``.
-
-        A write that fails leaves the waiting pages waiting, where the state already counts
-        them: the next sync of the file (or the store's close) writes them, at the same
-        offset."""
-        try:
-            self._write(key, waiting.start, [*waiting.pages, *then], checkpoint)
-        except BaseException:
-            self._put_back(key, waiting)
-            raise
 
     def _put_back(self, key: _Key, waiting: _Waiting | None) -> None:
         """After a write that failed: the pages it took wait again, at the same offset."""
         if waiting is not None:
             with self._waiting_lock:
                 self._waiting.setdefault(key, waiting)
-
-    def _write(self, key: _Key, offset: int, pages: list[bytes], checkpoint: bytes) -> None:
-        path, checkpoint_path = self._files(key)
-        _append(path, offset, b"".join(pages))  # durable before the checkpoint claims it
-        atomic_write(checkpoint_path, checkpoint)
 
     def _reset(self, chat_id: int, why: str) -> ChatState:
         logger.warning("chat %d: %s; exporting this chat again from the start", chat_id, why)
@@ -694,9 +679,7 @@ class JsonlStore(Store):
     def _commit(self, state: ChatState, messages: list[Message], update: bool) -> ChatState:
         chat_id = state.chat_id
         if not update:
-            offset = state.length
-            data = _advance(state, messages)
-            self._append_page((chat_id, _MAIN), offset, data, orjson.dumps(state.to_json()))
+            self._begin((chat_id, _MAIN), state, messages)()
             return state
         data = _lines(messages)
         if data or state.pending_length:
@@ -768,11 +751,7 @@ class JsonlStore(Store):
     def _commit_window(
         self, state: ChatState, window: WindowState, messages: list[Message]
     ) -> WindowState:
-        offset = window.length
-        data = _advance(window, messages)
-        self._append_page(
-            (state.chat_id, window.index), offset, data, orjson.dumps(window.to_json())
-        )
+        self._begin((state.chat_id, window.index), window, messages)()
         return window
 
     def _finish_windows(self, state: ChatState) -> ChatState:
