@@ -502,6 +502,34 @@ def halving(latency: float = 0.02, fan_out: int = 32) -> Scenario:
     )
 
 
+#: The cap-drop scenario: 16 requests at once, then 4 from 20 s on, at 200 ms a request.
+CAP_DROP = (16, 4, 20.0)
+
+
+class _DroppingCap(ConcurrencyLimit):
+    def __init__(self, before: int, after: int, at: float) -> None:
+        super().__init__(before)
+        self._after, self._at = after, at
+
+    def admit(self, now: float) -> float:
+        if now >= self._at:
+            self.limit = self._after
+        return super().admit(now)
+
+
+def cap_drop(latency: float = 0.2, fan_out: int = 32, duration: float = 140.0) -> Scenario:
+    """A server that lowers its limit on requests at once, for good (``CAP_DROP``)."""
+    before, after, at = CAP_DROP
+    return Scenario(
+        f"concurrency {before} → {after} at {at:g} s",
+        functools.partial(_DroppingCap, before, after, at),
+        latency,
+        fan_out,
+        lambda t: (before if t < at else after) / latency,
+        duration=duration,
+    )
+
+
 def unlimited(latency: float, fan_out: int) -> Scenario:
     return Scenario("no limit", Unlimited, latency, fan_out, _const(math.inf), duration=20.0)
 

@@ -29,8 +29,10 @@ can and learns as much as it can from each overshoot:
   for ``recall_after`` seconds is gone back to, not one read too high off a short stretch.
 - **A limit on requests at once.** A server that counts requests in flight answers 429 when
   one more than it allows is sent, whatever the pace. Two 429s in a row at the same count, with
-  nothing ever let in at that count, say so: the window is held one below it, unpaced, and the
-  cap is probed upward as rarely as a rate. A 429 within the cap says it was a rate after all.
+  nothing let in at that count for ``probe_after`` seconds, say so: the window is held one below
+  it, unpaced, and the cap is probed upward as rarely as a rate. A 429 within the cap says it
+  was a rate after all, for as long. Evidence ages because servers change their limits: one
+  that lowers its cap for good is read as a cap again a minute later, not paced forever.
 - **A 429 with nothing let through** says nothing about the rate (a transient storm): the pause
   does the work and the pace is left as it was.
 - **The server stopped limiting.** A pace that has ramped far above what the window lets through
@@ -194,9 +196,11 @@ class RateController:
         self._fastest = 0.0  # best success latency seen: what the window lets through
         self.cap: int | None = None  # a concurrency limit the server enforces, once told
         self._capped_at = now  # when the cap was last set or raised
-        self._admitted_most = 0  # most in flight at a request the server let in
+        # When the server last let a request in at each count in flight: a count let in
+        # lately cannot be a concurrency limit (one let in long ago may be: limits change).
+        self._admitted_at = [-math.inf] * (max_concurrency + 1)
         self._last_count = 0  # in flight at the 429 before
-        self._refuted = 0  # a count a 429 showed is not a concurrency limit
+        self._refuted = (0, -math.inf)  # a count a 429 showed is not a concurrency limit, and when
         self._confirmed: float | None = None  # the last limit held for a while
         if max_rate is not None:
             self._set_pace(max_rate, now, _Phase.HOLD)
@@ -251,9 +255,9 @@ class RateController:
         latency = now - ticket.sent_at
         if latency > 0 and (self._fastest == 0.0 or latency < self._fastest):
             self._fastest = latency
-        if ticket.in_flight > self._admitted_most and ticket.epoch == self._epoch:
+        if ticket.epoch == self._epoch:
             # (Sent before a 429 came back, its count may include requests already refused.)
-            self._admitted_most = ticket.in_flight
+            self._admitted_at[min(ticket.in_flight, self.max_concurrency)] = now
         top = self.max_concurrency
         if self.cap is not None:
             if now - self._capped_at >= self._wait:
@@ -361,21 +365,21 @@ class RateController:
         """Whether 429s come from a limit on requests at once rather than on their rate.
 
         Such a server answers 429 exactly when one more than it allows is in flight, whatever
-        the pace: two 429s in a row at the same count, none let in at that count or more, say
-        so. The client then keeps the window below the count, unpaced, and probes it upward
-        as rarely as a paced client probes its rate.
+        the pace: two 429s in a row at the same count, none let in at that count or more
+        lately (``_shown_not_a_cap``), say so. The client then keeps the window below the
+        count, unpaced, and probes it upward as rarely as a paced client probes its rate.
         """
         count = ticket.in_flight
         if self.cap is not None:
             if count > self.cap:
                 return True  # the probe's answer, or requests sent before the cap was set
             # Throttled within the cap: it is the rate that is limited after all.
-            self._refuted = self.cap + 1
+            self._refuted = (self.cap + 1, now)
             self.cap = None
             self._last_count = 0
             return False
         let_in = ticket.seq - (self._count - len(self._sends))  # sent before it this stretch
-        if count <= max(1, self._refuted) or let_in <= 0 or self._admitted_most >= count:
+        if count <= 1 or let_in <= 0 or self._shown_not_a_cap(count, now):
             return False
         if self.cap is None and self._last_count != count:
             self._last_count = count
@@ -390,6 +394,22 @@ class RateController:
         self.window = float(self.cap)
         self._next_send = now
         return True
+
+    def _shown_not_a_cap(self, count: int, now: float) -> bool:
+        """Whether the last ``probe_after`` seconds showed that ``count`` in flight is not the
+        server's limit: a request let in at ``count`` or more, or a 429 within a cap at or
+        above it (the rate was limited after all).
+
+        That long, because a bucket's burst after a pause looks like a cap (the same count
+        refused stretch after stretch) and only what came between the bursts tells the two
+        apart; no longer, because servers change their limits, and one that lowers its cap
+        must be read as one.
+        """
+        since = now - self.probe_after
+        refuted, refuted_at = self._refuted
+        if count <= refuted and refuted_at > since:
+            return True
+        return max(self._admitted_at[count:], default=-math.inf) > since
 
     def _solve_burst(self, sends: tuple[float, ...], throttled_at: float) -> float:
         """The burst B that makes the first stretch and this one agree on one rate R.

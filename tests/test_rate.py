@@ -328,6 +328,41 @@ def test_a_429_within_the_cap_says_the_rate_is_limited_after_all() -> None:
     assert c.pace is not None
 
 
+@pytest.mark.parametrize(("since", "cap"), [(10.0, None), (70.0, 4)])
+def test_a_count_let_in_long_ago_does_not_rule_out_a_lower_cap(
+    since: float, cap: int | None
+) -> None:
+    # 16 at once were let in at 1 s. Then twice in a row the fifth in flight is refused:
+    # a minute (probe_after) later that is a cap of 4; ten seconds later it may still be a
+    # bucket's burst after a pause.
+    c = RateController(32, now=0.0)
+    for t in _burst(c, 8, 0.0):
+        c.succeeded(t, 0.5)
+    tickets = _burst(c, 16, 1.0)
+    for t in tickets:
+        c.succeeded(t, 1.5)
+    now = 1.0 + since
+    for _ in range(2):
+        tickets = []
+        for _ in range(5):  # as fast as the controller lets them go, paced after the first 429
+            at = c.next_send(now)
+            assert at is not None
+            now = at
+            tickets.append(c.sent(now))
+        c.throttled(tickets[4], now)
+        c.pause(now, 1.0)
+        for t in tickets[:4]:
+            c.succeeded(t, now + 0.2)
+        now += 1.5
+    assert c.cap == cap
+
+
+def test_simulated_cap_that_drops_is_found_and_held() -> None:
+    result = sim.run(sim.cap_drop(), "controller")
+    end = result.scenario.duration
+    assert result.rate_between(end - 60.0, end) >= 0.85 * result.scenario.ideal(end)
+
+
 def test_catching_up_a_late_slot_never_sends_more_than_the_burst_at_once() -> None:
     c = RateController(32, now=0.0)
     bucket = TokenBucket(400.0, 1.0)

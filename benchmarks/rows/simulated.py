@@ -2,7 +2,8 @@
 
 A few scenarios of each kind from the matrix of issue 13 (``benchmarks/sim.py``), for the
 client's controller, the previous limiter (``v0``) and botocore's CUBIC, each 60 simulated
-seconds, plus the transient storm and the ceiling that halves and comes back. The whole matrix
+seconds, plus the transient storm, the ceiling that halves and comes back, and a cap on
+requests at once that drops for good. The whole matrix
 (313 scenarios, minutes of CPU) is ``python -m benchmarks.sim``; its last table is in
 benchmarks/README.md. A line per kind of limiter: the worst goodput ratio against
 min(ceiling, fan-out ÷ latency) and the worst share of 429s.
@@ -73,6 +74,21 @@ def run(ctx: Context) -> list[Line]:
                 f"5 s; {result.share_429:.1%} 429s, {result.ratio:.2f}× overall",
                 max(99.0 if t is None else t for t in (took_down, took_up)),
                 Target("<=", 5.0) if policy == "controller" else None,
+            )
+        )
+        before, after, at = sim.CAP_DROP
+        result = sim.run(sim.cap_drop(), policy)
+        end = result.scenario.duration
+        held = result.rate_between(end - 60.0, end) / result.scenario.ideal(end)
+        lines.append(
+            Line(
+                NAME,
+                f"{policy}: a cap of {before} at once lowered to {after} at {at:g} s, "
+                "goodput over the last 60 s",
+                f"{result.share_429:.1%} 429s",
+                "min(ceiling, fan-out/latency)",
+                held,
+                Target(">=", 0.9) if policy == "controller" else None,
             )
         )
         result = sim.run(sim.storm(10, 0.02, 32), policy)
