@@ -11,6 +11,7 @@ import gc
 import os
 import random
 import sqlite3
+import stat
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -31,6 +32,7 @@ from messages_async.export import (
     ExportOptions,
     ExportStats,
     JsonlStore,
+    ParquetStore,
     SqliteStore,
     Store,
     StoreError,
@@ -714,6 +716,35 @@ async def test_sigkill_at_random_moments_then_rerun_gives_exactly_the_full_set(
 # --- JSONL repair paths --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+async def test_a_folder_export_syncs_every_folder_it_changed_when_it_closes(
+    server: MessagesServer, fmt: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A file's fsync keeps its bytes, not its name: the folders that got new files (each
+    # chat's, messages/, state/) are synced before the export returns, after the last write.
+    out = tmp_path / "out"
+    synced: list[tuple[str, bool]] = []  # each path synced, and whether it is a folder
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), stat.S_ISDIR(os.fstat(fd).st_mode)))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    store: Store = JsonlStore(str(out)) if fmt == "jsonl" else ParquetStore(str(out))
+    async with _client(server) as client:
+        await store.open(_meta(server, ExportOptions()), fresh=False)
+        stats = await Exporter(client, store, ExportOptions(concurrency=3)).run()
+        await store.close()
+    assert stats.chats_done == len(server.chat_ids())
+    chats = [out / "messages" / f"chat_id={chat}" for chat in server.chat_ids()]
+    folders = {str(folder) for folder in chats if folder.exists()}  # Parquet: none if empty
+    assert len(folders) >= len(chats) - 1
+    folders |= {str(out / "messages"), str(out / "state"), str(out)}
+    last_file = max(i for i, (_, folder) in enumerate(synced) if not folder)
+    assert folders <= {path for path, _ in synced[last_file + 1 :]}
+
+
 async def test_jsonl_torn_tail_is_cut_back_to_the_checkpoint(
     server: MessagesServer, tmp_path: Path
 ) -> None:
@@ -1158,6 +1189,26 @@ async def test_a_jsonl_sync_whose_caller_is_cancelled_is_still_finished(tmp_path
         data = (out / "messages" / f"chat_id={chat_id}" / "messages.jsonl").read_bytes()
         assert (stored.messages, stored.length) == (10, len(data))
     assert store.committed_messages == 20
+    assert not list(out.rglob("*.tmp"))
+
+
+async def test_a_jsonl_sync_begun_when_the_threads_are_gone_is_finished_on_the_loop(
+    tmp_path: Path,
+) -> None:
+    # At interpreter exit the store's threads refuse new work: the rest of a write the loop
+    # began (the fsync, the checkpoint's rename) runs where it is, and no descriptor leaks.
+    out = tmp_path / "out"
+    store = JsonlStore(str(out), sync_pages=1)
+    await store.open(ExportMeta(source="https://api.example/"), fresh=True)
+    state = attrs.evolve(await store.load(1), cursor="c")
+    fds = len(os.listdir("/proc/self/fd"))
+    store._executor.shutdown()  # what submit then raises is what it raises at exit
+    with pytest.raises(RuntimeError):
+        await store.save_chats([])  # work that need not run is refused as before
+    await store.commit(state, _page_of(range(10, 0, -1)), update=False)
+    assert len(os.listdir("/proc/self/fd")) == fds
+    stored = _checkpoint(out, 1)
+    assert (stored.messages, stored.cursor) == (10, "c")
     assert not list(out.rglob("*.tmp"))
 
 

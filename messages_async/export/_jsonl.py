@@ -34,7 +34,9 @@ write under way past the checkpoint); the next run truncates the file back to th
 and fetches those pages again from the cursor it records, so no line is ever lost,
 duplicated or torn, and a killed run costs at most ``sync_pages`` pages a chat again. Each
 chat has its own checkpoint file, so a checkpoint costs the same with ten chats or a hundred
-thousand.
+thousand. The folders whose entries the run changed (each chat's, ``messages/``, ``state/``)
+are ``fsync``-ed when the store closes (``sync_entries``), so an export that returned keeps its
+new files' names through a power cut too.
 
 Updates. A file is newest first, but an update fetches messages *newer* than everything in
 it, which belong at the top. An update therefore writes its pages, with the same
@@ -65,7 +67,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import msgspec
@@ -164,6 +166,22 @@ def _fsync_path(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sync_entries(root: str, folders: tuple[str, ...], chat_folders: Iterable[str]) -> None:
+    """``fsync`` the folders whose entries a run may have changed: the export is then durable
+    as a whole.
+
+    A file's own ``fsync`` keeps its bytes, not its name in its folder: until the folder is
+    synced, a power cut can lose a file the run made (a chat's folder, its first checkpoint)
+    or a rename, and the next run would take that chat for one to walk again (nothing is
+    corrupted, as a checkpoint never claims a byte that was not synced). Done once, when the
+    store closes, rather than with every new chat: on ext4 every other ``fsync`` commits the
+    folders' entries too, and elsewhere one sync per folder per run is the least that holds.
+    """
+    for path in (*chat_folders, *(os.path.join(root, folder) for folder in folders), root):
+        with contextlib.suppress(FileNotFoundError):
+            _fsync_path(path)
 
 
 def atomic_write(path: str, data: bytes) -> None:
@@ -819,3 +837,8 @@ class JsonlStore(Store):
                 failed = failed or exc
         if failed is not None:
             raise failed
+        sync_entries(
+            self.path,
+            (_MESSAGES, _STATE, _PENDING),
+            (os.path.dirname(self._main(chat_id)) for chat_id in self._handled),
+        )

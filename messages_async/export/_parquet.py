@@ -62,6 +62,7 @@ from ._jsonl import (
     atomic_write,
     open_folder_export,
     read_window,
+    sync_entries,
     write_window,
 )
 from ._state import ChatState, ExportMeta, WindowState
@@ -510,3 +511,6 @@ class ParquetStore(Store):
             self._flush(chat_id)
         for key in list(self._window_buffers):
             self._flush_window(key)
+        sync_entries(
+            self.path, (_MESSAGES, _STATE), (self._chat_dir(chat_id) for chat_id in self._handled)
+        )

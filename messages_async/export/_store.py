@@ -86,7 +86,14 @@ class Store(abc.ABC):
     async def _call(self, fn: Callable[..., T], *args: Any, must_run: bool = False) -> T:
         """``fn(*args)`` on a store thread. ``must_run``: it runs even if the caller is
         cancelled before it starts (the rest of a write the loop began)."""
-        future = self._executor.submit(fn, *args)
+        try:
+            future = self._executor.submit(fn, *args)
+        except RuntimeError:
+            if not must_run:
+                raise
+            # The threads are gone (the interpreter is exiting): what the loop began is
+            # finished here, or its descriptors would leak and its checkpoint never land.
+            return fn(*args)
         self._running.add(future)
         future.add_done_callback(self._running.discard)
         result = asyncio.wrap_future(future)
