@@ -30,7 +30,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 from messages_async._rate import Outcome, RateController
@@ -314,28 +314,43 @@ class Result:
 
     def ideal_mean(self) -> float:
         n = len(self.timeline)
-        return sum(self.scenario.ideal((i + 0.5) * _TICK) for i in range(n)) / n
+        return sum(self.scenario.ideal((i + 0.5) * TICK) for i in range(n)) / n
 
     @property
     def ratio(self) -> float:
         return self.goodput / self.ideal_mean()
 
     def rate_between(self, start: float, end: float) -> float:
-        a, b = round(start / _TICK), round(end / _TICK)
-        return sum(self.timeline[a:b]) / max(end - start, _TICK)
+        return rate_between(self.timeline, start, end)
 
     def first_reaching(self, share: float, start: float, window: float = 1.0) -> float | None:
         """Seconds after ``start`` until a ``window`` of goodput first holds ``share`` of ideal."""
-        t = start
-        while t + window <= self.scenario.duration + 1e-9:
-            ideal = self.scenario.ideal(t + window / 2)
-            if self.rate_between(t, t + window) >= share * ideal:
-                return t - start
-            t += _TICK
-        return None
+        return first_reaching(
+            self.timeline, start, window, lambda t: share * self.scenario.ideal(t)
+        )
 
 
-_TICK = 0.1
+#: Seconds of a timeline's slot: a timeline counts the successes of each.
+TICK = 0.1
+
+
+def rate_between(timeline: Sequence[int], start: float, end: float) -> float:
+    """Successes per second of ``timeline`` from ``start`` to ``end`` (seconds)."""
+    a, b = round(start / TICK), round(end / TICK)
+    return sum(timeline[a:b]) / max(end - start, TICK)
+
+
+def first_reaching(
+    timeline: Sequence[int], start: float, window: float, wanted: Callable[[float], float]
+) -> float | None:
+    """Seconds after ``start`` until a ``window`` of ``timeline`` first holds ``wanted(t)``
+    successes per second (``t``: the window's middle); None if it never does."""
+    t = start
+    while t + window <= len(timeline) * TICK + 1e-9:
+        if rate_between(timeline, t, t + window) >= wanted(t + window / 2):
+            return t - start
+        t += TICK
+    return None
 
 
 def run(scenario: Scenario, policy_name: str, *, seed: int = 0) -> Result:
@@ -345,7 +360,7 @@ def run(scenario: Scenario, policy_name: str, *, seed: int = 0) -> Result:
     policy = POLICIES[policy_name](scenario.fan_out, 0.0)
     duration = scenario.duration
     latency = scenario.latency
-    timeline = [0] * math.ceil(duration / _TICK)
+    timeline = [0] * math.ceil(duration / TICK)
     events: list[tuple[float, int, int, Any, Outcome, float]] = []
     seq = 0
     waiting = scenario.fan_out
@@ -390,7 +405,7 @@ def run(scenario: Scenario, policy_name: str, *, seed: int = 0) -> Result:
             if outcome is Outcome.OK:
                 limit.finish(now)
                 successes += 1
-                timeline[int(now / _TICK)] += 1
+                timeline[int(now / TICK)] += 1
             else:
                 throttled += 1
             policy.done(ticket, now, outcome)
@@ -416,7 +431,7 @@ def _burst(rate: float, burst: str) -> float:
     return max(1.0, rate * float(burst.split()[0]))
 
 
-def _const(value: float) -> Callable[[float], float]:
+def constant(value: float) -> Callable[[float], float]:
     return lambda _t: value
 
 
@@ -435,7 +450,7 @@ def matrix(*, quick: bool = False) -> Iterator[Scenario]:
                         functools.partial(TokenBucket, rate, b),
                         latency,
                         fan_out,
-                        _const(rate),
+                        constant(rate),
                     )
     for rate in rates:
         for latency in latencies:
@@ -446,14 +461,14 @@ def matrix(*, quick: bool = False) -> Iterator[Scenario]:
                     functools.partial(FixedWindow, n, 1.0),
                     latency,
                     fan_out,
-                    _const(rate),
+                    constant(rate),
                 )
                 yield Scenario(
                     f"sliding window {n}/1 s",
                     functools.partial(SlidingWindow, n, 1.0),
                     latency,
                     fan_out,
-                    _const(rate),
+                    constant(rate),
                 )
     for limit in (1, 4, 16) if not quick else (4,):
         for latency in latencies:
@@ -463,7 +478,7 @@ def matrix(*, quick: bool = False) -> Iterator[Scenario]:
                     functools.partial(ConcurrencyLimit, limit),
                     latency,
                     fan_out,
-                    _const(limit / latency),
+                    constant(limit / latency),
                 )
 
 
@@ -473,7 +488,7 @@ def storm(count: int, latency: float, fan_out: int, start: float = 5.0) -> Scena
         lambda: Storm(count, start=start),
         latency,
         fan_out,
-        _const(math.inf),
+        constant(math.inf),
         duration=start + count + 10.0,
     )
 
@@ -531,7 +546,7 @@ def cap_drop(latency: float = 0.2, fan_out: int = 32, duration: float = 140.0) -
 
 
 def unlimited(latency: float, fan_out: int) -> Scenario:
-    return Scenario("no limit", Unlimited, latency, fan_out, _const(math.inf), duration=20.0)
+    return Scenario("no limit", Unlimited, latency, fan_out, constant(math.inf), duration=20.0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 from .._harness import Context, Line, ServerProcess, Target, fmt_rate
+from ..sim import TICK, constant, first_reaching, rate_between
 from ._clients import library_client
 
 __all__ = ["NAME", "run"]
@@ -40,11 +41,21 @@ SETTLE = Target("<=", 5.0)
 CHANGE_429 = Target("<=", 0.05)
 STORM_AT, STORM = 5.0, 10
 STEPS = ((0.0, 200.0), (15.0, 100.0), (30.0, 200.0))
-TICK = 0.1
 LATENCY = 0.02
 CONCURRENCY = 32
 PAGE = 10
 CHATS = 64
+
+
+async def _walk(client: Any, chat_ids: list[int], seconds: float, since: float) -> None:
+    """The row's walk: ``iter_many`` over ``chat_ids`` until ``seconds`` after ``since``."""
+    walk = client.messages.iter_many(chat_ids, concurrency=CONCURRENCY, limit=PAGE)
+    try:
+        async for _ in walk:
+            if time.perf_counter() - since >= seconds:
+                break
+    finally:
+        await walk.aclose()
 
 
 async def _one(
@@ -55,13 +66,7 @@ async def _one(
         chat_ids = [c.chat_id for c in await client.messages.chats()]
         before = client.stats
         start = time.perf_counter()
-        n = 0
-        walk = client.messages.iter_many(chat_ids, concurrency=CONCURRENCY, limit=PAGE)
-        async for _ in walk:
-            n += 1
-            if time.perf_counter() - start >= seconds:
-                break
-        await walk.aclose()
+        await _walk(client, chat_ids, seconds, start)
         elapsed = time.perf_counter() - start
         after = client.stats
     requests = after.requests - before.requests
@@ -92,27 +97,8 @@ async def _timeline(info: dict[str, Any], seconds: float) -> tuple[list[int], li
     hooks = {"request": [on_request], "response": [on_response]}
     async with library_client(info, max_concurrency=CONCURRENCY, event_hooks=hooks) as client:
         chat_ids = [c.chat_id for c in await client.messages.chats()]
-        walk = client.messages.iter_many(chat_ids, concurrency=CONCURRENCY, limit=PAGE)
-        async for _ in walk:
-            if time.perf_counter() - start[0] >= seconds:
-                break
-        await walk.aclose()
+        await _walk(client, chat_ids, seconds, start[0])
     return ok, limited, requests
-
-
-def _rate(ok: list[int], start: float, end: float) -> float:
-    a, b = round(start / TICK), round(end / TICK)
-    return sum(ok[a:b]) / max(end - start, TICK)
-
-
-def _reaching(ok: list[int], start: float, target: float, window: float) -> float | None:
-    """Seconds after ``start`` until a ``window`` of goodput first reaches ``target`` req/s."""
-    t = start
-    while t + window <= len(ok) * TICK:
-        if _rate(ok, t, t + window) >= target:
-            return t - start
-        t += TICK
-    return None
 
 
 def _storm(seconds: float) -> list[Line]:
@@ -121,9 +107,9 @@ def _storm(seconds: float) -> list[Line]:
         chats=CHATS, messages_per_chat=per_chat, latency=LATENCY, storm=f"{STORM}@{STORM_AT:g}"
     ) as server:
         ok, limited, _ = asyncio.run(_timeline(server.info, seconds))
-    before = _rate(ok, 1.0, STORM_AT)
+    before = rate_between(ok, 1.0, STORM_AT)
     end = (max(limited) + 1.0) if limited else STORM_AT  # Retry-After: 1
-    took = _reaching(ok, end, 0.9 * before, 0.5)
+    took = first_reaching(ok, end, 0.5, constant(0.9 * before))
     label = (
         f"storm of {STORM} 429s at {STORM_AT:g} s, {LATENCY * 1000:g} ms: s from the end of "
         f"the last pause to 90% of the goodput before ({before:.0f} req/s)"
@@ -146,8 +132,8 @@ def _halving(seconds: float) -> list[Line]:
         ok, limited, requests = asyncio.run(_timeline(server.info, seconds))
     lines = []
     for (at, rate), (until, _) in zip(STEPS[1:], (*STEPS[2:], (seconds, 0.0)), strict=True):
-        took = _reaching(ok, at, 0.85 * rate, 1.0)
-        held = _rate(ok, at + 5.0, until) / rate
+        took = first_reaching(ok, at, 1.0, constant(0.85 * rate))
+        held = rate_between(ok, at + 5.0, until) / rate
         label = (
             f"ceiling {STEPS[0][1]:g}→{STEPS[1][1]:g}→{STEPS[2][1]:g} req/s: s to 0.85× of "
             f"{rate:g} after the change at {at:g} s (then {held:.2f}× till {until:g} s)"

@@ -101,7 +101,7 @@ def _sdk_floor_seconds(tracer_provider: TracerProvider, meter_provider: MeterPro
     a call span, an attempt span with the same attributes, one duration."""
     tracer = tracer_provider.get_tracer("floor")
     histogram = meter_provider.get_meter("floor").create_histogram("floor.duration", unit="s")
-    attributes = {
+    attributes: dict[str, str | int] = {
         "http.request.method": "GET",
         "url.full": "http://127.0.0.1:8080/api/v1/messages/",
         "server.address": "127.0.0.1",
