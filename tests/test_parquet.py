@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import attrs
 import duckdb
 import orjson
 import pyarrow as pa
@@ -19,8 +20,10 @@ import pyarrow.parquet as pq
 import pytest
 from test_export import _client, _meta, assert_exact, cli_env, kill_mid_run, listings, start_cli
 
+from messages_async._wire import parse_page
 from messages_async.export import (
     Exporter,
+    ExportMeta,
     ExportOptions,
     ExportStats,
     JsonlStore,
@@ -477,3 +480,60 @@ async def test_a_jsonl_export_in_the_flat_layout_is_moved_into_folders(
     assert len(listings(server)) == len(server.chat_ids())
     assert not list((out / "messages").glob("*.jsonl"))
     assert_exact(server, "jsonl", out)
+
+
+async def test_the_raw_column_holds_each_message_as_received(tmp_path: Path) -> None:
+    # The server's own spelling (an escape, a space, a trailing zero, a field the client does
+    # not know) is kept: the stored text is the item's bytes, not a parse encoded again.
+    items = [
+        b'{"id": 2, "uid": 7, "message": "caf\\u00e9", "created_at": "2026-01-01T00:00:01Z"}',
+        b'{"id":1,"uid":7,"message":"x","score":1.50,"created_at":"2026-01-01T00:00:00Z"}',
+    ]
+    page = parse_page(b'{"items": [' + b", ".join(items) + b"]}")
+    out = tmp_path / "out"
+    async with ParquetStore(str(out)) as store:
+        await store.open(ExportMeta(source="https://api.example/"), fresh=True)
+        state = attrs.evolve(await store.load(5), done=True)
+        await store.commit(state, page.items, update=False)
+    raws = pq.read_table(out / "messages", columns=["raw"]).column("raw").to_pylist()
+    assert raws == [item.decode() for item in items]
+
+
+# Runs the command line and prints the allocator pyarrow used, as the process exits.
+_WITH_POOL = """
+import atexit, runpy, sys
+
+def pool():
+    import pyarrow  # loaded by the export by now: its choice, not this script's
+    print("POOL", pyarrow.default_memory_pool().backend_name, file=sys.stderr)
+
+atexit.register(pool)
+sys.argv = ["messages-async", *sys.argv[1:]]
+runpy.run_module("messages_async", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize(("named", "used"), [(None, "system"), ("jemalloc", "jemalloc")])
+async def test_the_parquet_export_command_allocates_with_malloc_unless_told_otherwise(
+    server: MessagesServer, tmp_path: Path, named: str | None, used: str
+) -> None:
+    env = cli_env(server)
+    env.pop("ARROW_DEFAULT_MEMORY_POOL", None)
+    if named is not None:
+        env["ARROW_DEFAULT_MEMORY_POOL"] = named
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _WITH_POOL,
+        "export",
+        "--format",
+        "parquet",
+        "--out",
+        str(tmp_path / "out"),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    assert f"POOL {used}" in err.decode()

@@ -55,7 +55,7 @@ import orjson
 
 from .._checks import count
 from .._models import Message
-from ._columns import chat_columns
+from ._columns import chat_columns, raw_text
 from ._jsonl import (
     RESCAN_FOLDERS,
     _fsync_path,
@@ -168,7 +168,7 @@ class _Buffer:
 
     def add(self, messages: list[Message]) -> None:
         for m in messages:
-            raw = orjson.dumps(m.raw).decode()
+            raw = raw_text(m)
             self.ids.append(m.id)
             self.uids.append(m.uid)
             self.texts.append(m.message)
@@ -191,6 +191,11 @@ class _Buffer:
 
 class ParquetStore(Store):
     """An export into a hive-partitioned Parquet dataset (see the module docstring).
+
+    pyarrow's default allocator (mimalloc) keeps what each writer thread freed, which made a
+    long export's peak memory about 1.7× what it needs; ``ARROW_DEFAULT_MEMORY_POOL=system``,
+    set before pyarrow is imported, avoids that. The command line sets it; a library does not
+    choose its process's allocator, so this class leaves it to the application.
 
     Args:
         path: The directory.

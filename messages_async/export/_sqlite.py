@@ -45,7 +45,7 @@ from typing import Any
 import orjson
 
 from .._models import Message
-from ._columns import chat_columns, utc_timestamps
+from ._columns import chat_columns, raw_text, utc_timestamps
 from ._state import ChatState, ExportMeta, WindowState
 from ._store import Store, StoreError, mismatch
 
@@ -153,7 +153,7 @@ def _message_rows(
     chat_id: int, messages: list[Message], into: list[tuple[Any, ...]], timestamps: bool
 ) -> None:
     into += [
-        (m.id, chat_id, str(m.raw_json, "utf-8"), m.uid, m.message, created)
+        (m.id, chat_id, raw_text(m), m.uid, m.message, created)
         for m, created in zip(messages, created_columns(messages, timestamps), strict=True)
     ]
 
