@@ -532,9 +532,17 @@ class _DroppingCap(ConcurrencyLimit):
         return super().admit(now)
 
 
-def cap_drop(latency: float = 0.2, fan_out: int = 32, duration: float = 140.0) -> Scenario:
-    """A server that lowers its limit on requests at once, for good (``CAP_DROP``)."""
-    before, after, at = CAP_DROP
+def cap_drop(
+    latency: float = 0.2,
+    fan_out: int = 32,
+    duration: float = 140.0,
+    *,
+    before: int = CAP_DROP[0],
+    after: int = CAP_DROP[1],
+    at: float = CAP_DROP[2],
+) -> Scenario:
+    """A server that lowers its limit on requests at once from ``before`` to ``after`` at
+    ``at`` seconds, for good."""
     return Scenario(
         f"concurrency {before} → {after} at {at:g} s",
         functools.partial(_DroppingCap, before, after, at),

@@ -29,10 +29,11 @@ can and learns as much as it can from each overshoot:
   for ``recall_after`` seconds is gone back to, not one read too high off a short stretch.
 - **A limit on requests at once.** A server that counts requests in flight answers 429 when
   one more than it allows is sent, whatever the pace. Two 429s in a row at the same count, with
-  nothing let in at that count for ``probe_after`` seconds, say so: the window is held one below
-  it, unpaced, and the cap is probed upward as rarely as a rate. A 429 within the cap says it
-  was a rate after all, for as long. Evidence ages because servers change their limits: one
-  that lowers its cap for good is read as a cap again a minute later, not paced forever.
+  nothing let in at that count for a minute (``_EVIDENCE``), say so: the window is held one
+  below it, unpaced, and the cap is probed upward as rarely as a rate. A 429 within the cap
+  says it was a rate after all, for as long. Evidence ages because servers change their
+  limits: one that lowers its cap for good is read as a cap again a minute later, not paced
+  as a rate forever.
 - **A 429 with nothing let through** says nothing about the rate (a transient storm): the pause
   does the work and the pace is left as it was.
 - **The server stopped limiting.** A pace that has ramped far above what the window lets through
@@ -104,6 +105,10 @@ _FLOOR = 0.5
 _DROP = 0.8
 #: A probe that reads a limit above this share of the old one has found a higher limit.
 _RISE = 1.05
+#: Seconds that what showed a count in flight is no concurrency limit is believed: long
+#: enough to tell a bucket's bursts after pauses from a cap, short enough for a cap that a
+#: server lowers to be read as one.
+_EVIDENCE = 60.0
 
 
 def _ceiling(sends: tuple[float, ...], throttled_at: float, burst: float) -> float:
@@ -196,7 +201,7 @@ class RateController:
         self._fastest = 0.0  # best success latency seen: what the window lets through
         self.cap: int | None = None  # a concurrency limit the server enforces, once told
         self._capped_at = now  # when the cap was last set or raised
-        # When the server last let a request in at each count in flight: a count let in
+        # When a request let in at each count in flight was last answered: a count let in
         # lately cannot be a concurrency limit (one let in long ago may be: limits change).
         self._admitted_at = [-math.inf] * (max_concurrency + 1)
         self._last_count = 0  # in flight at the 429 before
@@ -396,7 +401,7 @@ class RateController:
         return True
 
     def _shown_not_a_cap(self, count: int, now: float) -> bool:
-        """Whether the last ``probe_after`` seconds showed that ``count`` in flight is not the
+        """Whether the last ``_EVIDENCE`` seconds showed that ``count`` in flight is not the
         server's limit: a request let in at ``count`` or more, or a 429 within a cap at or
         above it (the rate was limited after all).
 
@@ -405,7 +410,7 @@ class RateController:
         apart; no longer, because servers change their limits, and one that lowers its cap
         must be read as one.
         """
-        since = now - self.probe_after
+        since = now - _EVIDENCE
         refuted, refuted_at = self._refuted
         if count <= refuted and refuted_at > since:
             return True

@@ -737,12 +737,19 @@ async def test_a_folder_export_syncs_every_folder_it_changed_when_it_closes(
         stats = await Exporter(client, store, ExportOptions(concurrency=3)).run()
         await store.close()
     assert stats.chats_done == len(server.chat_ids())
-    chats = [out / "messages" / f"chat_id={chat}" for chat in server.chat_ids()]
-    folders = {str(folder) for folder in chats if folder.exists()}  # Parquet: none if empty
-    assert len(folders) >= len(chats) - 1
-    folders |= {str(out / "messages"), str(out / "state"), str(out)}
+    chats = {str(out / "messages" / f"chat_id={chat}") for chat in server.chat_ids()}
     last_file = max(i for i, (_, folder) in enumerate(synced) if not folder)
-    assert folders <= {path for path, _ in synced[last_file + 1 :]}
+    at_close = {path for path, _ in synced[last_file + 1 :]}
+    assert {str(out / "messages"), str(out / "state"), str(out)} <= at_close
+    if fmt == "jsonl":
+        assert chats <= at_close
+    else:  # each chat's folder with each part written into it; none for a chat of no messages
+        empty = {
+            str(out / "messages" / f"chat_id={c}")
+            for c in server.chat_ids()
+            if not server.messages(c)
+        }
+        assert chats - empty <= {path for path, folder in synced if folder}
 
 
 async def test_jsonl_torn_tail_is_cut_back_to_the_checkpoint(
@@ -1210,6 +1217,48 @@ async def test_a_jsonl_sync_begun_when_the_threads_are_gone_is_finished_on_the_l
     stored = _checkpoint(out, 1)
     assert (stored.messages, stored.cursor) == (10, "c")
     assert not list(out.rglob("*.tmp"))
+
+
+async def test_a_file_that_cannot_be_written_at_close_does_not_keep_the_others_from_theirs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    real = _jsonl._unsynced_append
+
+    def full_for_chat_1(path: str, *args: Any) -> int:
+        if "chat_id=1" in path:
+            raise OSError(28, "No space left on device")
+        return real(path, *args)
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+
+    store = JsonlStore(str(out), sync_pages=100, sync_seconds=100.0, clock=_Clock())
+    await store.open(ExportMeta(source="https://api.example/"), fresh=True)
+    for chat_id in (1, 2):
+        state = attrs.evolve(await store.load(chat_id), cursor="c")
+        await store.commit(state, _page_of(range(10, 0, -1)), update=False)  # kept in memory
+    monkeypatch.setattr(_jsonl, "_unsynced_append", full_for_chat_1)
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError, match="No space left"):
+        await store.close()
+    assert (_checkpoint(out, 2).messages, _checkpoint(out, 1).messages) == (10, 0)
+    assert {str(out / "messages" / "chat_id=2"), str(out / "state"), str(out)} <= set(synced)
+
+
+async def test_a_close_when_the_threads_are_gone_still_writes_what_waits(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    store = JsonlStore(str(out), sync_pages=100, sync_seconds=100.0, clock=_Clock())
+    await store.open(ExportMeta(source="https://api.example/"), fresh=True)
+    state = attrs.evolve(await store.load(3), cursor="c")
+    await store.commit(state, _page_of(range(10, 0, -1)), update=False)  # kept in memory
+    store._executor.shutdown()
+    await store.close()
+    assert (_checkpoint(out, 3).messages, _checkpoint(out, 3).cursor) == (10, "c")
 
 
 async def test_jsonl_window_pages_kept_for_their_sync_are_written_at_close(

@@ -233,6 +233,28 @@ async def test_a_stopped_rescan_goes_on_from_its_checkpoint(
         assert any(cursor.endswith(r.query.get("cursor", "\0")) for r in mine), chat_id
 
 
+async def test_rescan_records_that_were_lost_are_found_again(
+    server: MessagesServer, tmp_path: Path
+) -> None:
+    # A power cut can lose a new file's name while the checkpoint that counts its bytes
+    # survives; the next run finds the same edits and deletions again instead of failing.
+    out = _out(tmp_path, "jsonl")
+    await export(server, "jsonl", out, rescan=False)
+    edited, deleted = change(server, random.Random("lost"))
+    await export(server, "jsonl", out)
+    lost = [p for p in (out / "versions").iterdir() if p.stat().st_size]
+    assert lost
+    for path in lost:
+        path.unlink()
+
+    await export(server, "jsonl", out)
+
+    _, gone, versions = current_view("jsonl", out)
+    assert gone == deleted
+    assert set(versions) == set(edited)
+    assert all(len(v) == 2 for v in versions.values())
+
+
 async def test_an_expired_rescan_cursor_starts_at_the_newest_page_without_repeating(
     server: MessagesServer, tmp_path: Path
 ) -> None:

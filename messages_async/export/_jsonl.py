@@ -62,6 +62,7 @@ whether the rename happened, and finishes or repeats the join.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -76,7 +77,7 @@ import orjson
 from .._checks import count, seconds
 from .._models import Message
 from ._state import ChatState, ExportMeta, WindowState
-from ._store import KEPT, Finish, Kept, Store, StoreError, mismatch
+from ._store import KEPT, Finish, Kept, Store, StoreError, each_of, mismatch
 
 __all__ = [
     "RESCAN_FOLDERS",
@@ -168,20 +169,25 @@ def _fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def sync_entries(root: str, folders: tuple[str, ...], chat_folders: Iterable[str]) -> None:
-    """``fsync`` the folders whose entries a run may have changed: the export is then durable
-    as a whole.
+def sync_entries(root: str, folders: Iterable[str]) -> None:
+    """``fsync`` the ``folders`` of the export at ``root`` whose entries a run may have
+    changed, then ``root``: the export is then durable as a whole. Every folder is tried;
+    the first failure is raised.
 
     A file's own ``fsync`` keeps its bytes, not its name in its folder: until the folder is
     synced, a power cut can lose a file the run made (a chat's folder, its first checkpoint)
-    or a rename, and the next run would take that chat for one to walk again (nothing is
-    corrupted, as a checkpoint never claims a byte that was not synced). Done once, when the
-    store closes, rather than with every new chat: on ext4 every other ``fsync`` commits the
-    folders' entries too, and elsewhere one sync per folder per run is the least that holds.
+    or a rename, and the next run finds less than the checkpoints say and walks those chats
+    again. Done once, when the store closes, rather than with every new file: on ext4 every
+    other ``fsync`` commits the folders' entries too, and elsewhere one sync per folder per
+    run is the least that holds.
     """
-    for path in (*chat_folders, *(os.path.join(root, folder) for folder in folders), root):
+
+    def sync(path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             _fsync_path(path)
+
+    paths = [*(os.path.join(root, folder) for folder in folders), root]
+    each_of(functools.partial(sync, path) for path in paths)
 
 
 def atomic_write(path: str, data: bytes) -> None:
@@ -421,6 +427,7 @@ class JsonlStore(Store):
         self._waiting: dict[_Key, _Waiting] = {}
         self._waiting_lock = threading.Lock()
         self._loop_writes = LoopWrites()
+        self._wrote: set[int] = set()  # chats whose own file this run wrote
 
     def _p(self, *parts: str) -> str:
         return os.path.join(self.path, *parts)
@@ -592,6 +599,8 @@ class JsonlStore(Store):
         were ``waiting`` waiting again, where the state already counts them: the next sync of
         the file (or the store's close) writes them, at the same offset."""
         path, checkpoint_path = self._files(key)
+        if key[1] == _MAIN:
+            self._wrote.add(key[0])
         try:
             fd = _unsynced_append(path, start, b"".join(pages))
             try:
@@ -829,16 +838,8 @@ class JsonlStore(Store):
         # cannot be written does not keep the others' pages from theirs.
         with self._waiting_lock:
             keys = list(self._waiting)
-        failed: BaseException | None = None
-        for key in keys:
-            try:
-                self._sync(key)
-            except Exception as exc:
-                failed = failed or exc
-        if failed is not None:
-            raise failed
-        sync_entries(
-            self.path,
-            (_MESSAGES, _STATE, _PENDING),
-            (os.path.dirname(self._main(chat_id)) for chat_id in self._handled),
-        )
+        each_of([*(functools.partial(self._sync, key) for key in keys), self._sync_entries])
+
+    def _sync_entries(self) -> None:
+        chats = [os.path.dirname(self._main(chat_id)) for chat_id in self._wrote]
+        sync_entries(self.path, [*chats, _MESSAGES, _STATE, _PENDING, *RESCAN_FOLDERS])

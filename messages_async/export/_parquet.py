@@ -44,6 +44,7 @@ when a store is opened, and its absence is a :class:`StoreError` that says how t
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -66,7 +67,7 @@ from ._jsonl import (
     write_window,
 )
 from ._state import ChatState, ExportMeta, WindowState
-from ._store import Store, StoreError
+from ._store import Store, StoreError, each_of
 
 __all__ = ["INSTALL_HINT", "MESSAGE_COLUMNS", "ParquetStore", "load_pyarrow"]
 
@@ -511,11 +512,12 @@ class ParquetStore(Store):
         return state
 
     def _close(self) -> None:
-        # A clean stop keeps every page fetched: buffers are written with their checkpoints.
-        for chat_id in list(self._buffers):
-            self._flush(chat_id)
-        for key in list(self._window_buffers):
-            self._flush_window(key)
-        sync_entries(
-            self.path, (_MESSAGES, _STATE), (self._chat_dir(chat_id) for chat_id in self._handled)
-        )
+        # A clean stop keeps every page fetched: each buffer is written with its checkpoint,
+        # even if another cannot be. Then the folders that hold the chats' folders and the
+        # checkpoints are synced (a chat's own folder is, with each part written into it).
+        calls = [
+            *(functools.partial(self._flush, chat_id) for chat_id in list(self._buffers)),
+            *(functools.partial(self._flush_window, key) for key in list(self._window_buffers)),
+            functools.partial(sync_entries, self.path, (_MESSAGES, _STATE, *RESCAN_FOLDERS)),
+        ]
+        each_of(calls)

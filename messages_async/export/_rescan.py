@@ -239,6 +239,11 @@ class FilesRescan(RescanBackend):
                 obj = orjson.loads(f.read())
             state = RescanState(chat_id, obj["top"], obj["cursor"], obj["low"])
             lengths = (obj["versions_length"], obj["deleted_length"])
+        if _size(versions) < lengths[0] or _size(deleted) < lengths[1]:
+            # A record the checkpoint counts is gone (a power cut lost a new file's name, or
+            # someone removed it): what the rescan found since the export is found again.
+            logger.warning("chat %d: the rescan's records were lost; rescanning it", chat_id)
+            state, lengths = RescanState(chat_id), (0, 0)
         for path, length in ((versions, lengths[0]), (deleted, lengths[1])):
             _append(path, length, b"")  # cut off what no checkpoint covers
         current = dict(self._stored(chat_id))

@@ -28,7 +28,7 @@ import enum
 import functools
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal, Self, TypeVar
 
@@ -91,8 +91,8 @@ class Store(abc.ABC):
         except RuntimeError:
             if not must_run:
                 raise
-            # The threads are gone (the interpreter is exiting): what the loop began is
-            # finished here, or its descriptors would leak and its checkpoint never land.
+            # The threads refuse work (shut down, or the interpreter is exiting): what must
+            # run runs here, or a begun write would leak its descriptors and never land.
             return fn(*args)
         self._running.add(future)
         future.add_done_callback(self._running.discard)
@@ -300,9 +300,13 @@ class Store(abc.ABC):
         try:
             # A commit that was under way when its worker was cancelled completes first.
             await self.settle()
-            await loop.run_in_executor(self._executor, self._close)
+            await self._call(self._close, must_run=True)
         finally:
-            await loop.run_in_executor(None, functools.partial(self._executor.shutdown, wait=True))
+            shutdown = functools.partial(self._executor.shutdown, wait=True)
+            try:
+                await loop.run_in_executor(None, shutdown)
+            except RuntimeError:  # the loop's own threads refuse work too
+                shutdown()
 
     async def __aenter__(self) -> Self:
         """``async with SqliteStore(path) as store:`` closes the store however the block ends.
@@ -333,6 +337,19 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def _close(self) -> None: ...
+
+
+def each_of(calls: Iterable[Callable[[], object]]) -> None:
+    """Make every call, even after one fails, then raise the first failure: at a close, one
+    file that cannot be written must not keep the others from being made durable."""
+    failed: Exception | None = None
+    for call in calls:
+        try:
+            call()
+        except Exception as exc:
+            failed = failed or exc
+    if failed is not None:
+        raise failed
 
 
 def mismatch(path: str, stored: ExportMeta, wanted: ExportMeta) -> StoreError:
