@@ -646,14 +646,21 @@ def cli_env(server: MessagesServer) -> dict[str, str]:
     return env
 
 
-async def start_cli(server: MessagesServer, *args: str) -> asyncio.subprocess.Process:
+async def start_cli(
+    server: MessagesServer,
+    *args: str,
+    script: str | None = None,
+    env: dict[str, str] | None = None,
+) -> asyncio.subprocess.Process:
+    """``messages-async export ARGS`` in a child process; or ``script`` run as ``-c`` with
+    them (a wrapper that runs the command line itself)."""
+    runner = ("-m", "messages_async") if script is None else ("-c", script)
     return await asyncio.create_subprocess_exec(
         sys.executable,
-        "-m",
-        "messages_async",
+        *runner,
         "export",
         *args,
-        env=cli_env(server),
+        env=cli_env(server) if env is None else env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )

@@ -521,19 +521,8 @@ async def test_the_parquet_export_command_allocates_with_malloc_unless_told_othe
     env.pop("ARROW_DEFAULT_MEMORY_POOL", None)
     if named is not None:
         env["ARROW_DEFAULT_MEMORY_POOL"] = named
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        _WITH_POOL,
-        "export",
-        "--format",
-        "parquet",
-        "--out",
-        str(tmp_path / "out"),
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    out = str(tmp_path / "out")
+    proc = await start_cli(server, "--format", "parquet", "--out", out, script=_WITH_POOL, env=env)
     _, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
     assert f"POOL {used}" in err.decode()
