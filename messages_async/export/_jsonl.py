@@ -34,9 +34,10 @@ write under way past the checkpoint); the next run truncates the file back to th
 and fetches those pages again from the cursor it records, so no line is ever lost,
 duplicated or torn, and a killed run costs at most ``sync_pages`` pages a chat again. Each
 chat has its own checkpoint file, so a checkpoint costs the same with ten chats or a hundred
-thousand. The folders whose entries the run changed (each chat's, ``messages/``, ``state/``)
-are ``fsync``-ed when the store closes (``sync_entries``), so an export that returned keeps its
-new files' names through a power cut too.
+thousand. The folders whose entries the run changed (each chat's it wrote, ``messages/``,
+``state/``, ``.pending/``, the rescan's) are ``fsync``-ed when the store closes
+(``sync_entries``), so an export that returned keeps its new files' names through a power cut
+too.
 
 Updates. A file is newest first, but an update fetches messages *newer* than everything in
 it, which belong at the top. An update therefore writes its pages, with the same
