@@ -25,7 +25,7 @@ from messages_async.export import (
     SqliteStore,
     Store,
 )
-from messages_async.export._rescan import Rescanner, RescanStats
+from messages_async.export._rescan import Rescanner, RescanState, RescanStats
 from messages_async.testing import MessagesServer
 
 FORMATS = ("sqlite", "jsonl", "parquet")
@@ -48,36 +48,53 @@ async def export(
     out: Path,
     *,
     rescan: bool = True,
-    stop_after: int | None = None,
+    stop_mid_rescan: bool = False,
 ) -> tuple[ExportStats, RescanStats | None]:
     options = ExportOptions(concurrency=2)
     store = _store(fmt, out)
+    latency = server.latency
     async with make_client(server) as client:
         try:
             await store.open(_meta(server, options), fresh=False)
             rescanner = Rescanner(client, store) if rescan else None
             stop = asyncio.Event()
-            if rescanner is not None and stop_after is not None:
-                backend = rescanner._backend
-                original = backend.commit
-                count = 0
-
-                def commit(*args: Any) -> Any:
-                    nonlocal count
-                    count += 1
-                    if count >= stop_after:
-                        loop.call_soon_threadsafe(stop.set)
-                    return original(*args)
-
-                loop = asyncio.get_running_loop()
-                backend.commit = commit  # type: ignore[method-assign]
+            if rescanner is not None and stop_mid_rescan:
+                _stop_at_the_first_checkpoint_with_a_cursor(rescanner, stop, server)
             exporter = Exporter(
                 client, store, options, stop=stop, rescan=rescanner.rescan if rescanner else None
             )
             stats = await exporter.run()
             return stats, rescanner.stats if rescanner else None
         finally:
+            server.latency = latency
             await store.close()
+
+
+def _stop_at_the_first_checkpoint_with_a_cursor(
+    rescanner: Rescanner, stop: asyncio.Event, server: MessagesServer
+) -> None:
+    """Stop the export (as Ctrl-C does) once a rescan has committed a page that is not its
+    chat's last, so that a checkpoint with a cursor is left behind.
+
+    The stop is set before that commit returns, and every answer takes 50 ms until the run
+    ends, so the next page of any rescan (its request already made by the walk's read-ahead)
+    cannot arrive and be committed before the workers are cancelled.
+    """
+    loop = asyncio.get_running_loop()
+    backend = rescanner._backend
+    original = backend.commit
+
+    async def set_stop() -> None:
+        stop.set()
+
+    def commit(state: RescanState, *args: Any) -> Any:
+        result = original(state, *args)
+        if state.cursor is not None and not stop.is_set():
+            asyncio.run_coroutine_threadsafe(set_stop(), loop).result(timeout=30)
+        return result
+
+    server.latency = 0.05
+    backend.commit = commit  # type: ignore[method-assign]
 
 
 def current_view(fmt: str, out: Path) -> tuple[dict[int, Raw], set[int], dict[int, list[Raw]]]:
@@ -208,7 +225,7 @@ async def test_a_stopped_rescan_goes_on_from_its_checkpoint(
     out = _out(tmp_path, "sqlite")
     await export(server, "sqlite", out, rescan=False)
     edited, deleted = change(server, random.Random("stop"))
-    first, found = await export(server, "sqlite", out, stop_after=3)
+    first, found = await export(server, "sqlite", out, stop_mid_rescan=True)
     assert first.interrupted
     assert found is not None
     db = sqlite3.connect(out)
@@ -261,7 +278,7 @@ async def test_an_expired_rescan_cursor_starts_at_the_newest_page_without_repeat
     out = _out(tmp_path, "jsonl")
     await export(server, "jsonl", out, rescan=False)
     edited, deleted = change(server, random.Random("expired"))
-    await export(server, "jsonl", out, stop_after=2)
+    await export(server, "jsonl", out, stop_mid_rescan=True)
     expired = 0
     for path in (out / "rescan").iterdir():
         state = orjson.loads(path.read_bytes())
