@@ -14,7 +14,7 @@ import orjson
 import pyarrow.parquet as pq
 import pytest
 from helpers import make_client
-from test_export import _meta, kill_mid_run, listings, start_cli
+from test_export import _Disk, _meta, kill_mid_run, listings, start_cli
 
 from messages_async.export import (
     Exporter,
@@ -250,11 +250,31 @@ async def test_a_stopped_rescan_goes_on_from_its_checkpoint(
         assert any(cursor.endswith(r.query.get("cursor", "\0")) for r in mine), chat_id
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+async def test_rescan_record_files_are_named_durably_before_a_checkpoint_counts_them(
+    fmt: str, server: MessagesServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = _out(tmp_path, fmt)
+    await export(server, fmt, out, rescan=False)
+    change(server, random.Random("durable"))
+    disk = _Disk(monkeypatch)
+
+    await export(server, fmt, out)
+
+    synced = [path for event, path in disk.events if event == "fsync"]
+    checkpoints = [i for i, path in enumerate(synced) if path.startswith(str(out / "rescan"))]
+    assert checkpoints, "no rescan checkpoint was written"
+    before = synced[: checkpoints[0]]
+    for folder in (out, out / "versions", out / "deleted"):
+        assert str(folder) in before, f"{folder} was not synced before the first checkpoint"
+
+
 async def test_rescan_records_that_were_lost_are_found_again(
     server: MessagesServer, tmp_path: Path
 ) -> None:
-    # A power cut can lose a new file's name while the checkpoint that counts its bytes
-    # survives; the next run finds the same edits and deletions again instead of failing.
+    # A record file gone (removed by hand, or lost to a fault of the disk) while the
+    # checkpoint that counts its bytes is kept: the next run finds the same edits and
+    # deletions again instead of failing.
     out = _out(tmp_path, "jsonl")
     await export(server, "jsonl", out, rescan=False)
     edited, deleted = change(server, random.Random("lost"))

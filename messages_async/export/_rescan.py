@@ -27,6 +27,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -227,12 +228,16 @@ class FilesRescan(RescanBackend):
         return os.path.join(self._store.path, *parts)
 
     def load(self, chat_id: int) -> RescanState:
-        for sub in RESCAN_FOLDERS:
-            os.makedirs(self._p(sub), exist_ok=True)
+        # Every folder and record file made here is named durably before any checkpoint
+        # counts what it holds: a power cut cannot leave a checkpoint past a lost file.
+        _made_durably(
+            [self._p(sub) for sub in RESCAN_FOLDERS], lambda path: os.makedirs(path, exist_ok=True)
+        )
         versions, deleted = (
             self._p("versions", f"{chat_id}.jsonl"),
             self._p("deleted", f"{chat_id}.jsonl"),
         )
+        _made_durably([versions, deleted], lambda path: _append(path, 0, b""))
         state, lengths = RescanState(chat_id), (0, 0)
         with contextlib.suppress(FileNotFoundError):
             with open(self._p("rescan", f"{chat_id}.json"), "rb") as f:
@@ -240,8 +245,8 @@ class FilesRescan(RescanBackend):
             state = RescanState(chat_id, obj["top"], obj["cursor"], obj["low"])
             lengths = (obj["versions_length"], obj["deleted_length"])
         if _size(versions) < lengths[0] or _size(deleted) < lengths[1]:
-            # A record the checkpoint counts is gone (a power cut lost a new file's name, or
-            # someone removed it): what the rescan found since the export is found again.
+            # A record the checkpoint counts is gone (removed by hand, or lost to a fault of
+            # the disk): what the rescan found since the export is found again.
             logger.warning("chat %d: the rescan's records were lost; rescanning it", chat_id)
             state, lengths = RescanState(chat_id), (0, 0)
         for path, length in ((versions, lengths[0]), (deleted, lengths[1])):
@@ -337,6 +342,17 @@ def _size(path: str) -> int:
         return os.path.getsize(path)
     except FileNotFoundError:
         return 0
+
+
+def _made_durably(paths: list[str], make: Callable[[str], object]) -> None:
+    """``make`` each of ``paths`` that does not exist, then ``fsync`` the folders they were
+    made in, so their names outlive a power cut. Chats are loaded at once on several
+    threads: ``make`` must accept a path that another has just made."""
+    made = [path for path in paths if not os.path.exists(path)]
+    for path in made:
+        make(path)
+    for folder in sorted({os.path.dirname(path) for path in made}):
+        _fsync_path(folder)
 
 
 def backend_for(store: Store) -> RescanBackend:
