@@ -1,4 +1,4 @@
-"""The SQLite store: one file, one writer thread, one transaction per page.
+"""The SQLite store: one file, one writer thread, a page and its checkpoint in one transaction.
 
 Layout (queries welcome; the ``raw`` columns hold every field exactly as received, unknown ones
 included, as JSON text)::
@@ -27,7 +27,14 @@ holds exactly the pages its checkpoints say; ``INSERT OR IGNORE`` on the message
 replayed page harmless besides. A chat walked in time windows (``_state.py``) commits each
 window's page with that window's row of ``export_windows`` (its checkpoint as JSON) instead;
 the rows are deleted in the transaction that marks the chat done, so a completed chat is
-stored exactly as one walked in one go. WAL mode with ``synchronous=NORMAL``: a killed process loses
+stored exactly as one walked in one go.
+
+One writer commits the pages in groups (all that queued while the last group was written, in
+one transaction), and a walk goes on while its pages wait for it, up to a bound
+(``_WRITE_BEHIND_PAGES``): a killed process loses the pages still queued together with their
+checkpoints, and the next run fetches them again. A group that cannot be stored stops the
+store: nothing queued after it is written, every later call raises, and so does ``close()``.
+WAL mode with ``synchronous=NORMAL``: a killed process loses
 nothing that was committed; a power cut may lose the last few commits, but never leaves the
 file inconsistent, and the next run simply fetches those pages again.
 """
@@ -36,20 +43,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 import orjson
 
 from .._models import Message
+from .._pagination import retrieve_outcome
 from ._columns import chat_columns, raw_text, utc_timestamps
 from ._state import ChatState, ExportMeta, WindowState
 from ._store import Store, StoreError, mismatch
 
 __all__ = ["SqliteStore", "created_columns"]
+
+T = TypeVar("T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -106,10 +117,50 @@ _UPSERT_STATE = (
 # at a U+0000). Measured on the store's thread, 100-message pages: about 0.8 ms of CPU a page
 # bound this way, 1.3 ms through one JSON array unpacked by json_each (the way checkpoints go
 # in below).
-_INSERT_MESSAGES = (
-    "INSERT OR IGNORE INTO messages (id, chat_id, raw, uid, message, created_at) "
-    "VALUES (?, ?, ?, ?, ?, ?)"
-)
+#
+# Many rows go in one statement (``VALUES (...), (...), ...``) rather than one statement a row
+# (``executemany``): the sqlite3 module lets go of the GIL around every statement it steps,
+# and while the event loop is busy each row's taking it back is a wait and two context
+# switches. 100k rows beside a busy thread: 3.3 s with ``executemany``, 0.35-0.5 s this way
+# (benchmarks/README.md, export). A statement is prepared once per row count and cached, so
+# the counts are powers of two (a batch of any size takes a few of at most nine statements).
+_MESSAGE_COLUMNS = "(id, chat_id, raw, uid, message, created_at)"
+_MESSAGE_VALUES = "(?, ?, ?, ?, ?, ?)"
+_MAX_ROWS_PER_INSERT = 256
+#: Pages a walk may leave queued for the writer before it waits for them (see commit()).
+_WRITE_BEHIND_PAGES = 32
+
+
+@functools.cache
+def _insert_messages(count: int) -> str:
+    return f"INSERT OR IGNORE INTO messages {_MESSAGE_COLUMNS} VALUES " + ", ".join(
+        [_MESSAGE_VALUES] * count
+    )
+
+
+def _row_counts(rows: int, most: int) -> Iterator[int]:
+    """Split ``rows`` into statements of ``most`` rows, then powers of two below it."""
+    while rows >= most:
+        yield most
+        rows -= most
+    size = most
+    while rows:
+        size //= 2
+        if size <= rows:
+            yield size
+            rows -= size
+
+
+def _most_rows_per_insert(db: sqlite3.Connection) -> int:
+    """The largest power of two of rows, up to 256, whose parameters the SQLite build takes
+    in one statement (999 before SQLite 3.32, 32766 since)."""
+    limit = db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // _MESSAGE_VALUES.count("?")
+    most = _MAX_ROWS_PER_INSERT
+    while most > limit:
+        most //= 2
+    return most
+
+
 # Checkpoints go in as one JSON array, which SQLite unpacks itself. (json_extract rather than
 # the ->> operators, which need SQLite 3.38; many systems' Pythons have older.)
 _STATE_VALUES = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(_STATE_COLUMNS) + 1))
@@ -186,10 +237,16 @@ class SqliteStore(Store):
         # is all SQLite allows at a time anyway.
         super().__init__(path, threads=1)
         self._db: sqlite3.Connection | None = None
-        self._queue: list[tuple[_Write, asyncio.Future[Any]]] = []
+        self._queue: list[tuple[_Write, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
+        # Pages queued and not committed yet, the future of the last one, and the first
+        # commit that failed (see commit()).
+        self._waiting = 0
+        self._last_queued: asyncio.Future[None] | None = None
+        self._failure: BaseException | None = None
         #: Whether ``messages.created_at`` holds UTC timestamps (see the module docstring).
         self.timestamps = True
+        self._rows_per_insert = _MAX_ROWS_PER_INSERT
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -277,6 +334,7 @@ class SqliteStore(Store):
             db.close()
             raise
         self._db = db
+        self._rows_per_insert = _most_rows_per_insert(db)
 
     def _upgrade(self, db: sqlite3.Connection) -> None:
         """Add what later layouts have to an export begun with an earlier one."""
@@ -334,42 +392,78 @@ class SqliteStore(Store):
         Group commit: while one transaction runs, the pages that arrive wait and go together
         in the next, so the cost of a commit is shared. Each page and its checkpoint are still
         in the same transaction, which is all that crash safety needs.
+
+        Write-behind: a page that does not end its chat returns once queued, while fewer than
+        ``_WRITE_BEHIND_PAGES`` wait, so the walk fetches on while the writer stores. A crash
+        loses those pages with their checkpoints (the next run fetches them again), and a
+        commit that fails is raised by every later call, and by :meth:`close`.
         """
         self._handling(state.chat_id)
-        stored: ChatState = await self._queued((state, None, list(messages)))
-        return stored
+        page = list(messages)
+        state.messages += len(page)
+        done = self._queued((state, None, page))
+        if state.done or self._waiting > _WRITE_BEHIND_PAGES:
+            await asyncio.shield(done)  # a cancelled walk leaves its page to the writer
+        return state
 
     async def commit_window(
         self, state: ChatState, window: WindowState, messages: Sequence[Message]
     ) -> WindowState:
         """A window's page goes through the same group commit as every other page."""
         self._handling(state.chat_id)
-        stored: WindowState = await self._queued((state, window, list(messages)))
-        return stored
+        page = list(messages)
+        window.messages += len(page)
+        await asyncio.shield(self._queued((state, window, page)))
+        return window
 
-    async def _queued(self, write: _Write) -> Any:
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[Any] = loop.create_future()
+    def _queued(self, write: _Write) -> asyncio.Future[None]:
+        """Queue ``write`` for the writer: the future of its commit."""
+        self._raise_a_failed_commit()
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.add_done_callback(retrieve_outcome)  # a write-behind page has no one waiting
         self._queue.append((write, done))
+        self._waiting += 1
+        self._last_queued = done
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_queued(), name="export sqlite writer")
-        return await done
+        return done
 
     async def _write_queued(self) -> None:
         while self._queue:
             batch, self._queue = self._queue, []
             try:
-                await self._call(self._commit_queued, [write for write, _ in batch])
+                # Pages queued behind one that was lost are not stored either.
+                self._raise_a_failed_commit()
+                await super()._call(self._commit_queued, [write for write, _ in batch])
             except BaseException as exc:
+                if not isinstance(exc, asyncio.CancelledError) and self._failure is None:
+                    self._failure = exc
                 for _, done in batch:
                     if not done.done():
                         done.set_exception(exc)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
             else:
-                for (state, window, _), done in batch:
+                for _, done in batch:
                     if not done.done():
-                        done.set_result(state if window is None else window)
+                        done.set_result(None)
+            finally:
+                self._waiting -= len(batch)
+
+    def _raise_a_failed_commit(self) -> None:
+        # Nothing is stored after a page that was lost: its chat's later checkpoint would
+        # claim it.
+        if self._failure is not None:
+            raise OSError(f"{self.path}: a page could not be stored ({self._failure})")
+
+    async def _call(self, fn: Callable[..., T], *args: Any, must_run: bool = False) -> T:
+        """Every other store call waits for the pages queued before it (a chat's failure or
+        join must not overtake its pages), then runs as usual."""
+        if self._last_queued is not None:
+            await asyncio.wait([self._last_queued])  # waiting, not cancelling it
+        if fn != self._close:  # the file is closed whatever happened; _close raises then
+            self._raise_a_failed_commit()
+        return await super()._call(fn, *args, must_run=must_run)
 
     def _commit_queued(self, batch: list[_Write]) -> None:
         # Counted here, on the store's thread, whether or not a walk still waits for it.
@@ -387,23 +481,31 @@ class SqliteStore(Store):
             # The walk skips every id it stored before, so each row here is new; OR IGNORE
             # only guards the file against a server that repeats itself.
             if window is None:
-                state.messages += len(messages)
                 states.append(_state_row(state, now))
             else:
-                window.messages += len(messages)
                 windows.append((state.chat_id, window.index, orjson.dumps(window.to_json())))
         inserted = 0
         with self._transaction():
             if rows:
-                inserted = db.executemany(_INSERT_MESSAGES, rows).rowcount
+                inserted = self._insert(rows)
             if states:
                 db.execute(_UPSERT_STATES, (orjson.dumps(states),))
             if windows:
                 db.executemany(_UPSERT_WINDOW, windows)
         return inserted
 
+    def _insert(self, rows: list[tuple[Any, ...]]) -> int:
+        """Insert the message rows, a few statements of many rows each; the rows stored."""
+        db, start, inserted = self.db, 0, 0
+        for count in _row_counts(len(rows), self._rows_per_insert):
+            values = [value for row in rows[start : start + count] for value in row]
+            inserted += db.execute(_insert_messages(count), values).rowcount
+            start += count
+        return inserted
+
     def _commit(self, state: ChatState, messages: list[Message], update: bool) -> ChatState:
         # The Store interface's one-page commit; commit() above groups pages instead.
+        state.messages += len(messages)
         self._commit_batch([(state, None, messages)])
         return state
 
@@ -442,6 +544,7 @@ class SqliteStore(Store):
     def _commit_window(
         self, state: ChatState, window: WindowState, messages: list[Message]
     ) -> WindowState:
+        window.messages += len(messages)
         self._commit_batch([(state, window, messages)])
         return window
 
@@ -470,3 +573,4 @@ class SqliteStore(Store):
         if self._db is not None:
             self._db.close()
             self._db = None
+        self._raise_a_failed_commit()
